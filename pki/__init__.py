@@ -1,0 +1,518 @@
+"""The mesh's certificate authority: a root, an intermediate, and one identity per service and client.
+
+The API is meant to be guessed::
+
+    root = CertificateAuthority.root("mtls-mesh Root CA")
+    issuing = root.intermediate("mtls-mesh Intermediate CA")
+    service_b = issuing.issue("service-b", dns=["service-b"], uris=["spiffe://mesh.internal/service-b"])
+    service_b.write(Path("pki/out"))          # service-b.crt (leaf, then intermediate) and service-b.key (0600)
+
+`init()` builds the whole layout that the services, tests and docs rely on, from `policy.toml`:
+
+    pki/out/ca.crt                  the trust anchor every service and client loads
+    pki/out/<name>.crt, <name>.key  each identity: leaf followed by the intermediate; key 0600
+    pki/out/allow/<service>.txt     who may call <service>: SHA-256 thumbprints, rendered from the policy
+
+Why a root *and* an intermediate: the root key signs once and can then be kept offline; everything day to
+day (identities, later revocation lists) is signed by the intermediate, which peers learn about from the
+chain each leaf carries. Peers only ever trust the root.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+KeyType = Literal["ecdsa", "rsa"]
+Usage = Literal["server", "client"]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+ORGANIZATION = "mtls-mesh"
+POLICY_FILE = Path(__file__).with_name("policy.toml")
+DEFAULT_OUT = Path(__file__).with_name("out")
+# These file names belong to the CA itself; an identity may not take them.
+RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow"})
+
+ROOT_VALIDITY = dt.timedelta(days=3650)
+INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
+# Leaves are short-lived on purpose: a stolen key is worth less when its certificate dies soon.
+# `init` re-issues a leaf that is this close to expiry.
+LEAF_VALIDITY = dt.timedelta(days=90)
+RENEW_BEFORE = dt.timedelta(days=7)
+# Certificates are back-dated a little so that a peer whose clock runs slightly behind accepts them.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+
+
+class PKIError(Exception):
+    """Something about the PKI material or policy is wrong; the message says what and how to fix it."""
+
+
+# ── thumbprints ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def thumbprint(cert: x509.Certificate) -> str:
+    """The certificate's identity for allow-lists: SHA-256 of its DER encoding, lowercase hex, no colons.
+
+    It equals `openssl x509 -noout -fingerprint -sha256` with the colons removed, lowercased.
+    """
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def normalise_thumbprint(text: str) -> str:
+    """Accept `AB:CD:…` or `abcd…` as people paste them; return the canonical lowercase form or raise."""
+    candidate = text.strip().replace(":", "").lower()
+    if len(candidate) != 64 or any(c not in "0123456789abcdef" for c in candidate):
+        raise ValueError(f"{text.strip()!r} is not a SHA-256 thumbprint (64 hex digits, colons allowed)")
+    return candidate
+
+
+# ── keys and files ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def new_key(key_type: KeyType = "ecdsa") -> PrivateKey:
+    """ECDSA P-256 by default: small, fast handshakes, supported everywhere. RSA-2048 for old peers."""
+    if key_type == "ecdsa":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise PKIError(f"unknown key type {key_type!r}: use 'ecdsa' or 'rsa'")
+
+
+def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write atomically (a reader never sees half a file); private files are created 0600 from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, in order (for our leaves: the leaf, then the intermediate)."""
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except FileNotFoundError:
+        raise PKIError(f"{path}: no such file — run `make pki` to create the PKI") from None
+    except ValueError as e:
+        raise PKIError(f"{path}: not a PEM certificate file ({e})") from None
+    return certs
+
+
+def load_key(path: Path) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PKIError(f"{path}: no such file — run `make pki` to create the PKI") from None
+    except (ValueError, TypeError) as e:
+        raise PKIError(f"{path}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PKIError(f"{path}: only ECDSA and RSA keys are supported")
+    return key
+
+
+# ── certificates ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _sign(builder: x509.CertificateBuilder, key: PrivateKey) -> x509.Certificate:
+    # ECDSA and RSA both sign with SHA-256 here; Ed25519 would take None, but peers support it less widely.
+    return builder.sign(key, hashes.SHA256())
+
+
+@dataclass
+class Identity:
+    """A certificate, its private key, and the chain up to (not including) the root."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: list[x509.Certificate] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return thumbprint(self.cert)
+
+    def cert_pem(self) -> bytes:
+        """Leaf first, then the intermediates: what a TLS peer must send so the other side can build the chain."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [self.cert, *self.chain])
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def write(self, out: Path, name: str | None = None) -> tuple[Path, Path]:
+        """Write `<name>.crt` and `<name>.key` (0600) into `out`; return their paths."""
+        name = name or self.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
+        write_file(key_path, self.key_pem(), private=True)
+        write_file(cert_path, self.cert_pem())
+        return cert_path, key_path
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> Identity:
+        leaf, *chain = load_certificates(cert_path)
+        return cls(leaf, load_key(key_path), chain)
+
+
+class CertificateAuthority(Identity):
+    """An identity that may sign certificates."""
+
+    @classmethod
+    def root(cls, common_name: str = "mtls-mesh Root CA", key_type: KeyType = "ecdsa") -> CertificateAuthority:
+        """A self-signed root: the one certificate every peer trusts (`ca.crt`)."""
+        key = new_key(key_type)
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(_name(common_name))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + ROOT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        )
+        return cls(_sign(builder, key), key)
+
+    def intermediate(self, common_name: str = "mtls-mesh Intermediate CA") -> CertificateAuthority:
+        """A CA below this one that cannot sign further CAs (path length 0); it issues every identity."""
+        key = new_key(_key_type(self.key))
+        now = _now()
+        builder = (
+            self._builder(common_name, key, now - CLOCK_SKEW, now + INTERMEDIATE_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+        )
+        return CertificateAuthority(_sign(builder, self.key), key, self._chain_below())
+
+    def issue(
+        self,
+        name: str,
+        *,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
+        uris: Sequence[str] = (),
+        usages: Iterable[Usage] = ("server", "client"),
+        key_type: KeyType | None = None,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> Identity:
+        """A leaf certificate for `name` (its Common Name), with the given SANs and extended key usages.
+
+        Peers identify a service by its Subject Alternative Names, never by the Common Name: RFC 6125
+        made CN matching legacy, and OpenSSL ignores the CN as soon as a SAN is present. The Extended Key
+        Usage says what the certificate may be used for: `server` (serverAuth) lets it answer TLS
+        connections, `client` (clientAuth) lets it make them. A service needs both; a client only the latter.
+        """
+        key = new_key(key_type or _key_type(self.key))
+        now = _now()
+        sans: list[x509.GeneralName] = [
+            *(x509.DNSName(d) for d in dns),
+            *(x509.IPAddress(ipaddress.ip_address(i)) for i in ips),
+            *(x509.UniformResourceIdentifier(u) for u in uris),
+        ]
+        ekus = [_EKU[u] for u in usages]
+        digital_signature_only = isinstance(key, ec.EllipticCurvePrivateKey)
+        builder = (
+            self._builder(name, key, not_before or now - CLOCK_SKEW, not_after or now + LEAF_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    # RSA key exchange (TLS 1.2 without ECDHE) needs keyEncipherment; ECDSA keys never do.
+                    key_encipherment=not digital_signature_only,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+        )
+        if ekus:  # an empty EKU extension is invalid; leaving it out means "any use"
+            builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return Identity(_sign(builder, self.key), key, self._chain_below())
+
+    def _chain_below(self) -> list[x509.Certificate]:
+        """What a certificate we sign must carry: us and our own chain, but never the root (peers have it)."""
+        is_root = self.cert.subject == self.cert.issuer
+        return [] if is_root else [self.cert, *self.chain]
+
+    def _builder(
+        self, common_name: str, key: PrivateKey, not_before: dt.datetime, not_after: dt.datetime
+    ) -> x509.CertificateBuilder:
+        ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
+        return (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        )
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _key_type(key: PrivateKey) -> KeyType:
+    return "rsa" if isinstance(key, rsa.RSAPrivateKey) else "ecdsa"
+
+
+def self_signed(name: str, *, dns: Sequence[str] = (), key_type: KeyType = "ecdsa") -> Identity:
+    """A leaf that vouches for itself: no CA of ours signed it, so every peer must refuse it."""
+    key = new_key(key_type)
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + LEAF_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+    )
+    if dns:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
+        )
+    return Identity(_sign(builder, key), key)
+
+
+# ── the policy and the layout under pki/out ────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Policy:
+    """`policy.toml`: which identities exist and who may call whom."""
+
+    trust_domain: str
+    services: tuple[str, ...]
+    clients: tuple[str, ...]
+    allow: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def load(cls, path: Path = POLICY_FILE) -> Policy:
+        try:
+            data = tomllib.loads(path.read_text())
+            policy = cls(
+                trust_domain=data["trust_domain"],
+                services=tuple(data["services"]),
+                clients=tuple(data.get("clients", ())),
+                allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
+            )
+        except FileNotFoundError:
+            raise PKIError(f"{path}: no such policy file") from None
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
+        known = set(policy.services) | set(policy.clients)
+        for callee, callers in policy.allow.items():
+            for name in (callee, *callers):
+                if name not in known:
+                    raise PKIError(f"{path}: [allow] names {name!r}, which is neither in services nor in clients")
+        for name in known & RESERVED_NAMES:
+            raise PKIError(f"{path}: {name!r} is reserved for the CA's own files; choose another name")
+        return policy
+
+    def spiffe_id(self, name: str) -> str:
+        return f"spiffe://{self.trust_domain}/{name}"
+
+
+def service_sans(name: str) -> dict[str, list[str]]:
+    """A service is reached by its name inside the mesh, and by localhost/127.0.0.1 when run locally."""
+    return {"dns": [name, "localhost"], "ips": ["127.0.0.1"]}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything lives under the output directory. Tests, docs and Docker rely on these names."""
+
+    out: Path = DEFAULT_OUT
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.out / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.out / "ca.key"
+
+    @property
+    def intermediate_cert(self) -> Path:
+        return self.out / "intermediate.crt"
+
+    @property
+    def intermediate_key(self) -> Path:
+        return self.out / "intermediate.key"
+
+    def cert(self, name: str) -> Path:
+        return self.out / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.out / f"{name}.key"
+
+    def allow_list(self, service: str) -> Path:
+        return self.out / "allow" / f"{service}.txt"
+
+    def load_issuer(self) -> CertificateAuthority:
+        """The intermediate, which signs every identity."""
+        return CertificateAuthority.load(self.intermediate_cert, self.intermediate_key)
+
+
+def _needs_renewal(path: Path) -> bool:
+    if not path.exists():
+        return True
+    leaf = load_certificates(path)[0]
+    return leaf.not_valid_after_utc - RENEW_BEFORE < _now()
+
+
+def init(
+    layout: Layout = Layout(),  # noqa: B008 — a frozen dataclass is a safe default
+    policy: Policy | None = None,
+    *,
+    key_type: KeyType = "ecdsa",
+    force: bool = False,
+) -> list[str]:
+    """Create whatever is missing (everything with `force`), then render the allow-lists.
+
+    Existing material is kept, so running it twice changes nothing: a thumbprint that was already on an
+    allow-list stays valid. A leaf close to expiry is re-issued. Returns what was created, for the log.
+    """
+    policy = policy or Policy.load()
+    created: list[str] = []
+    if force or not layout.ca_cert.exists() or not layout.intermediate_cert.exists():
+        root = CertificateAuthority.root(key_type=key_type)
+        issuing = root.intermediate()
+        write_file(layout.ca_key, root.key_pem(), private=True)
+        write_file(layout.ca_cert, root.cert_pem())
+        write_file(layout.intermediate_key, issuing.key_pem(), private=True)
+        write_file(layout.intermediate_cert, issuing.cert_pem())
+        created += ["ca", "intermediate"]
+        force = True  # identities signed by an old CA would no longer verify
+    for name in policy.services + policy.clients:
+        if force or _needs_renewal(layout.cert(name)):
+            issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type)
+            created.append(name)
+    render_allow_lists(layout, policy)
+    return created
+
+
+def issue_identity(
+    layout: Layout,
+    policy: Policy,
+    name: str,
+    *,
+    extra_sans: Sequence[str] = (),
+    client_only: bool = False,
+    key_type: KeyType | None = None,
+) -> Identity:
+    """Issue `name` from our intermediate and write it into the layout. It is on no allow-list by itself."""
+    if name in RESERVED_NAMES or not name or "/" in name or name.startswith("."):
+        raise PKIError(f"{name!r} cannot be an identity name; choose a plain name such as 'billing'")
+    sans = {"dns": [], "ips": [], "uris": [policy.spiffe_id(name)]}
+    if not client_only:
+        for kind, values in service_sans(name).items():
+            sans[kind] += values
+    for san in extra_sans:
+        kind, value = parse_san(san)
+        sans[kind].append(value)
+    identity = layout.load_issuer().issue(
+        name,
+        **sans,
+        usages=("client",) if client_only else ("server", "client"),
+        key_type=key_type,
+    )
+    identity.write(layout.out, name)
+    return identity
+
+
+def parse_san(text: str) -> tuple[str, str]:
+    """`DNS:name`, `IP:addr`, `URI:scheme://…`, or a bare value whose kind is guessed."""
+    prefix, sep, value = text.partition(":")
+    kinds = {"dns": "dns", "ip": "ips", "uri": "uris"}
+    if sep and prefix.lower() in kinds and not value.startswith("//"):
+        kind, text = kinds[prefix.lower()], value
+        if kind == "ips":
+            ipaddress.ip_address(text)
+        return kind, text
+    if "://" in text:
+        return "uris", text
+    try:
+        ipaddress.ip_address(text)
+        return "ips", text
+    except ValueError:
+        return "dns", text
+
+
+def render_allow_lists(layout: Layout, policy: Policy) -> None:
+    """Turn the policy's names into thumbprints: one file per service, one caller per line."""
+    for callee in policy.services:
+        lines = [
+            f"# Allow-list of {callee}: the callers whose certificate may call it.",
+            "# Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
+            "# Format: one SHA-256 certificate thumbprint per line (64 hex digits, colons allowed);",
+            "# '#' starts a comment. An empty list admits nobody.",
+        ]
+        for caller in policy.allow.get(callee, ()):
+            leaf = load_certificates(layout.cert(caller))[0]
+            lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}")
+        write_file(layout.allow_list(callee), ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,143 @@
+"""`python -m pki`: make and inspect the mesh's certificates. `python -m pki --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pki import (
+    DEFAULT_OUT,
+    POLICY_FILE,
+    Layout,
+    PKIError,
+    Policy,
+    init,
+    issue_identity,
+    load_certificates,
+    render_allow_lists,
+    thumbprint,
+)
+from shared.identity import extended_key_usages, is_ca, subject_alt_names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pki",
+        description="The mesh's certificate authority: a root CA, an intermediate that signs every identity, "
+        "and allow-lists rendered from pki/policy.toml.",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: pki/out)")
+    parser.add_argument("--policy", type=Path, default=POLICY_FILE, help="policy file (default: pki/policy.toml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "init",
+        help="create the CA, every identity in the policy and the allow-lists (keeps what exists)",
+        description="Create what is missing under --out: root and intermediate CA, one certificate and key per "
+        "identity named in the policy, and one allow-list per service. Existing material is kept, so it is "
+        "safe to run again; a leaf within 7 days of expiry is re-issued.",
+    )
+    p.add_argument("--force", action="store_true", help="throw everything away and start a new CA")
+    p.add_argument("--key-type", choices=["ecdsa", "rsa"], default="ecdsa", help="ECDSA P-256 (default) or RSA-2048")
+
+    p = commands.add_parser(
+        "issue",
+        help="issue a new identity signed by our intermediate (on no allow-list until the policy says so)",
+        description="Issue NAME.crt and NAME.key (0600) under --out, signed by our intermediate. The certificate "
+        "chains to ca.crt, so TLS accepts it everywhere; no service lets it in until the policy lists it. "
+        "That is the point: being trusted by the CA is not the same as being allowed.",
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--san", action="append", default=[], help="extra SAN: DNS:name, IP:addr, URI:… or a bare value (repeatable)"
+    )
+    p.add_argument("--client-only", action="store_true", help="clientAuth only, no localhost SANs (like `client`)")
+    p.add_argument("--key-type", choices=["ecdsa", "rsa"], default=None, help="default: the CA's key type")
+
+    p = commands.add_parser("inspect", help="show subject, SANs, EKU, validity, issuer and thumbprint")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
+    p = commands.add_parser("fingerprint", help="print the SHA-256 thumbprint of the (first) certificate in FILE")
+    p.add_argument("file", type=Path, metavar="FILE")
+
+    commands.add_parser("render", help="re-render the allow-lists from the policy (after editing it)")
+
+    args = parser.parse_args(argv)
+    layout = Layout(args.out)
+    try:
+        match args.command:
+            case "init":
+                created = init(layout, Policy.load(args.policy), key_type=args.key_type, force=args.force)
+                print(f"created: {', '.join(created)}" if created else f"{args.out}: up to date, nothing created")
+                print(f"allow-lists rendered from {args.policy} into {layout.out / 'allow'}/")
+            case "issue":
+                policy = Policy.load(args.policy)
+                identity = issue_identity(
+                    layout, policy, args.name, extra_sans=args.san, client_only=args.client_only,
+                    key_type=args.key_type,
+                )
+                print(f"issued {layout.cert(args.name)} and {layout.key(args.name)}")
+                print(f"sha256 {identity.sha256}  (on no allow-list: add it to {args.policy}, then `make pki`)")
+            case "inspect":
+                for path in args.files:
+                    print(describe(path))
+            case "fingerprint":
+                print(thumbprint(load_certificates(args.file)[0]))
+            case "render":
+                render_allow_lists(layout, Policy.load(args.policy))
+                print(f"allow-lists rendered from {args.policy} into {layout.out / 'allow'}/")
+    except (PKIError, ValueError) as e:
+        print(f"pki: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def describe(path: Path) -> str:
+    """A human summary of every certificate in a PEM file."""
+    certs = load_certificates(path)
+    blocks = []
+    for i, cert in enumerate(certs, 1):
+        rows = {
+            "subject": cert.subject.rfc4514_string(),
+            "issuer": cert.issuer.rfc4514_string(),
+            "serial": f"{cert.serial_number:x}",
+            "valid": _validity(cert),
+            "key": _key_description(cert),
+            "SANs": ", ".join(f"{kind}:{value}" for kind, value in subject_alt_names(cert)) or "none",
+            "EKU": ", ".join(extended_key_usages(cert)) or "none (any use)",
+            "CA": "yes" if is_ca(cert) else "no",
+            "sha256": thumbprint(cert),
+        }
+        heading = f"{path}" + (f"  (certificate {i} of {len(certs)})" if len(certs) > 1 else "")
+        blocks.append(heading + "\n" + "\n".join(f"  {k:<8} {v}" for k, v in rows.items()))
+    return "\n\n".join(blocks)
+
+
+def _validity(cert: x509.Certificate) -> str:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    now = dt.datetime.now(dt.UTC)
+    if now < start:
+        state = "NOT YET VALID"
+    elif now > end:
+        state = "EXPIRED"
+    else:
+        state = f"{(end - now).days} days left"
+    return f"{start:%Y-%m-%d %H:%M}Z → {end:%Y-%m-%d %H:%M}Z ({state})"
+
+
+def _key_description(cert: x509.Certificate) -> str:
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    return type(key).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

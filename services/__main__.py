@@ -1,0 +1,57 @@
+"""`python -m services`: run one service, configured by `MESH_*` environment variables (see services/config.py).
+
+It refuses to start — exit status 2 and one line naming the file and the fix — when its certificate, key,
+CA or allow-list is missing or malformed: a service that cannot check its callers must not listen.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from pki import PKIError
+from services.app import create_app
+from services.config import ServiceConfig
+from shared import log, tls
+from shared.asgi_tls import tls_protocol
+from shared.authz import AllowListError
+
+# Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.downstream.KEEPALIVE_EXPIRY.
+KEEP_ALIVE_SECONDS = 5
+
+
+def main() -> int:
+    try:
+        config = ServiceConfig()  # type: ignore[call-arg]
+    except ValidationError as e:
+        problems = "; ".join(f"MESH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        print(f"service: cannot start: {problems}", file=sys.stderr)
+        return 2
+    log.configure(config.name, config.log_level)
+    try:
+        app = create_app(config)
+        server_context = tls.server_context(config.tls, require_client_cert=config.client_cert == "required")
+    except (tls.TLSMaterialError, AllowListError, PKIError) as e:
+        print(f"{config.name}: cannot start: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("mesh").info(
+        "starting", extra={"port": config.port, "downstream": config.downstream_name, "client_cert": config.client_cert}
+    )
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        http=tls_protocol(),
+        ssl_context_factory=lambda _config, _default: server_context,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        log_config=None,  # keep log.configure's JSON lines
+        server_header=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

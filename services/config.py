@@ -1,0 +1,59 @@
+"""A service's configuration: all that makes service-a differ from service-c is in here, as data.
+
+Every field comes from an environment variable with the prefix `MESH_` (`MESH_NAME`, `MESH_PORT`, …), so
+the same code runs locally, under `make run`, and in a container. Paths default to the PKI layout
+(`pki/out/<name>.crt`, …) below `MESH_PKI_DIR`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pki import DEFAULT_OUT, Layout
+from shared.tls import TLSMaterial
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_", frozen=True)
+
+    name: str  # the service's identity: its certificate, its allow-list, its name in logs
+    host: str = "127.0.0.1"
+    port: int = 8443
+    pki_dir: Path = DEFAULT_OUT
+    ca: Path | None = None  # default: <pki_dir>/ca.crt
+    cert: Path | None = None  # default: <pki_dir>/<name>.crt
+    key: Path | None = None  # default: <pki_dir>/<name>.key
+    allow_list: Path | None = None  # default: <pki_dir>/allow/<name>.txt
+    # `required` refuses callers without a certificate during the handshake (ssl.CERT_REQUIRED);
+    # `optional` lets them in and answers 401 (ssl.CERT_OPTIONAL) — for the walkthrough's comparison.
+    client_cert: Literal["required", "optional"] = "required"
+    downstream_url: str | None = None  # e.g. https://127.0.0.1:8444; none for the last service
+    downstream_name: str | None = None  # the identity the callee must prove, e.g. service-b
+    downstream_timeout: float = 5.0  # seconds, for connect, read and write alike
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _complete(self) -> ServiceConfig:
+        layout = Layout(self.pki_dir)
+        defaults = {
+            "ca": layout.ca_cert,
+            "cert": layout.cert(self.name),
+            "key": layout.key(self.name),
+            "allow_list": layout.allow_list(self.name),
+        }
+        for field, default in defaults.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, default)
+        if bool(self.downstream_url) != bool(self.downstream_name):
+            raise ValueError(
+                "MESH_DOWNSTREAM_URL and MESH_DOWNSTREAM_NAME go together: where to call, and who must answer"
+            )
+        return self
+
+    @property
+    def tls(self) -> TLSMaterial:
+        return TLSMaterial(ca=self.ca, cert=self.cert, key=self.key)  # type: ignore[arg-type]

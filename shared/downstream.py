@@ -1,0 +1,96 @@
+"""Calling the next service: our own certificate out, the callee's identity checked, failures explained.
+
+One `httpx.AsyncClient` per service, made when the service starts and reused for every request, so the
+mutual handshake happens once per connection and keep-alive requests skip it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from shared.problem import Problem
+
+# uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
+# connection the server is closing at that moment (which would fail with "server disconnected").
+KEEPALIVE_EXPIRY = 4.0
+
+
+class Downstream:
+    """The service we call next, reached at `url` and required to prove it is `name`."""
+
+    def __init__(self, caller: str, name: str, url: str, context: ssl.SSLContext, timeout: float) -> None:
+        self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
+        self.client = httpx.AsyncClient(
+            verify=context,
+            timeout=timeout,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+        )
+
+    async def get_json(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        """GET `path` on the callee and return its JSON; any failure becomes a 502 naming this hop."""
+        hop = f"{self.caller} → {self.name}"
+        try:
+            response = await self.client.get(
+                self.url + path,
+                headers=headers,
+                # The TLS server name, and so the name the callee's certificate must carry, is the service's
+                # name, whatever address we dial. Locally every leaf also carries 127.0.0.1 and localhost,
+                # so checking the dialled address alone could not tell service-b from service-c.
+                extensions={"sni_hostname": self.name},
+            )
+        except httpx.HTTPError as e:
+            raise self._failed(hop, explain_transport_error(e, self.name, self.url, self.timeout)) from None
+        if response.status_code == 200:
+            return response.json()
+        problem = _problem_body(response)
+        if response.status_code == 502 and "hop" in problem:
+            # A hop further down failed: pass its account up unchanged, so the client learns where.
+            raise Problem(502, "downstream-failed", "Downstream call failed", problem.get("detail", ""),
+                          service=self.caller, hop=problem["hop"], reason=problem.get("reason", ""))
+        if response.status_code in (401, 403):
+            reason = f"{self.name} refused {self.caller}: {problem.get('reason') or problem.get('detail') or 'forbidden'}"
+        else:
+            reason = f"{self.name} answered HTTP {response.status_code}"
+        raise self._failed(hop, reason)
+
+    def _failed(self, hop: str, reason: str) -> Problem:
+        return Problem(
+            502, "downstream-failed", "Downstream call failed",
+            f"{self.caller} could not call {self.name} ({hop}): {reason}",
+            service=self.caller, hop=hop, reason=reason,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout: float) -> str:
+    """Turn what httpx raised into what probably happened. Shared by the services and the CLI client."""
+    text = str(error)
+    if isinstance(error, httpx.TimeoutException):
+        return f"{name} did not answer within {timeout:g} s"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
+        return f"the server at {url} failed our check that it is {name}: {detail}"
+    if isinstance(error, httpx.ConnectError) and ("refused" in text.lower() or "errno 111" in text.lower()):
+        return f"nothing accepts connections at {url} (is {name} running?)"
+    if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
+        # uvicorn (asyncio) refuses a client certificate by closing the connection without a TLS alert; with
+        # TLS 1.3 the client only notices on its first read. So "closed without answering" is the signature
+        # of a refusal at the TLS layer.
+        return (
+            f"{name} closed the connection without answering: it refused our client certificate at the TLS layer "
+            "(none presented, not signed by a CA it trusts, expired or not yet valid, or not for client use)"
+        )
+    return f"{type(error).__name__}: {text or 'no detail'}"
+
+
+def _problem_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
