@@ -332,9 +332,7 @@ def self_signed(name: str, *, dns: Sequence[str] = (), key_type: KeyType = "ecds
         )
     )
     if dns:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
     return Identity(_sign(builder, key), key)
 
 
@@ -426,7 +424,7 @@ def _needs_renewal(path: Path) -> bool:
 
 
 def init(
-    layout: Layout = Layout(),  # noqa: B008 — a frozen dataclass is a safe default
+    layout: Layout = Layout(),
     policy: Policy | None = None,
     *,
     key_type: KeyType = "ecdsa",

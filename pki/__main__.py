@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("name")
     p.add_argument(
-        "--san", action="append", default=[], help="extra SAN: DNS:name, IP:addr, URI:… or a bare value (repeatable)"
+        "--san",
+        action="append",
+        default=[],
+        help="extra SAN: DNS:name, IP:addr, URI:… or a bare value (repeatable)",
     )
     p.add_argument("--client-only", action="store_true", help="clientAuth only, no localhost SANs (like `client`)")
     p.add_argument("--key-type", choices=["ecdsa", "rsa"], default=None, help="default: the CA's key type")
@@ -78,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             case "issue":
                 policy = Policy.load(args.policy)
                 identity = issue_identity(
-                    layout, policy, args.name, extra_sans=args.san, client_only=args.client_only,
+                    layout,
+                    policy,
+                    args.name,
+                    extra_sans=args.san,
+                    client_only=args.client_only,
                     key_type=args.key_type,
                 )
                 print(f"issued {layout.cert(args.name)} and {layout.key(args.name)}")

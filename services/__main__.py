@@ -38,7 +38,8 @@ def main() -> int:
         print(f"{config.name}: cannot start: {e}", file=sys.stderr)
         return 2
     logging.getLogger("mesh").info(
-        "starting", extra={"port": config.port, "downstream": config.downstream_name, "client_cert": config.client_cert}
+        "starting",
+        extra={"port": config.port, "downstream": config.downstream_name, "client_cert": config.client_cert},
     )
     uvicorn.run(
         app,

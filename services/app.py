@@ -1,6 +1,5 @@
 """The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`."""
 
-
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -30,7 +29,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             yield
             return
         downstream = Downstream(
-            config.name, config.downstream_name, config.downstream_url, outgoing, config.downstream_timeout  # type: ignore[arg-type]
+            config.name,
+            config.downstream_name,
+            config.downstream_url,
+            outgoing,
+            config.downstream_timeout,  # type: ignore[arg-type]
         )
         app.state.downstream = downstream
         yield

@@ -107,7 +107,9 @@ class AllowList:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise AllowListError(f"{path}: allow-list not found — run `make pki` to render it from the policy") from None
+            raise AllowListError(
+                f"{path}: allow-list not found — run `make pki` to render it from the policy"
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise AllowListError(f"{path}: cannot read allow-list ({e})") from None
         return cls(path, parse_allow_list(text, path))
@@ -163,7 +165,9 @@ class Guard:
             # under CERT_REQUIRED the handshake already failed and no request exists.
             self._log(None, Decision(False, "no client certificate was presented"))
             raise Problem(
-                401, "certificate-required", "Client certificate required",
+                401,
+                "certificate-required",
+                "Client certificate required",
                 f"{self.service} requires a client certificate; none was presented on this connection.",
                 service=self.service,
             )
@@ -171,9 +175,13 @@ class Guard:
         self._log(caller, decision)
         if not decision.allowed:
             raise Problem(
-                403, "forbidden", "Caller not allowed",
+                403,
+                "forbidden",
+                "Caller not allowed",
                 f"{self.service} refused the caller {caller.subject} (sha256 {caller.sha256}): {decision.reason}.",
-                service=self.service, caller=caller.summary(), reason=decision.reason,
+                service=self.service,
+                caller=caller.summary(),
+                reason=decision.reason,
             )
         return caller
 

@@ -48,19 +48,32 @@ class Downstream:
         problem = _problem_body(response)
         if response.status_code == 502 and "hop" in problem:
             # A hop further down failed: pass its account up unchanged, so the client learns where.
-            raise Problem(502, "downstream-failed", "Downstream call failed", problem.get("detail", ""),
-                          service=self.caller, hop=problem["hop"], reason=problem.get("reason", ""))
+            raise Problem(
+                502,
+                "downstream-failed",
+                "Downstream call failed",
+                problem.get("detail", ""),
+                service=self.caller,
+                hop=problem["hop"],
+                reason=problem.get("reason", ""),
+            )
         if response.status_code in (401, 403):
-            reason = f"{self.name} refused {self.caller}: {problem.get('reason') or problem.get('detail') or 'forbidden'}"
+            reason = (
+                f"{self.name} refused {self.caller}: {problem.get('reason') or problem.get('detail') or 'forbidden'}"
+            )
         else:
             reason = f"{self.name} answered HTTP {response.status_code}"
         raise self._failed(hop, reason)
 
     def _failed(self, hop: str, reason: str) -> Problem:
         return Problem(
-            502, "downstream-failed", "Downstream call failed",
+            502,
+            "downstream-failed",
+            "Downstream call failed",
             f"{self.caller} could not call {self.name} ({hop}): {reason}",
-            service=self.caller, hop=hop, reason=reason,
+            service=self.caller,
+            hop=hop,
+            reason=reason,
         )
 
     async def aclose(self) -> None:

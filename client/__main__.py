@@ -1,0 +1,131 @@
+"""`python -m client`: call a service of the mesh as the client (or any identity), and explain the answer.
+
+    python -m client                                   # client → service-a → service-b → service-c
+    python -m client https://127.0.0.1:8444/chain --server-name service-b    # skip a hop: refused
+    python -m client --no-cert                         # no certificate: refused during the handshake
+
+Exit status 0 when the call succeeded, 1 when it was refused or failed (the reason is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from pki import DEFAULT_OUT
+from shared import tls
+from shared.downstream import explain_transport_error
+
+DEFAULT_URL = "https://127.0.0.1:8443/chain"
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    text: str  # the hop table, or the explanation of the failure
+    status: int | None = None  # HTTP status, if the call got that far
+    body: Any = None
+
+
+def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float = 10.0) -> Outcome:
+    """One request, with a fresh connection; turns every kind of failure into a sentence."""
+    context = tls.client_context(material)
+    try:
+        with httpx.Client(verify=context, timeout=timeout) as client:
+            response = client.get(url, extensions={"sni_hostname": server_name})
+    except httpx.HTTPError as e:
+        return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, url, timeout)}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.status_code == 200 and isinstance(body, dict) and "hops" in body:
+        return Outcome(True, hop_table(body["hops"]), 200, body)
+    return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
+
+
+def explain_problem(status: int, body: Any) -> str:
+    problem = body if isinstance(body, dict) else {}
+    service = problem.get("service", "the service")
+    if status == 401:
+        return f"401 from {service}: {problem.get('detail', 'a client certificate is required')}"
+    if status == 403:
+        caller = problem.get("caller") or {}
+        return (
+            f"403 from {service}: your certificate is genuine (TLS accepted it) but you are not allowed here.\n"
+            f"  reason: {problem.get('reason')}\n"
+            f"  you:    {caller.get('subject')}  sha256 {caller.get('sha256')}"
+        )
+    if status == 502:
+        return f"502 from {service}: the hop {problem.get('hop')} failed.\n  reason: {problem.get('reason')}"
+    return f"HTTP {status}: {json.dumps(body) if problem else body}"
+
+
+def hop_table(hops: list[dict[str, Any]]) -> str:
+    """Who verified whom at each hop, with the caller's full thumbprint."""
+    path = " → ".join(["client", *(h["service"] for h in hops)])
+    lines = [f"{path}: {len(hops)} hops, each one mutually authenticated", ""]
+    lines.append(f"{'hop':<4} {'service':<10} {'verified caller (SPIFFE ID)':<34} TLS")
+    for number, hop in enumerate(hops, 1):
+        caller, conn = hop["caller"], hop.get("tls", {})
+        lines.append(
+            f"{number:<4} {hop['service']:<10} {caller.get('spiffe_id') or caller['subject']:<34} "
+            f"{conn.get('version', '?')} {conn.get('cipher', '?')}"
+        )
+        lines.append(f"{'':<15} sha256 {caller['sha256']}")
+    return "\n".join(lines)
+
+
+def default_server_name(url: str) -> str:
+    """The name the callee's certificate must carry: the URL's host, unless that is an IP address."""
+    host = urlsplit(url).hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return "service-a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default: {DEFAULT_URL}")
+    parser.add_argument(
+        "--server-name",
+        help="the identity the server must prove (TLS server name; its certificate must carry it as a DNS SAN). "
+        "Default: the URL's host, or service-a when the host is an IP address",
+    )
+    parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="default: pki/out")
+    parser.add_argument("--cert", type=Path, help="our certificate (default: <pki-dir>/client.crt)")
+    parser.add_argument("--key", type=Path, help="our private key (default: <pki-dir>/client.key)")
+    parser.add_argument("--ca", type=Path, help="the CA we trust (default: <pki-dir>/ca.crt)")
+    parser.add_argument("--no-cert", action="store_true", help="present no certificate at all")
+    parser.add_argument("--json", action="store_true", help="print the response body as JSON")
+    args = parser.parse_args(argv)
+
+    cert = None if args.no_cert else (args.cert or args.pki_dir / "client.crt")
+    key = None if args.no_cert else (args.key or args.pki_dir / "client.key")
+    material = tls.TLSMaterial(ca=args.ca or args.pki_dir / "ca.crt", cert=cert, key=key)
+    try:
+        outcome = call(args.url, args.server_name or default_server_name(args.url), material)
+    except tls.TLSMaterialError as e:
+        print(f"client: {e}", file=sys.stderr)
+        return 2
+    if args.json and outcome.body is not None:
+        print(json.dumps(outcome.body, indent=2))
+    else:
+        print(outcome.text)
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

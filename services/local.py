@@ -1,0 +1,147 @@
+"""`python -m services.local`: the chain A → B → C as three uvicorn processes on 127.0.0.1 (`make run`).
+
+Each process is `python -m services` with its own `MESH_*` environment: the services differ by
+configuration only. The tests and `make demo` start the chain with the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from pki import DEFAULT_OUT
+
+CHAIN = ("service-a", "service-b", "service-c")
+DEFAULT_PORTS = (8443, 8444, 8445)
+
+
+def chain_environments(
+    ports: Sequence[int], pki_dir: Path = DEFAULT_OUT, names: Sequence[str] = CHAIN, **extra: str
+) -> list[dict[str, str]]:
+    """One `MESH_*` environment per service; each calls the next one in `names`, the last calls nobody."""
+    environments = []
+    for i, (name, port) in enumerate(zip(names, ports, strict=True)):
+        env = {"MESH_NAME": name, "MESH_PORT": str(port), "MESH_PKI_DIR": str(pki_dir), **extra}
+        if i + 1 < len(names):
+            env |= {
+                "MESH_DOWNSTREAM_URL": f"https://127.0.0.1:{ports[i + 1]}",
+                "MESH_DOWNSTREAM_NAME": names[i + 1],
+            }
+        environments.append(env)
+    return environments
+
+
+class ServiceProcess:
+    """One service as a real process. Its output goes to `log_path`, or is printed with a name prefix."""
+
+    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+        self.env = env
+        self.name, self.port = env["MESH_NAME"], int(env["MESH_PORT"])
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        if self.log_path is not None:
+            self._log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services"],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+            stdout=self._log_file or subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        if self._log_file is None:
+            threading.Thread(target=self._relay, daemon=True).start()
+        return self
+
+    def _relay(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            sys.stdout.write(f"{self.name:<9} | {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until the port accepts connections; raise with the service's own words if it exits instead."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.process.returncode}: {self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout:g} s")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace").strip() if self.log_path else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+@contextmanager
+def running(processes: Sequence[ServiceProcess]) -> Iterator[Sequence[ServiceProcess]]:
+    """Start every process (callee first), wait until all listen, and stop them all on the way out."""
+    try:
+        for process in reversed(processes):
+            process.start()
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.local", description=__doc__)
+    parser.add_argument(
+        "--ports", default=",".join(map(str, DEFAULT_PORTS)), help="ports of A,B,C (default: 8443,8444,8445)"
+    )
+    parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="PKI directory (default: pki/out)")
+    args = parser.parse_args(argv)
+    ports = [int(p) for p in args.ports.split(",")]
+    processes = [ServiceProcess(env) for env in chain_environments(ports, args.pki_dir)]
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with running(processes):
+            names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes)
+            print(f"mesh up: client → {names}. Try: make call. Ctrl-C stops all three.", flush=True)
+            while not stop.wait(0.5):
+                if exited := [p for p in processes if p.process and p.process.poll() is not None]:
+                    print(f"{exited[0].name} exited; stopping the mesh", file=sys.stderr)
+                    return 1
+    except RuntimeError as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return 1
+    print("mesh stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
