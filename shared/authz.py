@@ -158,7 +158,8 @@ class Guard:
         self.service = service
         self.authorizer = authorizer
 
-    def __call__(self, request: Request) -> CallerIdentity:
+    async def __call__(self, request: Request) -> CallerIdentity:
+        # async on purpose: a plain `def` dependency would be sent to a thread pool on every request.
         caller = caller_identity(request.scope)
         if caller is None:
             # Only reachable when the server runs with an optional client certificate (CERT_OPTIONAL):

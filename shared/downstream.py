@@ -6,6 +6,7 @@ mutual handshake happens once per connection and keep-alive requests skip it.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -16,6 +17,8 @@ from shared.problem import Problem
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").
 KEEPALIVE_EXPIRY = 4.0
+
+log = logging.getLogger("mesh.downstream")
 
 
 class Downstream:
@@ -66,6 +69,7 @@ class Downstream:
         raise self._failed(hop, reason)
 
     def _failed(self, hop: str, reason: str) -> Problem:
+        log.warning("downstream_failed", extra={"hop": hop, "reason": reason})
         return Problem(
             502,
             "downstream-failed",
@@ -88,7 +92,7 @@ def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
         return f"the server at {url} failed our check that it is {name}: {detail}"
-    if isinstance(error, httpx.ConnectError) and ("refused" in text.lower() or "errno 111" in text.lower()):
+    if any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error)):
         return f"nothing accepts connections at {url} (is {name} running?)"
     if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
         # uvicorn (asyncio) refuses a client certificate by closing the connection without a TLS alert; with
@@ -99,6 +103,15 @@ def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout
             "(none presented, not signed by a CA it trusts, expired or not yet valid, or not for client use)"
         )
     return f"{type(error).__name__}: {text or 'no detail'}"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
 
 
 def _problem_body(response: httpx.Response) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""Authorization decisions and allow-list files, without a network: deny by default, explain every denial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pki import Layout, load_certificates
+from shared.authz import (
+    AllowList,
+    AllowListError,
+    authorize_all,
+    authorize_any,
+    authorize_client_leaf,
+    authorize_listed,
+)
+from shared.identity import CallerIdentity
+
+A, B = "a" * 64, "b" * 64
+
+
+def identity(sha256: str = A, *, is_leaf: bool = True, client_auth: bool = True) -> CallerIdentity:
+    return CallerIdentity(sha256, "CN=x,O=mtls-mesh", None, (), is_leaf, client_auth)
+
+
+def allow_list(tmp_path: Path, text: str) -> AllowList:
+    path = tmp_path / "allow.txt"
+    path.write_text(text)
+    return AllowList.load(path)
+
+
+def test_allow_list_formats_and_comments(tmp_path: Path) -> None:
+    colons = ":".join(["BB"] * 32)
+    entries = allow_list(tmp_path, f"# header\n\n{A}  # service-a\n   {colons}\n").entries
+    assert entries == {A: "service-a", B: ""}
+
+
+@pytest.mark.parametrize("line", ["not-a-thumbprint", "a" * 63, A + " " + B, "sha256:" + A])
+def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path: Path, line: str) -> None:
+    with pytest.raises(AllowListError, match=r"allow\.txt:3: .*not a SHA-256 thumbprint"):
+        allow_list(tmp_path, f"# header\n{A}\n{line}\n")
+
+
+def test_missing_allow_list_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(AllowListError, match="missing.txt: allow-list not found — run `make pki`"):
+        AllowList.load(tmp_path / "missing.txt")
+
+
+def test_empty_allow_list_admits_nobody(tmp_path: Path) -> None:
+    decide = authorize_listed(allow_list(tmp_path, "# nobody\n"))
+    assert not decide(identity(A)).allowed
+
+
+def test_listed_is_allowed_unlisted_denied_with_reasons(tmp_path: Path) -> None:
+    decide = authorize_listed(allow_list(tmp_path, f"{A}  # service-a\n"))
+    allowed, denied = decide(identity(A)), decide(identity(B))
+    assert allowed.allowed and "service-a" in allowed.reason
+    assert not denied.allowed and "not on the allow-list allow.txt" in denied.reason
+
+
+def test_a_ca_certificate_is_refused_even_when_listed(tmp_path: Path) -> None:
+    decide = authorize_all(authorize_client_leaf(), authorize_listed(allow_list(tmp_path, f"{A}\n")))
+    decision = decide(identity(A, is_leaf=False))
+    assert not decision.allowed and "CA certificate" in decision.reason
+
+
+def test_a_certificate_without_client_auth_is_refused_even_when_listed(tmp_path: Path) -> None:
+    decide = authorize_all(authorize_client_leaf(), authorize_listed(allow_list(tmp_path, f"{A}\n")))
+    decision = decide(identity(A, client_auth=False))
+    assert not decision.allowed and "clientAuth" in decision.reason
+
+
+def test_authorize_all_of_nothing_denies() -> None:
+    assert not authorize_all()(identity()).allowed
+
+
+def test_authorize_any_admits_any_verified_certificate() -> None:
+    assert authorize_any()(identity(B)).allowed
+
+
+def test_identity_from_a_real_certificate(layout: Layout) -> None:
+    intermediate = load_certificates(layout.intermediate_cert)[0]
+    leaf = load_certificates(layout.cert("service-b"))[0]
+    caller = CallerIdentity.from_certificate(leaf)
+    assert caller.spiffe_id == "spiffe://mesh.internal/service-b"
+    assert caller.dns_names == ("service-b", "localhost")
+    assert caller.is_leaf and caller.client_auth
+    assert not CallerIdentity.from_certificate(intermediate).is_leaf

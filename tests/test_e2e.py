@@ -1,0 +1,245 @@
+"""The mesh attacked for real: three uvicorn processes, real handshakes, hostile certificates.
+
+Every refusal is proven twice: by what the caller saw (status or error class) and by what the services
+logged — the refused request never reached a handler, and nothing went further down the chain.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import httpx
+import pytest
+
+from pki import Layout, load_certificates, thumbprint
+from services.local import ServiceProcess, chain_environments, running
+from shared.downstream import explain_transport_error
+from tests.conftest import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+
+pytestmark = pytest.mark.e2e
+
+SERVICES = ["service-a", "service-b", "service-c"]
+
+# How a refusal during the handshake looks to an httpx client under uvicorn: no TLS alert, the connection
+# just closes — during the handshake (ConnectError) or, with TLS 1.3, at the first read.
+TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+def assert_refused_at_tls(mesh: Mesh, service: Service, context: ssl.SSLContext) -> Exception:
+    marks = mesh.marks()
+    with pytest.raises(TLS_REFUSALS) as refused:
+        get(f"{service.url}/chain", service.name, context)
+    # "Connection refused" would mean nobody was listening: that proves nothing about TLS.
+    assert "nothing accepts connections" not in explain_transport_error(refused.value, "", "", 0)
+    service.assert_alive()
+    assert mesh.events_since(marks) == {name: [] for name in SERVICES}, "a refused handshake reached the app"
+    return refused.value
+
+
+def test_client_gets_three_hops_each_verifying_its_caller(mesh: Mesh) -> None:
+    marks = mesh.marks()
+    response = get(
+        f"{mesh['service-a'].url}/chain", "service-a", attacker_context(mesh.layout.ca_cert, mesh.credentials("client"))
+    )
+    assert response.status_code == 200, response.text
+    hops = response.json()["hops"]
+    assert [h["service"] for h in hops] == SERVICES
+    for hop, caller in zip(hops, ["client", "service-a", "service-b"], strict=True):
+        leaf = load_certificates(mesh.layout.cert(caller))[0]
+        assert hop["caller"]["sha256"] == thumbprint(leaf)
+        assert hop["caller"]["subject"] == f"CN={caller},O=mtls-mesh"
+        assert hop["caller"]["spiffe_id"] == f"spiffe://mesh.internal/{caller}"
+        assert hop["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+        assert hop["tls"]["cipher"] != "unknown"
+    decisions = mesh.events_since(marks)
+    assert [e["decision"] for name in SERVICES for e in decisions[name]] == ["allow"] * 3
+
+
+def test_healthz_needs_a_verified_certificate_but_no_allow_list(mesh: Mesh, hostile: dict[str, Credentials]) -> None:
+    service = mesh["service-c"]
+    response = get(f"{service.url}/healthz", service.name, attacker_context(mesh.layout.ca_cert, hostile["stranger"]))
+    assert response.json() == {"status": "ok", "service": "service-c"}
+    with pytest.raises(TLS_REFUSALS):
+        get(f"{service.url}/healthz", service.name, attacker_context(mesh.layout.ca_cert, None))
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "no-certificate",
+        "foreign-ca",
+        "self-signed",
+        "foreign-ca-posing-as-service-a",
+        "expired",
+        "not-yet-valid",
+        "server-auth-only",
+    ],
+)
+def test_refused_at_the_tls_layer(mesh: Mesh, hostile: dict[str, Credentials], service: str, kind: str) -> None:
+    creds = None if kind == "no-certificate" else hostile[kind]
+    assert_refused_at_tls(mesh, mesh[service], attacker_context(mesh.layout.ca_cert, creds))
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_our_intermediate_ca_is_no_client(mesh: Mesh, hostile: dict[str, Credentials], service: str) -> None:
+    """OpenSSL accepts a CA certificate as a client certificate; the authorizer must not."""
+    marks = mesh.marks()
+    context = attacker_context(mesh.layout.ca_cert, hostile["our-intermediate"])
+    response = get(f"{mesh[service].url}/chain", service, context)
+    assert response.status_code == 403
+    assert "CA certificate" in response.json()["reason"]
+    events = mesh.events_since(marks)
+    assert [e["decision"] for e in events[service]] == ["deny"]
+    assert all(not v for name, v in events.items() if name != service), "the refused request went further"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_certificate_without_client_auth_eku_is_refused(
+    mesh: Mesh, hostile: dict[str, Credentials], service: str
+) -> None:
+    """No EKU extension at all means "any use" to OpenSSL, so TLS lets it in; the authorizer does not."""
+    response = get(f"{mesh[service].url}/chain", service, attacker_context(mesh.layout.ca_cert, hostile["no-eku"]))
+    assert response.status_code == 403
+    assert "clientAuth" in response.json()["reason"]
+
+
+@pytest.mark.parametrize(
+    ("caller", "service"),
+    [
+        ("stranger", "service-a"),
+        ("stranger", "service-b"),
+        ("stranger", "service-c"),
+        ("client", "service-b"),
+        ("client", "service-c"),
+        ("service-a", "service-c"),
+        ("service-c", "service-a"),
+    ],
+)
+def test_valid_certificate_not_on_the_allow_list_gets_403(
+    mesh: Mesh, hostile: dict[str, Credentials], caller: str, service: str
+) -> None:
+    creds = hostile["stranger"] if caller == "stranger" else mesh.credentials(caller)
+    marks = mesh.marks()
+    response = get(f"{mesh[service].url}/chain", service, attacker_context(mesh.layout.ca_cert, creds))
+
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    sha256 = thumbprint(load_certificates(creds.cert)[0])
+    assert problem["service"] == service
+    assert problem["caller"]["sha256"] == sha256
+    assert problem["caller"]["subject"].startswith("CN=")
+    assert "not on the allow-list" in problem["reason"]
+    assert "Traceback" not in response.text
+
+    events = mesh.events_since(marks)
+    assert [(e["decision"], e["caller_sha256"]) for e in events[service]] == [("deny", sha256)]
+    assert all(not v for name, v in events.items() if name != service), "the refused request went further"
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_versions_are_refused(mesh: Mesh, version: ssl.TLSVersion) -> None:
+    context = attacker_context(mesh.layout.ca_cert, mesh.credentials("client"), max_version=version)
+    error = assert_refused_at_tls(mesh, mesh["service-a"], context)
+    assert isinstance(error, httpx.ConnectError)
+
+
+# ── the caller checks the callee ───────────────────────────────────────────────────────────────────────
+
+
+def test_service_refuses_an_impostor_callee(layout: Layout, hostile: dict[str, Credentials], tmp_path) -> None:
+    """A's downstream is pointed at two impostors of service-b; A answers 502 and sends them nothing.
+
+    1. a server with a foreign CA's certificate for service-b (fails the chain check);
+    2. the real service-c, with our CA's certificate for service-c (fails the name check).
+    Both impostors would accept A's certificate, so if A did not check, the request would reach them.
+    """
+    a1, a2, forged_port, c_port = free_ports(4)
+    forged_b = {
+        "MESH_NAME": "service-b",
+        "MESH_PORT": str(forged_port),
+        "MESH_PKI_DIR": str(layout.out),
+        "MESH_CERT": str(hostile["foreign-service-b"].cert),
+        "MESH_KEY": str(hostile["foreign-service-b"].key),
+    }
+    real_c = chain_environments([c_port], layout.out, names=["service-c"])[0]
+
+    def a_calling(port: int, downstream_port: int) -> dict[str, str]:
+        return {
+            **chain_environments([port], layout.out, names=["service-a"])[0],
+            "MESH_DOWNSTREAM_URL": f"https://127.0.0.1:{downstream_port}",
+            "MESH_DOWNSTREAM_NAME": "service-b",
+        }
+
+    impostors = start_services([forged_b, real_c], tmp_path)
+    callers = start_services([a_calling(a1, forged_port), a_calling(a2, c_port)], tmp_path)
+    client = attacker_context(layout.ca_cert, Credentials(layout.cert("client"), layout.key("client")))
+    with running([*callers, *impostors]):
+        why = ["unable to get local issuer certificate", "Hostname mismatch"]
+        for caller, impostor, reason in zip(callers, impostors, why, strict=True):
+            response = get(f"https://127.0.0.1:{caller.port}/chain", "service-a", client)
+            assert response.status_code == 502, response.text
+            problem = response.json()
+            assert problem["hop"] == "service-a → service-b"
+            assert "failed our check that it is service-b" in problem["reason"]
+            assert reason in problem["reason"]
+            assert "Traceback" not in response.text
+            impostor_events = [e for e in Service(impostor).events() if e.get("event") == "authz"]
+            assert impostor_events == [], f"A sent a request to the impostor {impostor.name}"
+            assert "downstream_failed" in caller.output()
+
+
+def test_downstream_failures_are_502_naming_the_hop(layout: Layout, tmp_path) -> None:
+    """B's downstream (C) is not running: the client learns that the hop B → C failed, and why."""
+    a_port, b_port, c_port = free_ports(3)
+    envs = chain_environments([a_port, b_port, c_port], layout.out)[:2]  # no service-c
+    client = attacker_context(layout.ca_cert, Credentials(layout.cert("client"), layout.key("client")))
+    with running(start_services(envs, tmp_path)):
+        response = get(f"https://127.0.0.1:{a_port}/chain", "service-a", client)
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["hop"] == "service-b → service-c"
+    assert problem["service"] == "service-a"
+    assert "nothing accepts connections" in problem["reason"]
+
+
+def test_a_service_that_is_refused_downstream_reports_it(layout: Layout, tmp_path) -> None:
+    """C's allow-list admits nobody: B's call is refused with 403, and the client gets 502 saying so."""
+    a_port, b_port, c_port = free_ports(3)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nobody\n")
+    envs = chain_environments([a_port, b_port, c_port], layout.out)
+    envs[2]["MESH_ALLOW_LIST"] = str(empty)
+    client = attacker_context(layout.ca_cert, Credentials(layout.cert("client"), layout.key("client")))
+    processes = start_services(envs, tmp_path)
+    with running(processes):
+        response = get(f"https://127.0.0.1:{a_port}/chain", "service-a", client)
+    assert response.status_code == 502
+    problem = response.json()
+    assert problem["hop"] == "service-b → service-c"
+    assert "service-c refused service-b" in problem["reason"]
+    assert "not on the allow-list" in problem["reason"]
+    c_events = [e for e in Service(processes[2]).events() if e.get("event") == "authz"]
+    assert [e["decision"] for e in c_events] == ["deny"]
+
+
+def test_keep_alive_reuses_the_connection(mesh: Mesh) -> None:
+    """One handshake, many requests: the identity is computed per connection and still right each time."""
+    context = attacker_context(mesh.layout.ca_cert, mesh.credentials("client"))
+    with httpx.Client(verify=context, timeout=10) as client:
+        streams = set()
+        for _ in range(5):
+            response = client.get(f"{mesh['service-a'].url}/chain", extensions={"sni_hostname": "service-a"})
+            assert response.status_code == 200
+            streams.add(id(response.extensions["network_stream"]))
+    assert len(streams) == 1
+
+
+def test_process_runner_reports_a_service_that_cannot_start(layout: Layout, tmp_path) -> None:
+    env = chain_environments(free_ports(1), layout.out, names=["service-a"])[0]
+    env["MESH_ALLOW_LIST"] = str(tmp_path / "missing.txt")
+    process = ServiceProcess(env, tmp_path / "a.log")
+    with pytest.raises(RuntimeError, match="missing.txt: allow-list not found"), running([process]):
+        pass

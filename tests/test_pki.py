@@ -1,0 +1,162 @@
+"""The CA: what it issues, where it writes it, and that the chain really verifies."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from pki import Layout, PKIError, Policy, init, issue_identity, load_certificates, normalise_thumbprint, thumbprint
+from shared.identity import extended_key_usages, subject_alt_names
+
+POLICY = Policy.load()
+
+
+def test_layout_is_complete_and_keys_are_private(layout: Layout) -> None:
+    assert layout.ca_cert.exists()
+    for name in [*POLICY.services, *POLICY.clients]:
+        assert layout.cert(name).exists()
+        assert stat.S_IMODE(layout.key(name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(layout.ca_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(layout.intermediate_key.stat().st_mode) == 0o600
+    for service in POLICY.services:
+        assert layout.allow_list(service).exists()
+
+
+@pytest.mark.parametrize("service", ["service-a", "service-b", "service-c"])
+def test_service_certificate(layout: Layout, service: str) -> None:
+    leaf, intermediate = load_certificates(layout.cert(service))
+    assert leaf.issuer == intermediate.subject
+    assert extended_key_usages(leaf) == ["serverAuth", "clientAuth"]
+    assert subject_alt_names(leaf) == [
+        ("DNS", service),
+        ("DNS", "localhost"),
+        ("IP", "127.0.0.1"),
+        ("URI", f"spiffe://mesh.internal/{service}"),
+    ]
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert leaf.not_valid_before_utc < leaf.not_valid_after_utc
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days <= 91
+
+
+def test_client_certificate_is_for_clients_only(layout: Layout) -> None:
+    leaf = load_certificates(layout.cert("client"))[0]
+    assert extended_key_usages(leaf) == ["clientAuth"]
+    assert subject_alt_names(leaf) == [("URI", "spiffe://mesh.internal/client")]
+
+
+@pytest.mark.parametrize("service", ["service-a", "service-b", "service-c"])
+def test_chain_verifies_to_the_root_as_server_and_client(layout: Layout, service: str) -> None:
+    leaf, *intermediates = load_certificates(layout.cert(service))
+    store = Store(load_certificates(layout.ca_cert))
+    verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName(service))
+    chain = verifier.verify(leaf, intermediates)
+    assert chain[-1] == load_certificates(layout.ca_cert)[0]
+    PolicyBuilder().store(store).build_client_verifier().verify(leaf, intermediates)
+
+
+def test_client_chain_does_not_verify_as_a_server(layout: Layout) -> None:
+    leaf, *intermediates = load_certificates(layout.cert("client"))
+    store = Store(load_certificates(layout.ca_cert))
+    verifier = PolicyBuilder().store(store).build_server_verifier(x509.DNSName("client"))
+    with pytest.raises(x509.verification.VerificationError):
+        verifier.verify(leaf, intermediates)
+
+
+def test_thumbprint_is_sha256_of_der(layout: Layout) -> None:
+    leaf = load_certificates(layout.cert("service-a"))[0]
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    assert thumbprint(leaf) == hashlib.sha256(der).hexdigest()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_thumbprint_matches_openssl(layout: Layout) -> None:
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(layout.cert("client"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert normalise_thumbprint(out.split("=", 1)[1]) == thumbprint(load_certificates(layout.cert("client"))[0])
+
+
+def test_normalise_thumbprint_accepts_colons_and_upper_case() -> None:
+    hexits = "ab" * 32
+    assert normalise_thumbprint(":".join(["AB"] * 32)) == hexits
+    assert normalise_thumbprint(f"  {hexits.upper()}\n") == hexits
+    for bad in ["ab" * 31, "zz" * 32, "", "ab" * 33]:
+        with pytest.raises(ValueError, match="not a SHA-256 thumbprint"):
+            normalise_thumbprint(bad)
+
+
+def test_allow_lists_follow_the_policy(layout: Layout) -> None:
+    for callee, callers in POLICY.allow.items():
+        text = layout.allow_list(callee).read_text()
+        for name in [*POLICY.services, *POLICY.clients]:
+            sha = thumbprint(load_certificates(layout.cert(name))[0])
+            assert (sha in text) == (name in callers), f"{name} on {callee}'s allow-list?"
+
+
+def test_init_is_idempotent_and_force_regenerates(tmp_path) -> None:
+    layout = Layout(tmp_path)
+    assert init(layout) == ["ca", "intermediate", "service-a", "service-b", "service-c", "client"]
+    before = layout.cert("service-a").read_bytes()
+    allow_before = layout.allow_list("service-b").read_text()
+    assert init(layout) == []
+    assert layout.cert("service-a").read_bytes() == before
+    assert layout.allow_list("service-b").read_text() == allow_before
+    assert "ca" in init(layout, force=True)
+    assert layout.cert("service-a").read_bytes() != before
+
+
+def test_rsa_option(tmp_path) -> None:
+    layout = Layout(tmp_path)
+    init(layout, key_type="rsa")
+    assert load_certificates(layout.cert("service-a"))[0].public_key().key_size == 2048
+
+
+def test_issued_identity_is_on_no_allow_list(tmp_path) -> None:
+    layout = Layout(tmp_path)
+    init(layout)
+    identity = issue_identity(layout, POLICY, "billing", extra_sans=["DNS:billing.internal"], client_only=True)
+    assert layout.cert("billing").exists()
+    assert stat.S_IMODE(layout.key("billing").stat().st_mode) == 0o600
+    assert ("DNS", "billing.internal") in subject_alt_names(identity.cert)
+    assert extended_key_usages(identity.cert) == ["clientAuth"]
+    for service in POLICY.services:
+        assert identity.sha256 not in layout.allow_list(service).read_text()
+
+
+@pytest.mark.parametrize("name", ["ca", "intermediate", "../evil", ""])
+def test_reserved_or_odd_names_are_refused(tmp_path, name: str) -> None:
+    layout = Layout(tmp_path)
+    init(layout)
+    with pytest.raises(PKIError):
+        issue_identity(layout, POLICY, name)
+
+
+def test_policy_naming_an_unknown_identity_is_an_error(tmp_path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('trust_domain = "t"\nservices = ["a"]\n[allow]\na = ["ghost"]\n')
+    with pytest.raises(PKIError, match="ghost"):
+        Policy.load(policy)
+
+
+def test_cli_inspect_and_fingerprint(layout: Layout) -> None:
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "pki", "--out", str(layout.out), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    sha = thumbprint(load_certificates(layout.cert("service-b"))[0])
+    assert cli("fingerprint", str(layout.cert("service-b"))).strip() == sha
+    report = cli("inspect", str(layout.cert("service-b")))
+    for expected in [f"sha256   {sha}", "EKU      serverAuth, clientAuth", "URI:spiffe://mesh.internal/service-b"]:
+        assert expected in report
