@@ -7,6 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORTS  ?= 8443,8444,8445
 PYTEST_ARGS ?=
+comma  := ,
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -30,7 +31,7 @@ run: pki ## run A, B, C on 127.0.0.1 (PORTS=8443,8444,8445); Ctrl-C stops all th
 	$(PY) -m services.local --ports $(PORTS)
 
 call: $(VENV)/.installed ## call service-a as the client (while `make run` is going)
-	$(PY) -m client https://127.0.0.1:$(firstword $(subst ,, ,$(PORTS)))/chain
+	$(PY) -m client https://127.0.0.1:$(firstword $(subst $(comma), ,$(PORTS)))/chain
 
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
 	$(PY) -m client.demo

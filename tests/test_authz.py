@@ -43,7 +43,7 @@ def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path: Path, line: str) 
 
 
 def test_missing_allow_list_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(AllowListError, match="missing.txt: allow-list not found — run `make pki`"):
+    with pytest.raises(AllowListError, match=r"missing\.txt: allow-list not found — run `make pki`"):
         AllowList.load(tmp_path / "missing.txt")
 
 

@@ -241,5 +241,5 @@ def test_process_runner_reports_a_service_that_cannot_start(layout: Layout, tmp_
     env = chain_environments(free_ports(1), layout.out, names=["service-a"])[0]
     env["MESH_ALLOW_LIST"] = str(tmp_path / "missing.txt")
     process = ServiceProcess(env, tmp_path / "a.log")
-    with pytest.raises(RuntimeError, match="missing.txt: allow-list not found"), running([process]):
+    with pytest.raises(RuntimeError, match=r"missing\.txt: allow-list not found"), running([process]):
         pass
