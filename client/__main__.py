@@ -47,8 +47,9 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float =
         body = response.json()
     except ValueError:
         body = response.text
-    if response.status_code == 200 and isinstance(body, dict) and "hops" in body:
-        return Outcome(True, hop_table(body["hops"]), 200, body)
+    if response.status_code == 200:
+        text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
+        return Outcome(True, text, 200, body)
     return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
 
 

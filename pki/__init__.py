@@ -41,7 +41,8 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 ORGANIZATION = "mtls-mesh"
 POLICY_FILE = Path(__file__).with_name("policy.toml")
-DEFAULT_OUT = Path(__file__).with_name("out")
+# MESH_PKI_DIR is the one setting every part of the project reads to find the PKI (services, client, CLI).
+DEFAULT_OUT = Path(os.environ.get("MESH_PKI_DIR") or Path(__file__).with_name("out"))
 # These file names belong to the CA itself; an identity may not take them.
 RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow"})
 
@@ -92,18 +93,37 @@ def new_key(key_type: KeyType = "ecdsa") -> PrivateKey:
     raise PKIError(f"unknown key type {key_type!r}: use 'ecdsa' or 'rsa'")
 
 
-def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically (a reader never sees half a file); private files are created 0600 from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_file(path: Path, data: bytes, *, private: bool = False, owner: tuple[int, int] | None = None) -> None:
+    """Write atomically (a reader never sees half a file); private files are created 0600 from the start.
+
+    The file belongs to `owner` (uid, gid) if given; otherwise, when we run as root (the compose pki job),
+    to whoever owns the directory: root writing into your checkout must not leave you files you cannot read.
+    """
+    _make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600 if private else 0o644)
+        if owner is None and os.geteuid() == 0:
+            parent = path.parent.stat()
+            owner = (parent.st_uid, parent.st_gid)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_dir(path: Path) -> None:
+    if path.is_dir():
+        return
+    _make_dir(path.parent)
+    path.mkdir()
+    if os.geteuid() == 0:
+        parent = path.parent.stat()
+        os.chown(path, parent.st_uid, parent.st_gid)
 
 
 def load_certificates(path: Path) -> list[x509.Certificate]:
@@ -481,6 +501,25 @@ def issue_identity(
     )
     identity.write(layout.out, name)
     return identity
+
+
+def deploy(layout: Layout, dest: Path, owner: tuple[int, int]) -> list[str]:
+    """Copy what the services need into `dest` (the containers' volume), owned by the services' user.
+
+    Everything but the CA keys: they sign, and no service ever needs to sign. Private keys stay 0600, which
+    is why they must belong to the user the services run as. Returns the files copied.
+    """
+    ca_keys = {layout.ca_key, layout.intermediate_key}
+    copied = []
+    for source in [layout.out, *sorted(layout.out.rglob("*"))]:  # sorted: a directory before its files
+        target = dest / source.relative_to(layout.out)
+        if source.is_dir():
+            target.mkdir(exist_ok=True)
+            os.chown(target, *owner)
+        elif source not in ca_keys and not source.name.startswith("."):
+            write_file(target, source.read_bytes(), private=source.suffix == ".key", owner=owner)
+            copied.append(str(source.relative_to(layout.out)))
+    return copied
 
 
 def parse_san(text: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from pki import (
     Layout,
     PKIError,
     Policy,
+    deploy,
     init,
     issue_identity,
     load_certificates,
@@ -70,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("render", help="re-render the allow-lists from the policy (after editing it)")
 
+    p = commands.add_parser(
+        "deploy",
+        help="copy the services' material (not the CA keys) into DEST, owned by UID:GID (the compose pki job)",
+        description="Copy certificates, service keys and allow-lists from --out into DEST, owned by the user the "
+        "services run as, keys 0600. The CA keys are never copied: services verify, they do not sign.",
+    )
+    p.add_argument("dest", type=Path)
+    p.add_argument("--owner", default="10001:10001", help="UID:GID of the services' user (default 10001:10001)")
+
     args = parser.parse_args(argv)
     layout = Layout(args.out)
     try:
@@ -95,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(describe(path))
             case "fingerprint":
                 print(thumbprint(load_certificates(args.file)[0]))
+            case "deploy":
+                uid, _, gid = args.owner.partition(":")
+                copied = deploy(layout, args.dest, (int(uid), int(gid or uid)))
+                print(f"deployed {len(copied)} files to {args.dest} for uid {args.owner}")
             case "render":
                 render_allow_lists(layout, Policy.load(args.policy))
                 print(f"allow-lists rendered from {args.policy} into {layout.out / 'allow'}/")

@@ -100,7 +100,7 @@ def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout
         # of a refusal at the TLS layer.
         return (
             f"{name} closed the connection without answering: it refused our client certificate at the TLS layer "
-            "(none presented, not signed by a CA it trusts, expired or not yet valid, or not for client use)"
+            "(none presented, not signed by a CA it trusts, expired or not yet valid, revoked, or not for client use)"
         )
     return f"{type(error).__name__}: {text or 'no detail'}"
 
