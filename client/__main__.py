@@ -109,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path, help="our certificate (default: <pki-dir>/client.crt)")
     parser.add_argument("--key", type=Path, help="our private key (default: <pki-dir>/client.key)")
     parser.add_argument("--ca", type=Path, help="the CA we trust (default: <pki-dir>/ca.crt)")
+    parser.add_argument("--crl", type=Path, help="revocation list to check the server against (<pki-dir>/crl.pem)")
     parser.add_argument("--no-cert", action="store_true", help="present no certificate at all")
     parser.add_argument("--json", action="store_true", help="print the response body as JSON")
     args = parser.parse_args(argv)
 
     cert = None if args.no_cert else (args.cert or args.pki_dir / "client.crt")
     key = None if args.no_cert else (args.key or args.pki_dir / "client.key")
-    material = tls.TLSMaterial(ca=args.ca or args.pki_dir / "ca.crt", cert=cert, key=key)
+    material = tls.TLSMaterial(
+        ca=args.ca or args.pki_dir / "ca.crt", cert=cert, key=key, crl=args.crl or args.pki_dir / "crl.pem"
+    )
     try:
         outcome = call(args.url, args.server_name or default_server_name(args.url), material)
     except tls.TLSMaterialError as e:

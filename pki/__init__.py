@@ -44,7 +44,7 @@ POLICY_FILE = Path(__file__).with_name("policy.toml")
 # MESH_PKI_DIR is the one setting every part of the project reads to find the PKI (services, client, CLI).
 DEFAULT_OUT = Path(os.environ.get("MESH_PKI_DIR") or Path(__file__).with_name("out"))
 # These file names belong to the CA itself; an identity may not take them.
-RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow"})
+RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous"})
 
 ROOT_VALIDITY = dt.timedelta(days=3650)
 INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
@@ -52,6 +52,20 @@ INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
 # `init` re-issues a leaf that is this close to expiry.
 LEAF_VALIDITY = dt.timedelta(days=90)
 RENEW_BEFORE = dt.timedelta(days=7)
+# Peers refuse a CRL past its next-update time, and with CRL checking on, that means refusing everyone.
+# `init` (make pki) re-signs the CRL when it is this close; run it from cron in anything long-lived.
+CRL_VALIDITY = dt.timedelta(days=30)
+# How long `rotate` waits between listing the new thumbprint and presenting the new certificate, so every
+# callee has re-read its allow-list first (services poll every second by default).
+ROTATION_GRACE = dt.timedelta(seconds=3)
+
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+}
 # Certificates are back-dated a little so that a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -428,8 +442,23 @@ class Layout:
     def key(self, name: str) -> Path:
         return self.out / f"{name}.key"
 
+    @property
+    def crl(self) -> Path:
+        return self.out / "crl.pem"
+
     def allow_list(self, service: str) -> Path:
         return self.out / "allow" / f"{service}.txt"
+
+    def next_cert(self, name: str) -> Path:
+        """During a rotation: the new certificate, listed on allow-lists but not yet presented."""
+        return self.out / "next" / f"{name}.crt"
+
+    def next_key(self, name: str) -> Path:
+        return self.out / "next" / f"{name}.key"
+
+    def previous_cert(self, name: str) -> Path:
+        """After a rotation: the old certificate, still listed until `retire`."""
+        return self.out / "previous" / f"{name}.crt"
 
     def load_issuer(self) -> CertificateAuthority:
         """The intermediate, which signs every identity."""
@@ -470,8 +499,140 @@ def init(
         if force or _needs_renewal(layout.cert(name)):
             issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type)
             created.append(name)
+    if force or not layout.crl.exists() or _crl_needs_renewal(layout.crl):
+        write_crl(layout, [] if force else revoked_entries(layout))
+        created.append("crl")
     render_allow_lists(layout, policy)
     return created
+
+
+# ── revocation ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+def load_crl(path: Path) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError:
+        raise PKIError(f"{path}: no such CRL — run `make pki` to create it") from None
+    except ValueError as e:
+        raise PKIError(f"{path}: not a PEM CRL ({e})") from None
+
+
+def _crl_needs_renewal(path: Path) -> bool:
+    next_update = load_crl(path).next_update_utc
+    return next_update is None or next_update - RENEW_BEFORE < _now()
+
+
+def revoked_entries(layout: Layout) -> list[x509.RevokedCertificate]:
+    return list(load_crl(layout.crl)) if layout.crl.exists() else []
+
+
+def write_crl(layout: Layout, entries: Sequence[x509.RevokedCertificate]) -> x509.CertificateRevocationList:
+    """Sign a new CRL with the intermediate: the given entries, the next CRL number, valid for CRL_VALIDITY.
+
+    The CRL lists serial numbers, not names: it revokes one certificate, and a re-issued certificate for
+    the same name (a new serial) is unaffected.
+    """
+    issuing = layout.load_issuer()
+    number = 1
+    if layout.crl.exists():
+        number += load_crl(layout.crl).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuing.cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing.key.public_key()), critical=False)
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(issuing.key, hashes.SHA256())
+    write_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    return crl
+
+
+def revoke(layout: Layout, name: str, reason: str = "unspecified", cert_path: Path | None = None) -> int:
+    """Put `name`'s current certificate on the CRL; return its serial. Revoking twice changes nothing."""
+    if reason not in REVOCATION_REASONS:
+        raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
+    leaf = load_certificates(cert_path or layout.cert(name))[0]
+    entries = revoked_entries(layout)
+    if any(e.serial_number == leaf.serial_number for e in entries):
+        return leaf.serial_number
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(leaf.serial_number)
+        .revocation_date(_now())
+        .add_extension(x509.CRLReason(REVOCATION_REASONS[reason]), critical=False)
+        .build()
+    )
+    write_crl(layout, [*entries, entry])
+    return leaf.serial_number
+
+
+# ── rotation ───────────────────────────────────────────────────────────────────────────────────────────
+#
+# A rotation must not fail a single request. The callees of the rotated identity must accept the new
+# certificate *before* it is presented, and keep accepting the old one while connections that use it
+# drain. So it has three steps:
+#   1. begin:  issue the new certificate into next/, and list both thumbprints on the allow-lists;
+#   2. finish: (once every callee has re-read its allow-list) put the new key and certificate in place,
+#              keeping the old certificate in previous/ — still listed;
+#   3. retire: (later, at leisure) drop the old thumbprint and revoke the old certificate as superseded.
+
+
+def rotate_begin(layout: Layout, policy: Policy, name: str) -> Identity:
+    """Issue a successor with the same SANs and usages as the current certificate; list it alongside."""
+    current = load_certificates(layout.cert(name))[0]
+    sans = {"dns": [], "ips": [], "uris": []}
+    kinds = {x509.DNSName: "dns", x509.IPAddress: "ips", x509.UniformResourceIdentifier: "uris"}
+    try:
+        for general_name in current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value:
+            sans[kinds[type(general_name)]].append(str(general_name.value))
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ekus = current.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages: list[Usage] = [u for u, oid in _EKU.items() if oid in ekus]
+    except x509.ExtensionNotFound:
+        usages = []
+    successor = layout.load_issuer().issue(name, **sans, usages=usages, key_type=_key_type_of(current))
+    successor.write(layout.out / "next", name)
+    render_allow_lists(layout, policy)
+    return successor
+
+
+def rotate_finish(layout: Layout, policy: Policy, name: str) -> Identity:
+    """Present the successor: old certificate to previous/ (still listed), new key and certificate in place."""
+    if not layout.next_cert(name).exists():
+        raise PKIError(f"no rotation of {name} is under way: run `python -m pki rotate {name}`")
+    successor = Identity.load(layout.next_cert(name), layout.next_key(name))
+    write_file(layout.previous_cert(name), layout.cert(name).read_bytes())
+    # Key first, then certificate: a service reloading in between sees a mismatch, refuses it, and
+    # simply picks up the complete pair on its next look.
+    write_file(layout.key(name), successor.key_pem(), private=True)
+    write_file(layout.cert(name), successor.cert_pem())
+    layout.next_cert(name).unlink()
+    layout.next_key(name).unlink()
+    render_allow_lists(layout, policy)
+    return successor
+
+
+def retire(layout: Layout, policy: Policy, name: str) -> int | None:
+    """End the overlap: drop the old thumbprint from the allow-lists and revoke the old certificate."""
+    previous = layout.previous_cert(name)
+    if not previous.exists():
+        return None
+    serial = revoke(layout, name, "superseded", cert_path=previous)
+    previous.unlink()
+    render_allow_lists(layout, policy)
+    return serial
+
+
+def _key_type_of(cert: x509.Certificate) -> KeyType:
+    return "rsa" if isinstance(cert.public_key(), rsa.RSAPublicKey) else "ecdsa"
 
 
 def issue_identity(
@@ -550,6 +711,12 @@ def render_allow_lists(layout: Layout, policy: Policy) -> None:
             "# '#' starts a comment. An empty list admits nobody.",
         ]
         for caller in policy.allow.get(callee, ()):
-            leaf = load_certificates(layout.cert(caller))[0]
-            lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}")
+            for path, note in [
+                (layout.cert(caller), ""),
+                (layout.next_cert(caller), " (next: rotation under way)"),
+                (layout.previous_cert(caller), " (previous: until `pki retire`)"),
+            ]:
+                if path.exists():
+                    leaf = load_certificates(path)[0]
+                    lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}{note}")
         write_file(layout.allow_list(callee), ("\n".join(lines) + "\n").encode())

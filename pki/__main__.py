@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 from cryptography import x509
@@ -13,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pki import (
     DEFAULT_OUT,
     POLICY_FILE,
+    REVOCATION_REASONS,
+    ROTATION_GRACE,
     Layout,
     PKIError,
     Policy,
@@ -21,6 +24,10 @@ from pki import (
     issue_identity,
     load_certificates,
     render_allow_lists,
+    retire,
+    revoke,
+    rotate_begin,
+    rotate_finish,
     thumbprint,
 )
 from shared.identity import extended_key_usages, is_ca, subject_alt_names
@@ -72,6 +79,35 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("render", help="re-render the allow-lists from the policy (after editing it)")
 
     p = commands.add_parser(
+        "revoke",
+        help="put an identity's current certificate on the CRL (pki/out/crl.pem)",
+        description="Add NAME's current certificate to the intermediate's CRL (CRL number incremented, signed "
+        "by the intermediate). Running services re-read the CRL within a second: new handshakes with the "
+        "certificate fail, and open connections that used it are closed.",
+    )
+    p.add_argument("name")
+    p.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified")
+
+    p = commands.add_parser(
+        "rotate",
+        help="give an identity a new key and certificate without failing a request",
+        description="1. issue the successor into next/ and list it on the allow-lists next to the current one; "
+        "2. wait until every service has re-read its allow-list; 3. put the new key and certificate in place, "
+        "keeping the old one listed (previous/) until `retire`. --begin and --finish run one step each, for "
+        "when something must happen in between (the compose stack deploys to its volume).",
+    )
+    p.add_argument("name")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--begin", action="store_true", help="step 1 only")
+    step.add_argument("--finish", action="store_true", help="step 3 only")
+
+    p = commands.add_parser(
+        "retire",
+        help="after a rotation: unlist the old certificate and revoke it as superseded",
+    )
+    p.add_argument("name")
+
+    p = commands.add_parser(
         "deploy",
         help="copy the services' material (not the CA keys) into DEST, owned by UID:GID (the compose pki job)",
         description="Copy certificates, service keys and allow-lists from --out into DEST, owned by the user the "
@@ -105,6 +141,24 @@ def main(argv: list[str] | None = None) -> int:
                     print(describe(path))
             case "fingerprint":
                 print(thumbprint(load_certificates(args.file)[0]))
+            case "revoke":
+                serial = revoke(layout, args.name, args.reason)
+                print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {layout.crl}")
+            case "rotate":
+                policy = Policy.load(args.policy)
+                if not args.finish:
+                    successor = rotate_begin(layout, policy, args.name)
+                    print(f"{args.name}: successor sha256 {successor.sha256} listed next to the current one")
+                if not (args.begin or args.finish):
+                    time.sleep(ROTATION_GRACE.total_seconds())
+                if not args.begin:
+                    rotate_finish(layout, policy, args.name)
+                    print(f"{args.name}: new key and certificate in place; old one listed until `pki retire`")
+            case "retire":
+                serial = retire(layout, Policy.load(args.policy), args.name)
+                print(
+                    f"{args.name}: old certificate {serial:x} unlisted and revoked" if serial else "nothing to retire"
+                )
             case "deploy":
                 uid, _, gid = args.owner.partition(":")
                 copied = deploy(layout, args.dest, (int(uid), int(gid or uid)))

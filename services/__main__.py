@@ -32,8 +32,10 @@ def main() -> int:
         return 2
     log.configure(config.name, config.log_level)
     try:
-        app = create_app(config)
-        server_context = tls.server_context(config.tls, require_client_cert=config.client_cert == "required")
+        live = tls.LiveTLS(
+            config.tls, require_client_cert=config.client_cert == "required", outgoing=bool(config.downstream_url)
+        )
+        app = create_app(config, live)
     except (tls.TLSMaterialError, AllowListError, PKIError) as e:
         print(f"{config.name}: cannot start: {e}", file=sys.stderr)
         return 2
@@ -46,7 +48,7 @@ def main() -> int:
         host=config.host,
         port=config.port,
         http=tls_protocol(),
-        ssl_context_factory=lambda _config, _default: server_context,
+        ssl_context_factory=lambda _config, _default: live.server,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,

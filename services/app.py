@@ -1,43 +1,94 @@
 """The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`."""
 
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from services.config import ServiceConfig
 from shared import tls
-from shared.asgi_tls import CIPHER_NAMES, TLS_VERSION_NAMES
-from shared.authz import AllowList, Guard, authorize_all, authorize_client_leaf, authorize_listed
+from shared.asgi_tls import CIPHER_NAMES, TLS_VERSION_NAMES, close_where
+from shared.authz import (
+    AllowList,
+    AllowListError,
+    Authorizer,
+    Guard,
+    authorize_all,
+    authorize_client_leaf,
+    authorize_listed,
+)
 from shared.downstream import Downstream
 from shared.identity import CallerIdentity
 from shared.problem import Problem, problem_response
+from shared.reload import Watcher
+
+log = logging.getLogger("mesh.reload")
 
 
-def create_app(config: ServiceConfig) -> FastAPI:
-    """Build the app, failing fast (before anything listens) if the allow-list or TLS material is bad."""
-    allow_list = AllowList.load(config.allow_list)  # type: ignore[arg-type]
-    guard = Guard(config.name, authorize_all(authorize_client_leaf(), authorize_listed(allow_list)))
+def service_policy(allow_list: AllowList) -> Authorizer:
+    """Who may call a service: a leaf certificate for client use whose thumbprint is on its allow-list."""
+    return authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
+
+
+def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
+    """Build the app, failing fast (before anything listens) if the allow-list is bad.
+
+    `live` holds the TLS contexts, already checked: the server's (given to uvicorn) and the outgoing one.
+    """
+    allow_list_path: Path = config.allow_list  # type: ignore[assignment]
+    guard = Guard(config.name, service_policy(AllowList.load(allow_list_path)))
     Caller = Annotated[CallerIdentity, Depends(guard)]
-    outgoing = tls.client_context(config.tls) if config.downstream_url else None
+
+    def reload(changed: set[Path], downstream: Downstream | None) -> None:
+        """New files were seen: check them in isolation, then swap them in; on any doubt keep the old."""
+        if allow_list_path in changed:
+            try:
+                guard.authorizer = service_policy(AllowList.load(allow_list_path))
+                log.info("reloaded", extra={"files": [str(allow_list_path)]})
+            except AllowListError as e:
+                log.error("reload_refused", extra={"file": str(allow_list_path), "reason": str(e)})
+        tls_files = changed & set(config.tls.files())
+        if not tls_files:
+            return
+        try:
+            live.reload()
+        except tls.TLSMaterialError as e:
+            log.error("reload_refused", extra={"files": sorted(map(str, tls_files)), "reason": str(e)})
+            return
+        # Certificates are checked once per connection. A revoked caller's open connections are closed
+        # here, and our own pooled connections are replaced, so a revoked callee is re-checked too.
+        revoked = tls.revoked_serials(config.crl) if config.crl else set()  # type: ignore[arg-type]
+        closed = close_where(lambda caller: (caller.issuer, caller.serial) in revoked)
+        if downstream is not None:
+            downstream.renew()
+        log.info("reloaded", extra={"files": sorted(map(str, tls_files)), "revoked_connections_closed": closed})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if outgoing is None:
-            app.state.downstream = None
-            yield
-            return
-        downstream = Downstream(
-            config.name,
-            config.downstream_name,
-            config.downstream_url,
-            outgoing,
-            config.downstream_timeout,  # type: ignore[arg-type]
-        )
+        downstream = None
+        if config.downstream_url and config.downstream_name and live.client is not None:
+            downstream = Downstream(
+                config.name, config.downstream_name, config.downstream_url, live.client, config.downstream_timeout
+            )
         app.state.downstream = downstream
+        watcher = Watcher(
+            [*config.tls.files(), allow_list_path],
+            lambda changed: reload(changed, downstream),
+            config.reload_interval,
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
+        watching = asyncio.create_task(watcher.run())
         yield
-        await downstream.aclose()
+        watching.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
+        if downstream is not None:
+            await downstream.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
     app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

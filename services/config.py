@@ -28,6 +28,10 @@ class ServiceConfig(BaseSettings):
     cert: Path | None = None  # default: <pki_dir>/<name>.crt
     key: Path | None = None  # default: <pki_dir>/<name>.key
     allow_list: Path | None = None  # default: <pki_dir>/allow/<name>.txt
+    crl: Path | None = None  # default: <pki_dir>/crl.pem; checked for callers and callees alike
+    # How often the service looks for changed certificates, keys, CRL and allow-list (SIGHUP: at once).
+    # This is also the bound on how long a revoked peer keeps an already-open connection.
+    reload_interval: float = 1.0
     # `required` refuses callers without a certificate during the handshake (ssl.CERT_REQUIRED);
     # `optional` lets them in and answers 401 (ssl.CERT_OPTIONAL) — for the walkthrough's comparison.
     client_cert: Literal["required", "optional"] = "required"
@@ -44,6 +48,7 @@ class ServiceConfig(BaseSettings):
             "cert": layout.cert(self.name),
             "key": layout.key(self.name),
             "allow_list": layout.allow_list(self.name),
+            "crl": layout.crl,
         }
         for field, default in defaults.items():
             if getattr(self, field) is None:
@@ -56,4 +61,4 @@ class ServiceConfig(BaseSettings):
 
     @property
     def tls(self) -> TLSMaterial:
-        return TLSMaterial(ca=self.ca, cert=self.cert, key=self.key)  # type: ignore[arg-type]
+        return TLSMaterial(ca=self.ca, cert=self.cert, key=self.key, crl=self.crl)  # type: ignore[arg-type]

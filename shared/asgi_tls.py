@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from shared.identity import CallerIdentity
@@ -54,10 +56,24 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     }
 
 
+# Open connections and who is on the other end: the certificate is checked once, at the handshake, so when a
+# certificate is revoked later, its open keep-alive connections must be found and closed (see close_where).
+_open_connections: weakref.WeakKeyDictionary[TLSExtensionMixin, CallerIdentity] = weakref.WeakKeyDictionary()
+
+
+def close_where(should_close: Callable[[CallerIdentity], bool]) -> int:
+    """Close every open connection whose caller matches; return how many were closed."""
+    doomed = [connection for connection, caller in list(_open_connections.items()) if should_close(caller)]
+    for connection in doomed:
+        connection.transport.close()
+    return len(doomed)
+
+
 class TLSExtensionMixin:
     """Mixed into a uvicorn HTTP protocol class; see the module docstring."""
 
     app: Any
+    transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -65,6 +81,8 @@ class TLSExtensionMixin:
         if ssl_object is None:  # plain HTTP: nothing to add
             return
         extension = tls_extension(ssl_object)
+        if extension[IDENTITY_KEY] is not None:
+            _open_connections[self] = extension[IDENTITY_KEY]
         app = self.app
 
         async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -6,6 +6,7 @@ mutual handshake happens once per connection and keep-alive requests skip it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -26,11 +27,30 @@ class Downstream:
 
     def __init__(self, caller: str, name: str, url: str, context: ssl.SSLContext, timeout: float) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
-        self.client = httpx.AsyncClient(
-            verify=context,
-            timeout=timeout,
-            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY),
+        self.context = context
+        self.client = self._new_client()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            verify=self.context, timeout=self.timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
         )
+
+    def renew(self) -> None:
+        """New connections from now on (the TLS material changed); the old pool closes once in-flight calls end.
+
+        The context itself was updated in place; what must go are pooled connections whose handshake
+        happened under the old material — for instance with a callee whose certificate is now revoked.
+        """
+        old, self.client = self.client, self._new_client()
+
+        async def retire() -> None:
+            await asyncio.sleep(self.timeout + 1)  # no in-flight request outlives its timeout
+            await old.aclose()
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def get_json(self, path: str, headers: dict[str, str] | None = None) -> Any:
         """GET `path` on the callee and return its JSON; any failure becomes a 502 naming this hop."""
@@ -81,6 +101,8 @@ class Downstream:
         )
 
     async def aclose(self) -> None:
+        for task in self._retiring:
+            task.cancel()
         await self.client.aclose()
 
 

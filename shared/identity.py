@@ -23,6 +23,8 @@ class CallerIdentity:
     dns_names: tuple[str, ...]
     is_leaf: bool  # False for a CA certificate (BasicConstraints CA:TRUE) presented as a client certificate
     client_auth: bool  # the certificate was issued for TLS client authentication (EKU clientAuth)
+    issuer: str = ""  # RFC 4514; with the serial, what a CRL names
+    serial: int = 0
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
@@ -35,6 +37,8 @@ class CallerIdentity:
             is_leaf=not is_ca(cert),
             # No EKU extension at all means "any use" to OpenSSL; we still insist on an explicit clientAuth.
             client_auth="clientAuth" in extended_key_usages(cert),
+            issuer=cert.issuer.rfc4514_string(),
+            serial=cert.serial_number,
         )
 
     @classmethod

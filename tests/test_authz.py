@@ -21,7 +21,14 @@ A, B = "a" * 64, "b" * 64
 
 
 def identity(sha256: str = A, *, is_leaf: bool = True, client_auth: bool = True) -> CallerIdentity:
-    return CallerIdentity(sha256, "CN=x,O=mtls-mesh", None, (), is_leaf, client_auth)
+    return CallerIdentity(
+        sha256=sha256,
+        subject="CN=x,O=mtls-mesh",
+        spiffe_id=None,
+        dns_names=(),
+        is_leaf=is_leaf,
+        client_auth=client_auth,
+    )
 
 
 def allow_list(tmp_path: Path, text: str) -> AllowList:

@@ -1,0 +1,48 @@
+"""Notice when files change — by polling their content, and at once on SIGHUP — and say which changed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+class Watcher:
+    """Calls `on_change(changed_paths)` from the event loop whenever any watched file's content changes.
+
+    Polling content rather than waiting for inotify events works the same on a laptop, in a container on a
+    read-only volume, and with files replaced by rename (which is how `pki` writes them).
+    """
+
+    def __init__(self, files: Iterable[Path], on_change: Callable[[set[Path]], None], interval: float) -> None:
+        self.files = list(files)
+        self.on_change = on_change
+        self.interval = interval
+        self._seen = {path: _digest(path) for path in self.files}
+        self._wake = asyncio.Event()
+
+    def trigger(self) -> None:
+        """Look now (SIGHUP) instead of at the next tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            now = {path: _digest(path) for path in self.files}
+            changed = {path for path in self.files if now[path] != self._seen[path]}
+            # Remember what we saw even if it turns out to be unusable: broken material is reported once,
+            # and tried again as soon as it changes (for instance when the matching certificate arrives).
+            self._seen = now
+            if changed:
+                self.on_change(changed)
+
+
+def _digest(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
