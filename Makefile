@@ -1,6 +1,7 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo test lint fmt base-image image up down logs ps clean
+.PHONY: help venv pki pki-force run call demo revoke rotate retire test lint fmt base-image image up down logs ps \
+        clean deploy-if-up
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,6 +14,8 @@ COMPOSE ?= docker compose
 # builds behind a TLS-inspecting proxy. Both are read from the command line or the environment.
 export PYTHON_IMAGE
 EXTRA_CA_CERTS ?=
+NAME   ?=
+REASON ?= unspecified
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +43,32 @@ call: $(VENV)/.installed ## call service-a as the client (while `make run` is go
 
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
 	$(PY) -m client.demo
+
+revoke: $(VENV)/.installed ## revoke NAME's certificate (REASON=key-compromise…); services react within a second
+	@test -n "$(NAME)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" >&2; exit 2; }
+	$(PY) -m pki revoke $(NAME) --reason $(REASON)
+	@$(MAKE) --no-print-directory deploy-if-up
+
+rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing a single request
+	@test -n "$(NAME)" || { echo "usage: make rotate NAME=service-a" >&2; exit 2; }
+	$(PY) -m pki rotate $(NAME) --begin
+	@$(MAKE) --no-print-directory deploy-if-up
+	@sleep 3  # every callee re-reads its allow-list (now listing both certificates) before the new one is used
+	$(PY) -m pki rotate $(NAME) --finish
+	@$(MAKE) --no-print-directory deploy-if-up
+
+retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old certificate and revoke it
+	@test -n "$(NAME)" || { echo "usage: make retire NAME=service-a" >&2; exit 2; }
+	$(PY) -m pki retire $(NAME)
+	@$(MAKE) --no-print-directory deploy-if-up
+
+# If the Docker mesh is up, copy the changed PKI into its volume (the pki job); `make run` needs nothing:
+# the local services read pki/out/ directly.
+deploy-if-up:
+	@if command -v docker >/dev/null 2>&1 && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
+		echo "copying pki/out/ into the Docker mesh's volume"; \
+		$(COMPOSE) run --rm --no-deps -T pki >/dev/null; \
+	fi
 
 test: lint ## lint, then every test (unit and end-to-end with real uvicorn processes)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pki import Layout, load_certificates, thumbprint
+from pki import Layout, load_certificates, revoke, thumbprint
 from tests.conftest import Credentials, attacker_context, free_ports, get
 
 pytestmark = pytest.mark.compose
@@ -186,3 +187,19 @@ def test_a_container_on_edge_can_neither_resolve_nor_reach_service_c(stack: Stac
         "service-a reachable": True,
         "service-c address reachable": False,
     }
+
+
+# Last: it revokes the client, which every test above relies on.
+def test_revoking_the_client_reaches_the_containers(stack: Stack) -> None:
+    context = attacker_context(stack.layout.ca_cert, stack.credentials("client"))
+    assert get(stack.url("service-a"), "service-a", context).status_code == 200
+    revoke(stack.layout, "client", "key-compromise")
+    stack.compose("run", "--rm", "--no-deps", "-T", "pki")  # what `make revoke` does when the stack is up
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            get(stack.url("service-a"), "service-a", context)
+        except TLS_REFUSALS:
+            return
+        time.sleep(0.2)
+    pytest.fail("service-a still admits the revoked client after 10 s")
