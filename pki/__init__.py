@@ -44,7 +44,7 @@ POLICY_FILE = Path(__file__).with_name("policy.toml")
 # MESH_PKI_DIR is the one setting every part of the project reads to find the PKI (services, client, CLI).
 DEFAULT_OUT = Path(os.environ.get("MESH_PKI_DIR") or Path(__file__).with_name("out"))
 # These file names belong to the CA itself; an identity may not take them.
-RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous"})
+RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous", "metrics"})
 
 ROOT_VALIDITY = dt.timedelta(days=3650)
 INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
@@ -381,6 +381,7 @@ class Policy:
     services: tuple[str, ...]
     clients: tuple[str, ...]
     allow: dict[str, tuple[str, ...]]
+    metrics: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
@@ -391,16 +392,17 @@ class Policy:
                 services=tuple(data["services"]),
                 clients=tuple(data.get("clients", ())),
                 allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
+                metrics=tuple(data.get("metrics", ())),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
         except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
         known = set(policy.services) | set(policy.clients)
-        for callee, callers in policy.allow.items():
-            for name in (callee, *callers):
-                if name not in known:
-                    raise PKIError(f"{path}: [allow] names {name!r}, which is neither in services nor in clients")
+        named = [name for callee, callers in policy.allow.items() for name in (callee, *callers)]
+        for name in [*named, *policy.metrics]:
+            if name not in known:
+                raise PKIError(f"{path}: {name!r} is named in the policy but is neither in services nor in clients")
         for name in known & RESERVED_NAMES:
             raise PKIError(f"{path}: {name!r} is reserved for the CA's own files; choose another name")
         return policy
@@ -448,6 +450,11 @@ class Layout:
 
     def allow_list(self, service: str) -> Path:
         return self.out / "allow" / f"{service}.txt"
+
+    @property
+    def metrics_allow_list(self) -> Path:
+        """Who may read /metrics, on every service."""
+        return self.out / "allow" / "metrics.txt"
 
     def next_cert(self, name: str) -> Path:
         """During a rotation: the new certificate, listed on allow-lists but not yet presented."""
@@ -704,19 +711,26 @@ def parse_san(text: str) -> tuple[str, str]:
 def render_allow_lists(layout: Layout, policy: Policy) -> None:
     """Turn the policy's names into thumbprints: one file per service, one caller per line."""
     for callee in policy.services:
-        lines = [
-            f"# Allow-list of {callee}: the callers whose certificate may call it.",
-            "# Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
-            "# Format: one SHA-256 certificate thumbprint per line (64 hex digits, colons allowed);",
-            "# '#' starts a comment. An empty list admits nobody.",
-        ]
-        for caller in policy.allow.get(callee, ()):
-            for path, note in [
-                (layout.cert(caller), ""),
-                (layout.next_cert(caller), " (next: rotation under way)"),
-                (layout.previous_cert(caller), " (previous: until `pki retire`)"),
-            ]:
-                if path.exists():
-                    leaf = load_certificates(path)[0]
-                    lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}{note}")
-        write_file(layout.allow_list(callee), ("\n".join(lines) + "\n").encode())
+        header = f"Allow-list of {callee}: the callers whose certificate may call it."
+        _render(layout, policy, layout.allow_list(callee), header, policy.allow.get(callee, ()))
+    header = "Who may read GET /metrics on every service."
+    _render(layout, policy, layout.metrics_allow_list, header, policy.metrics)
+
+
+def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: Iterable[str]) -> None:
+    lines = [
+        f"# {header}",
+        "# Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
+        "# Format: one SHA-256 certificate thumbprint per line (64 hex digits, colons allowed);",
+        "# '#' starts a comment. An empty list admits nobody.",
+    ]
+    for caller in callers:
+        for cert, note in [
+            (layout.cert(caller), ""),
+            (layout.next_cert(caller), " (next: rotation under way)"),
+            (layout.previous_cert(caller), " (previous: until `pki retire`)"),
+        ]:
+            if cert.exists():
+                leaf = load_certificates(cert)[0]
+                lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}{note}")
+    write_file(path, ("\n".join(lines) + "\n").encode())

@@ -33,7 +33,10 @@ def main() -> int:
     log.configure(config.name, config.log_level)
     try:
         live = tls.LiveTLS(
-            config.tls, require_client_cert=config.client_cert == "required", outgoing=bool(config.downstream_url)
+            config.tls,
+            require_client_cert=config.client_cert == "required",
+            outgoing=bool(config.downstream_url),
+            profile=config.tls_profile,
         )
         app = create_app(config, live)
     except (tls.TLSMaterialError, AllowListError, PKIError) as e:
@@ -41,15 +44,23 @@ def main() -> int:
         return 2
     logging.getLogger("mesh").info(
         "starting",
-        extra={"port": config.port, "downstream": config.downstream_name, "client_cert": config.client_cert},
+        extra={
+            "listen": f"https://{config.host}:{config.port}",
+            "downstream": config.downstream_name,
+            "client_cert": config.client_cert,
+            "tls_profile": config.tls_profile,
+        },
     )
+    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.asgi_tls), so
+    # uvicorn would announce "http://"; our "starting" line above says what really listens.
+    logging.getLogger("uvicorn.error").addFilter(lambda record: "Uvicorn running on" not in record.getMessage())
     uvicorn.run(
         app,
         host=config.host,
         port=config.port,
-        http=tls_protocol(),
-        ssl_context_factory=lambda _config, _default: live.server,
+        http=tls_protocol(live.server, config.max_header_bytes),
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        h11_max_incomplete_event_size=config.max_header_bytes,
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,
     )

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import ServiceConfig
-from shared import tls
+from shared import tls, trace
 from shared.asgi_tls import CIPHER_NAMES, TLS_VERSION_NAMES, close_where
 from shared.authz import (
     AllowList,
@@ -24,8 +26,16 @@ from shared.authz import (
 )
 from shared.downstream import Downstream
 from shared.identity import CallerIdentity
-from shared.problem import Problem, problem_response
+from shared.metrics import exposition
+from shared.problem import (
+    BodyLimitMiddleware,
+    Problem,
+    http_error_response,
+    problem_response,
+    unexpected_error_response,
+)
 from shared.reload import Watcher
+from shared.trace import TraceMiddleware
 
 log = logging.getLogger("mesh.reload")
 
@@ -40,18 +50,27 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
 
     `live` holds the TLS contexts, already checked: the server's (given to uvicorn) and the outgoing one.
     """
-    allow_list_path: Path = config.allow_list  # type: ignore[assignment]
-    guard = Guard(config.name, service_policy(AllowList.load(allow_list_path)))
+    guards = {
+        config.allow_list: Guard(config.name, service_policy(AllowList.load(config.allow_list))),  # type: ignore[arg-type]
+        config.metrics_allow_list: Guard(
+            config.name,
+            service_policy(AllowList.load(config.metrics_allow_list)),
+            "metrics",  # type: ignore[arg-type]
+        ),
+    }
+    guard, metrics_guard = guards.values()
     Caller = Annotated[CallerIdentity, Depends(guard)]
 
     def reload(changed: set[Path], downstream: Downstream | None) -> None:
         """New files were seen: check them in isolation, then swap them in; on any doubt keep the old."""
-        if allow_list_path in changed:
+        for path, changed_guard in guards.items():
+            if path not in changed:
+                continue
             try:
-                guard.authorizer = service_policy(AllowList.load(allow_list_path))
-                log.info("reloaded", extra={"files": [str(allow_list_path)]})
+                changed_guard.authorizer = service_policy(AllowList.load(path))  # type: ignore[arg-type]
+                log.info("reloaded", extra={"files": [str(path)]})
             except AllowListError as e:
-                log.error("reload_refused", extra={"file": str(allow_list_path), "reason": str(e)})
+                log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
         tls_files = changed & set(config.tls.files())
         if not tls_files:
             return
@@ -77,7 +96,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             )
         app.state.downstream = downstream
         watcher = Watcher(
-            [*config.tls.files(), allow_list_path],
+            [*config.tls.files(), *guards],  # type: ignore[list-item]
             lambda changed: reload(changed, downstream),
             config.reload_interval,
         )
@@ -93,6 +112,10 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
     app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(Problem, problem_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(Exception, unexpected_error_response)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -104,10 +127,21 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     @mesh.get("/chain")
     async def chain(request: Request, caller: Caller) -> dict[str, Any]:
         """This hop — who called us, over what — followed by the hops of everyone downstream."""
-        hop = {"service": config.name, "caller": caller.summary(), "tls": tls_summary(request)}
+        span = trace.current.get()
+        hop = {
+            "service": config.name,
+            "caller": caller.summary(),
+            "tls": tls_summary(request),
+            "trace_id": span.trace_id if span else None,
+        }
         downstream: Downstream | None = request.app.state.downstream
         rest = (await downstream.get_json("/chain"))["hops"] if downstream else []
         return {"hops": [hop, *rest]}
+
+    @app.get("/metrics", dependencies=[Depends(metrics_guard)])
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text: decisions and TLS refusals. Only for the identities in allow/metrics.txt."""
+        return PlainTextResponse(exposition(service=config.name), media_type="text/plain; version=0.0.4")
 
     app.include_router(mesh)
     return app

@@ -29,16 +29,23 @@ class ServiceConfig(BaseSettings):
     key: Path | None = None  # default: <pki_dir>/<name>.key
     allow_list: Path | None = None  # default: <pki_dir>/allow/<name>.txt
     crl: Path | None = None  # default: <pki_dir>/crl.pem; checked for callers and callees alike
+    metrics_allow_list: Path | None = None  # default: <pki_dir>/allow/metrics.txt: who may read /metrics
     # How often the service looks for changed certificates, keys, CRL and allow-list (SIGHUP: at once).
     # This is also the bound on how long a revoked peer keeps an already-open connection.
     reload_interval: float = 1.0
     # `required` refuses callers without a certificate during the handshake (ssl.CERT_REQUIRED);
     # `optional` lets them in and answers 401 (ssl.CERT_OPTIONAL) — for the walkthrough's comparison.
     client_cert: Literal["required", "optional"] = "required"
+    # Mozilla's `intermediate` (TLS 1.2 + 1.3, AEAD suites only) or `modern` (TLS 1.3 only); for the
+    # server side and for calls to the next hop alike.
+    tls_profile: Literal["intermediate", "modern"] = "intermediate"
     downstream_url: str | None = None  # e.g. https://127.0.0.1:8444; none for the last service
     downstream_name: str | None = None  # the identity the callee must prove, e.g. service-b
     downstream_timeout: float = 5.0  # seconds, for connect, read and write alike
     log_level: str = "info"
+    # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
+    max_body_bytes: int = 64 * 1024
+    max_header_bytes: int = 16 * 1024
 
     @model_validator(mode="after")
     def _complete(self) -> ServiceConfig:
@@ -49,6 +56,7 @@ class ServiceConfig(BaseSettings):
             "key": layout.key(self.name),
             "allow_list": layout.allow_list(self.name),
             "crl": layout.crl,
+            "metrics_allow_list": layout.metrics_allow_list,
         }
         for field, default in defaults.items():
             if getattr(self, field) is None:

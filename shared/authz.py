@@ -22,15 +22,22 @@ from fastapi import Request
 from pki import normalise_thumbprint
 from shared.asgi_tls import IDENTITY_KEY
 from shared.identity import CallerIdentity
+from shared.metrics import Counter
 from shared.problem import Problem
 
 log = logging.getLogger("mesh.authz")
+authz_decisions = Counter(
+    "mesh_authz_decisions_total",
+    "Authorization decisions, by protected resource, verdict, reason and caller",
+    ["resource", "decision", "reason", "caller", "caller_sha256"],
+)
 
 
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    reason: str
+    reason: str  # a sentence, for the log and the 403 body
+    code: str  # a stable short name, for metrics labels and alerting
 
 
 Authorizer = Callable[[CallerIdentity], Decision]
@@ -38,7 +45,7 @@ Authorizer = Callable[[CallerIdentity], Decision]
 
 def authorize_any() -> Authorizer:
     """Admit every caller whose certificate passed TLS verification."""
-    return lambda caller: Decision(True, "any verified certificate is admitted")
+    return lambda caller: Decision(True, "any verified certificate is admitted", "any")
 
 
 def authorize_client_leaf() -> Authorizer:
@@ -46,10 +53,14 @@ def authorize_client_leaf() -> Authorizer:
 
     def authorize(caller: CallerIdentity) -> Decision:
         if not caller.is_leaf:
-            return Decision(False, "the certificate is a CA certificate, not a leaf; a CA cannot be a caller")
+            return Decision(
+                False, "the certificate is a CA certificate, not a leaf; a CA cannot be a caller", "ca_certificate"
+            )
         if not caller.client_auth:
-            return Decision(False, "the certificate was not issued for client authentication (no clientAuth EKU)")
-        return Decision(True, "a leaf certificate issued for client authentication")
+            return Decision(
+                False, "the certificate was not issued for client authentication (no clientAuth EKU)", "no_client_auth"
+            )
+        return Decision(True, "a leaf certificate issued for client authentication", "client_leaf")
 
     return authorize
 
@@ -59,8 +70,9 @@ def authorize_listed(allow_list: AllowList) -> Authorizer:
 
     def authorize(caller: CallerIdentity) -> Decision:
         if caller.sha256 in allow_list:
-            return Decision(True, f"thumbprint is on {allow_list.source.name} as {allow_list.label(caller.sha256)!r}")
-        return Decision(False, f"thumbprint is not on the allow-list {allow_list.source.name}")
+            label = allow_list.label(caller.sha256)
+            return Decision(True, f"thumbprint is on {allow_list.source.name} as {label!r}", "listed")
+        return Decision(False, f"thumbprint is not on the allow-list {allow_list.source.name}", "not_listed")
 
     return authorize
 
@@ -69,7 +81,7 @@ def authorize_all(*authorizers: Authorizer) -> Authorizer:
     """Admit only callers that every authorizer admits; the first denial gives the reason."""
 
     def authorize(caller: CallerIdentity) -> Decision:
-        decision = Decision(False, "no authorizer was given: deny by default")
+        decision = Decision(False, "no authorizer was given: deny by default", "no_authorizer")
         for authorizer in authorizers:
             decision = authorizer(caller)
             if not decision.allowed:
@@ -154,9 +166,10 @@ class Guard:
     `caller: Annotated[CallerIdentity, Depends(guard)]` where the handler needs to know who called.
     """
 
-    def __init__(self, service: str, authorizer: Authorizer) -> None:
+    def __init__(self, service: str, authorizer: Authorizer, resource: str = "api") -> None:
         self.service = service
         self.authorizer = authorizer
+        self.resource = resource  # what this guard protects, in logs and metrics: "api", "metrics"
 
     async def __call__(self, request: Request) -> CallerIdentity:
         # async on purpose: a plain `def` dependency would be sent to a thread pool on every request.
@@ -164,7 +177,7 @@ class Guard:
         if caller is None:
             # Only reachable when the server runs with an optional client certificate (CERT_OPTIONAL):
             # under CERT_REQUIRED the handshake already failed and no request exists.
-            self._log(None, Decision(False, "no client certificate was presented"))
+            self._log(None, Decision(False, "no client certificate was presented", "no_certificate"))
             raise Problem(
                 401,
                 "certificate-required",
@@ -187,12 +200,21 @@ class Guard:
         return caller
 
     def _log(self, caller: CallerIdentity | None, decision: Decision) -> None:
+        verdict = "allow" if decision.allowed else "deny"
         log.info(
             "authz",
             extra={
-                "decision": "allow" if decision.allowed else "deny",
+                "resource": self.resource,
+                "decision": verdict,
                 "caller_sha256": caller.sha256 if caller else None,
                 "caller_subject": caller.subject if caller else None,
                 "reason": decision.reason,
             },
+        )
+        authz_decisions.inc(
+            resource=self.resource,
+            decision=verdict,
+            reason=decision.code,
+            caller=(caller.spiffe_id or caller.subject) if caller else "none",
+            caller_sha256=caller.sha256 if caller else "none",
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from shared import trace
 from shared.problem import Problem
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
@@ -20,6 +21,10 @@ from shared.problem import Problem
 KEEPALIVE_EXPIRY = 4.0
 
 log = logging.getLogger("mesh.downstream")
+_KINDS = {
+    502: ("downstream-failed", "Downstream call failed"),
+    504: ("downstream-timeout", "Downstream call timed out"),
+}
 
 
 class Downstream:
@@ -52,9 +57,11 @@ class Downstream:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def get_json(self, path: str, headers: dict[str, str] | None = None) -> Any:
-        """GET `path` on the callee and return its JSON; any failure becomes a 502 naming this hop."""
+    async def get_json(self, path: str) -> Any:
+        """GET `path` on the callee and return its JSON; any failure becomes a 502 (504 on timeout) naming this hop."""
         hop = f"{self.caller} → {self.name}"
+        span = trace.current.get()
+        headers = {"traceparent": span.child().traceparent()} if span else {}
         try:
             response = await self.client.get(
                 self.url + path,
@@ -65,16 +72,16 @@ class Downstream:
                 extensions={"sni_hostname": self.name},
             )
         except httpx.HTTPError as e:
-            raise self._failed(hop, explain_transport_error(e, self.name, self.url, self.timeout)) from None
+            reason = explain_transport_error(e, self.name, self.url, self.timeout)
+            raise self._failed(hop, reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
         if response.status_code == 200:
             return response.json()
         problem = _problem_body(response)
-        if response.status_code == 502 and "hop" in problem:
+        if response.status_code in (502, 504) and "hop" in problem:
             # A hop further down failed: pass its account up unchanged, so the client learns where.
             raise Problem(
-                502,
-                "downstream-failed",
-                "Downstream call failed",
+                response.status_code,
+                *_KINDS[response.status_code],
                 problem.get("detail", ""),
                 service=self.caller,
                 hop=problem["hop"],
@@ -88,12 +95,11 @@ class Downstream:
             reason = f"{self.name} answered HTTP {response.status_code}"
         raise self._failed(hop, reason)
 
-    def _failed(self, hop: str, reason: str) -> Problem:
+    def _failed(self, hop: str, reason: str, status: int = 502) -> Problem:
         log.warning("downstream_failed", extra={"hop": hop, "reason": reason})
         return Problem(
-            502,
-            "downstream-failed",
-            "Downstream call failed",
+            status,
+            *_KINDS[status],
             f"{self.caller} could not call {self.name} ({hop}): {reason}",
             service=self.caller,
             hop=hop,

@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from shared import trace
+
 # uvicorn adds color_message (the same text with ANSI colours) to its records; a log file wants neither.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
@@ -24,6 +26,9 @@ class JSONFormatter(logging.Formatter):
             "service": self.service,
             "event": record.getMessage(),
         }
+        span = trace.current.get()
+        if span is not None:
+            event["trace_id"] = span.trace_id
         event.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info and record.levelno >= logging.ERROR:
             # Stack traces go to the operator's log, never into a response.

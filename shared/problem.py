@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("mesh.error")
 
 # Problem types are names, not pages: RFC 9457 allows any URI, and a URN promises no web page.
 PROBLEM_TYPES = "urn:mtls-mesh:problem:"
@@ -31,3 +36,51 @@ class Problem(Exception):
 async def problem_response(request: Request, problem: Exception) -> JSONResponse:
     assert isinstance(problem, Problem)
     return JSONResponse(problem.body(), status_code=problem.status, media_type="application/problem+json")
+
+
+async def http_error_response(request: Request, error: Exception) -> JSONResponse:
+    """404, 405 and friends: the status and its name, nothing about what does exist."""
+    assert isinstance(error, StarletteHTTPException)
+    title = HTTPStatus(error.status_code).phrase
+    problem = Problem(error.status_code, title.lower().replace(" ", "-"), title, title)
+    return await problem_response(request, problem)
+
+
+async def unexpected_error_response(request: Request, error: Exception) -> JSONResponse:
+    """A bug: the stack trace goes to the log (with the trace id), never to the caller."""
+    log.error("unexpected_error", exc_info=error)
+    problem = Problem(500, "internal-error", "Internal error", "The service failed; its log says why.")
+    return await problem_response(request, problem)
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body larger than `max_bytes` before reading it (declared length) or while reading."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            detail = f"request bodies are limited to {self.max_bytes} bytes"
+            response = JSONResponse(
+                Problem(413, "content-too-large", "Content too large", detail).body(),
+                status_code=413,
+                media_type="application/problem+json",
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise Problem(413, "content-too-large", "Content too large", "request body too large")
+            return message
+
+        await self.app(scope, limited_receive, send)

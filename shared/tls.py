@@ -16,14 +16,33 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-# TLS 1.0 and 1.1 are broken (RFC 8996). Python ≥ 3.10 already defaults to 1.2, but a security default
-# that lives in someone else's code can change under us; this one is ours.
-MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+TLSProfile = Literal["intermediate", "modern"]
+
+# Mozilla's server-side TLS guidelines, for servers and our outgoing clients alike:
+# - intermediate: TLS 1.2 and 1.3; for TLS 1.2 only forward-secret AEAD suites (ECDHE with AES-GCM or
+#   ChaCha20-Poly1305). Python's defaults would also offer CBC and DHE suites, which scanners flag.
+# - modern: TLS 1.3 only (all its suites are AEAD and forward-secret).
+# TLS 1.0 and 1.1 are broken (RFC 8996) and never allowed.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+MINIMUM_VERSION: dict[str, ssl.TLSVersion] = {
+    "intermediate": ssl.TLSVersion.TLSv1_2,
+    "modern": ssl.TLSVersion.TLSv1_3,
+}
 
 
 class TLSMaterialError(Exception):
@@ -86,7 +105,9 @@ class TLSMaterial:
         return TLSMaterial(**copies)  # type: ignore[arg-type]
 
 
-def server_context(material: TLSMaterial, *, require_client_cert: bool = True) -> ssl.SSLContext:
+def server_context(
+    material: TLSMaterial, *, require_client_cert: bool = True, profile: TLSProfile = "intermediate"
+) -> ssl.SSLContext:
     """For uvicorn: present our certificate, and demand one from every client, signed by our CA.
 
     `require_client_cert=False` gives CERT_OPTIONAL (Kestrel's AllowCertificate): the handshake succeeds
@@ -95,13 +116,13 @@ def server_context(material: TLSMaterial, *, require_client_cert: bool = True) -
     """
     material.check()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = MINIMUM_VERSION
+    _apply_profile(context, profile)
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     _load(context, material)
     return context
 
 
-def client_context(material: TLSMaterial) -> ssl.SSLContext:
+def client_context(material: TLSMaterial, *, profile: TLSProfile = "intermediate") -> ssl.SSLContext:
     """For httpx: trust only our CA, check the callee's name and revocation, present our own certificate.
 
     Hostname checking is what makes "the callee is service-b" true rather than "the callee has some
@@ -111,9 +132,19 @@ def client_context(material: TLSMaterial) -> ssl.SSLContext:
     """
     material.check()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
-    context.minimum_version = MINIMUM_VERSION
+    _apply_profile(context, profile)
     _load(context, material)
     return context
+
+
+def _apply_profile(context: ssl.SSLContext, profile: TLSProfile) -> None:
+    if profile not in MINIMUM_VERSION:
+        raise TLSMaterialError(f"unknown TLS profile {profile!r}: use 'intermediate' or 'modern'")
+    context.minimum_version = MINIMUM_VERSION[profile]
+    context.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 only; TLS 1.3 suites are configured apart, all fine
+    # Compression leaks secrets (CRIME); renegotiation lets a peer restart the handshake mid-connection:
+    # a CPU sink and, historically, an injection vector. TLS 1.3 has neither.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 
 def _load(context: ssl.SSLContext, material: TLSMaterial) -> None:
@@ -139,21 +170,29 @@ class LiveTLS:
     The trust anchor can be extended this way but not shrunk: removing a CA from ca.crt needs a restart.
     """
 
-    def __init__(self, material: TLSMaterial, *, require_client_cert: bool = True, outgoing: bool = True) -> None:
+    def __init__(
+        self,
+        material: TLSMaterial,
+        *,
+        require_client_cert: bool = True,
+        outgoing: bool = True,
+        profile: TLSProfile = "intermediate",
+    ) -> None:
         self.material = material
         self.require_client_cert = require_client_cert
+        self.profile = profile
         self._scratch = Path(tempfile.mkdtemp(prefix="mesh-tls-"))
         self._generation = 0
         snapshot = self._snapshot()
-        self.server = server_context(snapshot, require_client_cert=require_client_cert)
-        self.client = client_context(snapshot) if outgoing else None
+        self.server = server_context(snapshot, require_client_cert=require_client_cert, profile=profile)
+        self.client = client_context(snapshot, profile=profile) if outgoing else None
 
     def reload(self) -> None:
         """Check the files as they are now and load them into the live contexts, or raise and change nothing."""
         snapshot = self._snapshot()
-        server_context(snapshot, require_client_cert=self.require_client_cert)
+        server_context(snapshot, require_client_cert=self.require_client_cert, profile=self.profile)
         if self.client is not None:
-            client_context(snapshot)
+            client_context(snapshot, profile=self.profile)
         for context in (self.server, self.client):
             if context is not None:
                 _load(context, snapshot)

@@ -1,0 +1,39 @@
+"""Counters in the Prometheus text format: what was allowed, what was refused and why, by whom.
+
+Twenty lines instead of a dependency: a process serves one service, counters only go up, and the text
+format is simple (https://prometheus.io/docs/instrumenting/exposition_formats/).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+_registry: list[Counter] = []
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labels: Sequence[str]) -> None:
+        self.name, self.help_text, self.labels = name, help_text, tuple(labels)
+        self.values: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        _registry.append(self)
+
+    def inc(self, **labels: str) -> None:
+        self.values[tuple(labels[label] for label in self.labels)] += 1
+
+    def render(self, constant: dict[str, str]) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} counter"]
+        for key, value in sorted(self.values.items()):
+            pairs = {**constant, **dict(zip(self.labels, key, strict=True))}
+            rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items())
+            lines.append(f"{self.name}{{{rendered}}} {value}")
+        return lines
+
+
+def exposition(**constant: str) -> str:
+    """Every counter of this process, with `constant` labels (the service's name) on every sample."""
+    return "\n".join(line for counter in _registry for line in counter.render(constant)) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
