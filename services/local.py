@@ -25,6 +25,17 @@ CHAIN = ("service-a", "service-b", "service-c")
 DEFAULT_PORTS = (8443, 8444, 8445)
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now, on 127.0.0.1 (for tests and benchmarks)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def chain_environments(
     ports: Sequence[int], pki_dir: Path = DEFAULT_OUT, names: Sequence[str] = CHAIN, **extra: str
 ) -> list[dict[str, str]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,19 +18,9 @@ import httpx
 import pytest
 
 from pki import CertificateAuthority, Identity, Layout, Policy, init, self_signed
-from services.local import CHAIN, ServiceProcess, chain_environments, running
+from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
 
 POLICY = Policy.load()
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")
