@@ -1,15 +1,17 @@
 """`python -m services`: run one service, configured by `MESH_*` environment variables (see services/config.py).
 
 It refuses to start — exit status 2 and one line naming the file and the fix — when its certificate, key,
-CA or allow-list is missing or malformed: a service that cannot check its callers must not listen.
+CA, CRL or allow-list is missing or malformed: a service that cannot check its callers must not listen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from pki import PKIError
@@ -23,13 +25,12 @@ from shared.authz import AllowListError
 KEEP_ALIVE_SECONDS = 5
 
 
-def main() -> int:
-    try:
-        config = ServiceConfig()  # type: ignore[call-arg]
-    except ValidationError as e:
-        problems = "; ".join(f"MESH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
-        print(f"service: cannot start: {problems}", file=sys.stderr)
-        return 2
+class CannotStart(Exception):
+    """One line for stderr: what is wrong and what to do."""
+
+
+def build(config: ServiceConfig) -> tuple[tls.LiveTLS, FastAPI]:
+    """The service's TLS contexts and app, or CannotStart."""
     log.configure(config.name, config.log_level)
     try:
         live = tls.LiveTLS(
@@ -38,14 +39,24 @@ def main() -> int:
             outgoing=bool(config.downstream_url),
             profile=config.tls_profile,
         )
-        app = create_app(config, live)
+        return live, create_app(config, live)
     except (tls.TLSMaterialError, AllowListError, PKIError) as e:
-        print(f"{config.name}: cannot start: {e}", file=sys.stderr)
-        return 2
+        raise CannotStart(f"{config.name}: cannot start: {e}") from None
+
+
+def load_config() -> ServiceConfig:
+    try:
+        return ServiceConfig()  # type: ignore[call-arg]
+    except ValidationError as e:
+        problems = "; ".join(f"MESH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        raise CannotStart(f"service: cannot start: {problems}") from None
+
+
+def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol], scheme: str = "https") -> None:
     logging.getLogger("mesh").info(
         "starting",
         extra={
-            "listen": f"https://{config.host}:{config.port}",
+            "listen": f"{scheme}://{config.host}:{config.port}",
             "downstream": config.downstream_name,
             "client_cert": config.client_cert,
             "tls_profile": config.tls_profile,
@@ -58,12 +69,22 @@ def main() -> int:
         app,
         host=config.host,
         port=config.port,
-        http=tls_protocol(live.server, config.max_header_bytes),
+        http=protocol,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         h11_max_incomplete_event_size=config.max_header_bytes,
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,
     )
+
+
+def main() -> int:
+    try:
+        config = load_config()
+        live, app = build(config)
+    except CannotStart as e:
+        print(e, file=sys.stderr)
+        return 2
+    serve(config, app, tls_protocol(live.server, config.max_header_bytes))
     return 0
 
 

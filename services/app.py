@@ -92,7 +92,12 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         downstream = None
         if config.downstream_url and config.downstream_name and live.client is not None:
             downstream = Downstream(
-                config.name, config.downstream_name, config.downstream_url, live.client, config.downstream_timeout
+                config.name,
+                config.downstream_name,
+                config.downstream_url,
+                live.client,
+                config.downstream_timeout,
+                config.downstream_keepalive,
             )
         app.state.downstream = downstream
         watcher = Watcher(

@@ -42,6 +42,9 @@ class ServiceConfig(BaseSettings):
     downstream_url: str | None = None  # e.g. https://127.0.0.1:8444; none for the last service
     downstream_name: str | None = None  # the identity the callee must prove, e.g. service-b
     downstream_timeout: float = 5.0  # seconds, for connect, read and write alike
+    # Reuse connections to the next hop (one handshake, many requests). `false` makes every call a new
+    # connection and a full mutual handshake: only useful to measure what keep-alive saves (make bench).
+    downstream_keepalive: bool = True
     log_level: str = "info"
     # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
     max_body_bytes: int = 64 * 1024

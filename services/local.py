@@ -55,8 +55,9 @@ def chain_environments(
 class ServiceProcess:
     """One service as a real process. Its output goes to `log_path`, or is printed with a name prefix."""
 
-    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path | None = None, module: str = "services") -> None:
         self.env = env
+        self.module = module
         self.name, self.port = env["MESH_NAME"], int(env["MESH_PORT"])
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -66,7 +67,7 @@ class ServiceProcess:
         if self.log_path is not None:
             self._log_file = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services"],
+            [sys.executable, "-m", self.module],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             stdout=self._log_file or subprocess.PIPE,
             stderr=subprocess.STDOUT,

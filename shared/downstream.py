@@ -30,16 +30,19 @@ _KINDS = {
 class Downstream:
     """The service we call next, reached at `url` and required to prove it is `name`."""
 
-    def __init__(self, caller: str, name: str, url: str, context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(
+        self, caller: str, name: str, url: str, context: ssl.SSLContext, timeout: float, keepalive: bool = True
+    ) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
+        self.keepalive = keepalive
         self.context = context
         self.client = self._new_client()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            verify=self.context, timeout=self.timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
-        )
+        keepalive = 20 if self.keepalive else 0  # 20: httpx's default
+        limits = httpx.Limits(max_keepalive_connections=keepalive, keepalive_expiry=KEEPALIVE_EXPIRY)
+        return httpx.AsyncClient(verify=self.context, timeout=self.timeout, limits=limits)
 
     def renew(self) -> None:
         """New connections from now on (the TLS material changed); the old pool closes once in-flight calls end.

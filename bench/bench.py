@@ -1,0 +1,318 @@
+"""`make bench`: what mTLS costs on this chain, measured against the same chain in plaintext, in one run.
+
+Six chains A → B → C run side by side on loopback, all from the same code (`bench/serve.py`):
+
+    mtls            as shipped: ECDSA P-256, TLS 1.3, keep-alive on every hop
+    plaintext       the same, TLS off (benchmark-only mode)
+    mtls-rsa        RSA-2048 certificates
+    mtls-tls12      TLS 1.2 on every hop
+    mtls-cold       a new connection, so a full mutual handshake, at every hop of every request
+    plaintext-cold  a new TCP connection at every hop of every request
+
+Phases are interleaved — round after round, each chain in a shuffled order — so that machine drift
+(CPU frequency, other load) falls on all of them alike; ratios are computed from these same runs.
+Results: bench/results.json, bench/results.md, bench/latency.png; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from pki import Layout, init, load_certificates
+from services.app import service_policy
+from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
+from shared import tls
+from shared.authz import AllowList
+from shared.identity import CallerIdentity
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Variant:
+    name: str
+    layout: Layout
+    plaintext: bool = False
+    tls12: bool = False
+    cold: bool = False
+    processes: list[ServiceProcess] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    throughput: list[float] = field(default_factory=list)  # requests per second, one value per slice
+    errors: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"{'http' if self.plaintext else 'https'}://127.0.0.1:{self.processes[0].port}/chain"
+
+    def start(self, logs: Path) -> list[ServiceProcess]:
+        scheme = "http" if self.plaintext else "https"
+        ports = free_ports(len(CHAIN))
+        envs = chain_environments(ports, self.layout.out, MESH_LOG_LEVEL="warning")
+        callers = ["client", *CHAIN[:-1]]
+        for env, caller in zip(envs, callers, strict=True):
+            if "MESH_DOWNSTREAM_URL" in env:
+                env["MESH_DOWNSTREAM_URL"] = env["MESH_DOWNSTREAM_URL"].replace("https", scheme)
+            if self.plaintext:
+                env["BENCH_PLAINTEXT_CALLER"] = str(self.layout.cert(caller))
+            if self.tls12:
+                env["BENCH_TLS_MAX"] = "1.2"
+            if self.cold:
+                env["MESH_DOWNSTREAM_KEEPALIVE"] = "false"
+        self.processes = [
+            ServiceProcess(env, logs / f"{self.name}-{env['MESH_NAME']}.log", module="bench.serve") for env in envs
+        ]
+        return self.processes
+
+    def client(self) -> httpx.AsyncClient:
+        context = tls.client_context(
+            tls.TLSMaterial(self.layout.ca_cert, self.layout.cert("client"), self.layout.key("client"), self.layout.crl)
+        )
+        if self.tls12:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        limits = httpx.Limits(max_keepalive_connections=0 if self.cold else 20, keepalive_expiry=4)
+        return httpx.AsyncClient(verify=context, timeout=10, limits=limits)
+
+
+async def sequential(variant: Variant, count: int) -> None:
+    async with variant.client() as client:
+        for _ in range(count):
+            start = time.perf_counter()
+            response = await client.get(variant.url, extensions={"sni_hostname": "service-a"})
+            elapsed = (time.perf_counter() - start) * 1000
+            if response.status_code == 200:
+                variant.latencies_ms.append(elapsed)
+            else:
+                variant.errors += 1
+
+
+async def concurrent(variant: Variant, seconds: float, concurrency: int) -> None:
+    done = 0
+    async with variant.client() as client:
+        await client.get(variant.url, extensions={"sni_hostname": "service-a"})  # open the pool's first connection
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                response = await client.get(variant.url, extensions={"sni_hostname": "service-a"})
+                if response.status_code == 200:
+                    done += 1
+                else:
+                    variant.errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        variant.throughput.append(done / (time.perf_counter() - start))
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def authz_microseconds(layout: Layout) -> float:
+    """One authorization decision (leaf + clientAuth + allow-list lookup), as each request pays it."""
+    policy = service_policy(AllowList.load(layout.allow_list("service-b")))
+    caller = CallerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    runs = 200_000
+    best = min(timeit.repeat(lambda: policy(caller), number=runs, repeat=5))
+    return best / runs * 1e6
+
+
+def machine() -> dict[str, object]:
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or "unknown",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    import httptools
+    import uvicorn
+    import uvloop
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "platform": platform.platform(),
+        "uvicorn": uvicorn.__version__,
+        "uvloop": uvloop.__version__,
+        "httptools": httptools.__version__,
+        "httpx": httpx.__version__,
+    }
+
+
+def summarise(variant: Variant) -> dict[str, float]:
+    lat = variant.latencies_ms
+    summary = {
+        "requests": len(lat),
+        "errors": variant.errors,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "mean_ms": statistics.fmean(lat),
+    }
+    if variant.throughput:
+        summary["rps"] = statistics.median(variant.throughput)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (default 6)")
+    parser.add_argument("--per-round", type=int, default=200, help="sequential requests per chain per round")
+    parser.add_argument("--throughput-rounds", type=int, default=4)
+    parser.add_argument("--throughput-seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    random.seed(20261126)
+
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as scratch:
+        root = Path(scratch)
+        ecdsa, rsa = Layout(root / "ecdsa"), Layout(root / "rsa")
+        init(ecdsa)
+        init(rsa, key_type="rsa")
+        variants = [
+            Variant("mtls", ecdsa),
+            Variant("plaintext", ecdsa, plaintext=True),
+            Variant("mtls-rsa", rsa),
+            Variant("mtls-tls12", ecdsa, tls12=True),
+            Variant("mtls-cold", ecdsa, cold=True),
+            Variant("plaintext-cold", ecdsa, plaintext=True, cold=True),
+        ]
+        processes = [p for v in variants for p in v.start(root)]
+        with running(processes):
+            for v in variants:  # warm-up: imports, pools, first handshakes
+                asyncio.run(sequential(v, 50))
+                v.latencies_ms.clear()
+            for round_number in range(args.rounds):
+                order = random.sample(variants, len(variants))
+                for v in order:
+                    count = args.per_round // 4 if v.cold else args.per_round
+                    asyncio.run(sequential(v, count))
+                print(f"latency round {round_number + 1}/{args.rounds} done", file=sys.stderr)
+            pair = [v for v in variants if v.name in ("mtls", "plaintext")]
+            for _ in range(args.throughput_rounds):
+                for v in random.sample(pair, 2):
+                    asyncio.run(concurrent(v, args.throughput_seconds, args.concurrency))
+            authz_us = authz_microseconds(ecdsa)
+        results = write_results(variants, authz_us, args)
+    print(results["table"])
+    return 0 if all(v.errors == 0 for v in variants) else 1
+
+
+def write_results(variants: list[Variant], authz_us: float, args: argparse.Namespace) -> dict[str, object]:
+    by_name = {v.name: summarise(v) for v in variants}
+    mtls, plain = by_name["mtls"], by_name["plaintext"]
+    hop_us = mtls["p50_ms"] * 1000 / len(CHAIN)
+    results: dict[str, object] = {
+        "mtls_vs_plaintext": {
+            "p50_ratio": mtls["p50_ms"] / plain["p50_ms"],
+            "p90_ratio": mtls["p90_ms"] / plain["p90_ms"],
+            "p99_ratio": mtls["p99_ms"] / plain["p99_ms"],
+            "throughput_ratio": mtls["rps"] / plain["rps"],
+        },
+        "cold_vs_keepalive_p50_ratio": by_name["mtls-cold"]["p50_ms"] / mtls["p50_ms"],
+        "cold_mtls_vs_cold_plaintext_p50_ratio": by_name["mtls-cold"]["p50_ms"] / by_name["plaintext-cold"]["p50_ms"],
+        "rsa_vs_ecdsa_p50_ratio": by_name["mtls-rsa"]["p50_ms"] / mtls["p50_ms"],
+        "tls12_vs_tls13_p50_ratio": by_name["mtls-tls12"]["p50_ms"] / mtls["p50_ms"],
+        "authz_us_per_request": authz_us,
+        "authz_share_of_one_hop": authz_us / hop_us,
+        "variants": by_name,
+        "method": {
+            "latency": f"{args.rounds} interleaved rounds of {args.per_round} sequential chain requests per chain "
+            f"({args.per_round // 4} for the cold chains), keep-alive unless cold",
+            "throughput": f"{args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
+            f"concurrency {args.concurrency}, mtls and plaintext; median of slices",
+        },
+        "machine": machine(),
+        "raw_latencies_ms": {v.name: [round(x, 3) for x in v.latencies_ms] for v in variants},
+    }
+    table = markdown_table(results)
+    results["table"] = table
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(table + "\n")
+    chart(variants, args.out / "latency.png")
+    return results
+
+
+def markdown_table(results: dict[str, object]) -> str:
+    variants: dict[str, dict[str, float]] = results["variants"]  # type: ignore[assignment]
+    ratios: dict[str, float] = results["mtls_vs_plaintext"]  # type: ignore[assignment]
+    info: dict[str, object] = results["machine"]  # type: ignore[assignment]
+    lines = [
+        "| chain | requests | p50 ms | p90 ms | p99 ms | req/s (c=16) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in variants.items():
+        rps = f"{s['rps']:.0f}" if "rps" in s else "–"
+        lines.append(
+            f"| {name} | {s['requests']} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {rps} |"
+        )
+    lines += [
+        "",
+        f"**mTLS ÷ plaintext** (keep-alive): p50 **{ratios['p50_ratio']:.2f}×**, p90 {ratios['p90_ratio']:.2f}×, "
+        f"p99 **{ratios['p99_ratio']:.2f}×**, throughput **{ratios['throughput_ratio']:.2f}×**",
+        f"cold (handshake at every hop) ÷ keep-alive, p50: {results['cold_vs_keepalive_p50_ratio']:.2f}×; "
+        f"cold mTLS ÷ cold plaintext: {results['cold_mtls_vs_cold_plaintext_p50_ratio']:.2f}×",
+        f"RSA-2048 ÷ ECDSA P-256, p50: {results['rsa_vs_ecdsa_p50_ratio']:.2f}×; "
+        f"TLS 1.2 ÷ TLS 1.3, p50: {results['tls12_vs_tls13_p50_ratio']:.2f}×",
+        f"authorization check: {results['authz_us_per_request']:.2f} µs per request = "
+        f"{100 * results['authz_share_of_one_hop']:.2f} % of one hop's time",  # type: ignore[operator]
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}; {info['openssl']}; "
+        f"uvicorn {info['uvicorn']} (httptools, uvloop {info['uvloop']}); httpx {info['httpx']}.",
+    ]
+    return "\n".join(lines)
+
+
+def chart(variants: list[Variant], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (warm, cold) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v in variants:
+        axis = cold if v.cold else warm
+        ordered = sorted(v.latencies_ms)
+        axis.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=v.name)
+    for axis, title in ((warm, "keep-alive"), (cold, "new connection at every hop")):
+        axis.set_title(f"Chain latency, {title}")
+        axis.set_xlabel("ms (client → A → B → C → back)")
+        axis.set_ylabel("fraction of requests ≤ x")
+        axis.set_xscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

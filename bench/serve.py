@@ -1,0 +1,67 @@
+"""`python -m bench.serve`: one service for the benchmark — the same app and code path, optionally without TLS.
+
+Nothing in `python -m services` or any `MESH_*` setting can reach the plaintext mode: it exists only here,
+so that `make bench` can put a number on what TLS itself costs. Two extra settings, read only here:
+
+- `BENCH_PLAINTEXT_CALLER=<certificate>`: serve plain HTTP. The caller identity the authorization layer
+  sees is that certificate's, exactly as if TLS had verified it, so allow-list checks still run.
+- `BENCH_TLS_MAX=1.2`: cap TLS at 1.2, on the service's listening side and on its calls to the next hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from pki import load_certificates
+from services.__main__ import CannotStart, build, load_config, serve
+from shared.asgi_tls import IDENTITY_KEY, tls_protocol
+from shared.identity import CallerIdentity
+
+
+def plaintext_protocol(caller_cert: Path, max_header_bytes: int) -> type[asyncio.Protocol]:
+    """Plain HTTP, with `caller_cert`'s identity in the TLS extension as if a handshake had verified it."""
+    leaf = load_certificates(caller_cert)[0]
+    pem = caller_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    extension = {"client_cert_chain": [pem], "tls_version": 0, "cipher_suite": 0}
+    extension[IDENTITY_KEY] = CallerIdentity.from_certificate(leaf)
+    base: Any = tls_protocol(None, max_header_bytes)
+
+    class PlaintextProtocol(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            app = self.app
+
+            async def app_with_identity(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                scope["extensions"] = {**(scope.get("extensions") or {}), "tls": extension}
+                await app(scope, receive, send)
+
+            self.app = app_with_identity
+
+    return PlaintextProtocol
+
+
+def main() -> int:
+    try:
+        config = load_config()
+        live, app = build(config)
+    except CannotStart as e:
+        print(e, file=sys.stderr)
+        return 2
+    if os.environ.get("BENCH_TLS_MAX") == "1.2":
+        for context in (live.server, live.client):
+            if context is not None:
+                context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if caller := os.environ.get("BENCH_PLAINTEXT_CALLER"):
+        serve(config, app, plaintext_protocol(Path(caller), config.max_header_bytes), scheme="http")
+    else:
+        serve(config, app, tls_protocol(live.server, config.max_header_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
