@@ -1,0 +1,201 @@
+"""`make walkthrough`: run every command of docs/walkthrough.md, in order, and compare what it prints.
+
+The document is the script. In it:
+
+- a ```console block holds commands (`$ …`), each followed by the output it must print;
+- in expected output, `<sha256>`, `<hex>`, `<n>`, `<date>`, `<port>` and `<any>` stand for values that
+  change from run to run, and a line `...` stands for any number of lines;
+- `[exit N]` as the last expected line says the command must fail with status N (otherwise: status 0);
+- `<!-- walkthrough: ACTION -->` comments, invisible when rendered, do what the reader does by hand in
+  another terminal: `start-mesh`, `stop-mesh`, `background: COMMAND`, `stop-background`.
+
+It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8445, or
+against the Docker stack with WALKTHROUGH_TARGET=compose. A mismatch prints the step, the command, and
+expected against actual, and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "walkthrough.md"
+TOKENS = re.compile(
+    r"^```console\n(?P<block>.*?)^```$|<!-- walkthrough: (?P<action>.*?) -->|^(?P<heading>## .*)$", re.S | re.M
+)
+PLACEHOLDERS = {
+    "<sha256>": r"[0-9a-f]{64}",
+    "<hex>": r"[0-9a-fA-F:]+",
+    "<n>": r"\d+(?:\.\d+)?",
+    "<date>": r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?Z?",
+    "<port>": r"\d{1,5}",
+    "<any>": r".*",
+}
+
+
+@dataclass
+class Command:
+    line: str
+    expected: list[str]
+    exit_code: int = 0
+
+
+def parse_block(block: str) -> list[Command]:
+    commands: list[Command] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            commands.append(Command(line[2:], []))
+        elif commands:
+            exit_marker = re.fullmatch(r"\[exit (\d+)\]", line.strip())
+            if exit_marker:
+                commands[-1].exit_code = int(exit_marker.group(1))
+            else:
+                commands[-1].expected.append(line)
+    return commands
+
+
+def line_pattern(expected: str) -> re.Pattern[str]:
+    parts = re.split("(" + "|".join(map(re.escape, PLACEHOLDERS)) + ")", expected.rstrip())
+    return re.compile("".join(PLACEHOLDERS.get(p, re.escape(p)) for p in parts))
+
+
+def matches(expected: list[str], actual: list[str]) -> bool:
+    """Line by line; `...` matches any run of lines (including none)."""
+    if not expected:
+        return not actual
+    if expected[0].strip() == "...":
+        return any(matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
+    return (
+        bool(actual)
+        and bool(line_pattern(expected[0]).fullmatch(actual[0].rstrip()))
+        and matches(expected[1:], actual[1:])
+    )
+
+
+class Walkthrough:
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.workdir, self.target = workdir, target
+        self.env = {
+            **os.environ,
+            "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ['PATH']}",
+            "VIRTUAL_ENV": str(workdir / ".venv"),
+            "COMPOSE_PROJECT_NAME": "mtls-mesh-walkthrough",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        self.env.pop("MESH_PKI_DIR", None)
+        self.background: list[subprocess.Popen[bytes]] = []
+
+    def run(self, command: Command) -> tuple[int, list[str]]:
+        result = subprocess.run(
+            ["bash", "-c", command.line], cwd=self.workdir, env=self.env, capture_output=True, timeout=300
+        )
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        return result.returncode, [line for line in output.splitlines() if line.strip()]
+
+    def act(self, action: str) -> None:
+        if action == "start-mesh":
+            if self.target == "compose":
+                self.spawn_and_wait("make up", wait=False)
+            else:
+                self.spawn_and_wait("python -m services.local")
+        elif action == "stop-mesh":
+            if self.target == "compose":
+                subprocess.run(["make", "down"], cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
+            self.stop_background()
+        elif action.startswith("background:"):
+            self.spawn_and_wait(action.split(":", 1)[1].strip())
+        elif action == "stop-background":
+            self.stop_background()
+        else:
+            raise SystemExit(f"walkthrough: unknown action {action!r} in {DOC.name}")
+
+    def spawn_and_wait(self, line: str, wait: bool = True) -> None:
+        if not wait:  # a command that returns once the thing it starts is up (make up)
+            subprocess.run(["bash", "-c", line], cwd=self.workdir, env=self.env, capture_output=True, timeout=900)
+            return
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {line}"],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.background.append(process)
+        time.sleep(3)  # long enough to listen; every step that follows would fail loudly otherwise
+        if process.poll() is not None:
+            raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}")
+
+    def stop_background(self) -> None:
+        for process in self.background:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+        self.background.clear()
+
+
+def prepare(workdir: Path) -> None:
+    """A scratch copy of the tracked files (times kept, so make sees an up-to-date .venv), sharing .venv."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        source = ROOT / name
+        if source.is_file():
+            target = workdir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for shared in (".venv", ".venv-tools"):
+        if (ROOT / shared).exists():
+            (workdir / shared).symlink_to(ROOT / shared)
+
+
+def main() -> int:
+    target = os.environ.get("WALKTHROUGH_TARGET", "local")
+    text = DOC.read_text()
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="mesh-walkthrough-") as scratch:
+        workdir = Path(scratch)
+        prepare(workdir)
+        walkthrough = Walkthrough(workdir, target)
+        heading = "(start)"
+        try:
+            for token in TOKENS.finditer(text):
+                if token["heading"]:
+                    heading = token["heading"][3:]
+                    print(f"— {heading}", flush=True)
+                elif token["action"]:
+                    walkthrough.act(token["action"].strip())
+                else:
+                    for command in parse_block(token["block"]):
+                        code, actual = walkthrough.run(command)
+                        expected = [line for line in command.expected if line.strip()]
+                        if code == command.exit_code and matches(expected, actual):
+                            continue
+                        failures += 1
+                        print(f"\nMISMATCH in “{heading}”\n$ {command.line}", file=sys.stderr)
+                        print(f"exit status {code}, expected {command.exit_code}", file=sys.stderr)
+                        print("expected:\n  " + "\n  ".join(expected), file=sys.stderr)
+                        print("actual:\n  " + "\n  ".join(actual), file=sys.stderr)
+                        if os.environ.get("WALKTHROUGH_KEEP_GOING") != "1":
+                            return 1
+        finally:
+            if target == "compose":
+                walkthrough.act("stop-mesh")
+            walkthrough.stop_background()
+    print(f"walkthrough: {'all steps printed what the document says' if not failures else f'{failures} mismatches'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
