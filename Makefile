@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo revoke rotate retire test lint fmt bench soak base-image image up down \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate retire test lint fmt bench soak base-image image up down \
         logs ps clean deploy-if-up
 
 PYTHON ?= python3
@@ -79,6 +79,9 @@ $(SSLYZE):
 
 test: lint $(SSLYZE) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
+
+walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
+	$(PY) docs/walkthrough.py
 
 bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved; writes bench/results.{json,md}, latency.png
 	$(PY) -m bench.bench

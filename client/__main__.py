@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,45 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float =
         text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
         return Outcome(True, text, 200, body)
     return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
+
+
+def load(
+    url: str, server_name: str, material: tls.TLSMaterial, total: int, concurrency: int, during: str | None
+) -> int:
+    """A steady load: `total` requests at least, and for as long as `during` runs; prints how many failed."""
+    context = tls.client_context(material)
+    command = subprocess.Popen(during, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) if during else None
+    sent, failures, lock = 0, [], threading.Lock()
+
+    def busy() -> bool:
+        return sent < total or (command is not None and command.poll() is None)
+
+    def worker() -> None:
+        nonlocal sent
+        with httpx.Client(verify=context, timeout=10) as client:
+            while True:
+                with lock:
+                    if not busy():
+                        return
+                    sent += 1
+                try:
+                    response = client.get(url, extensions={"sni_hostname": server_name})
+                    if response.status_code != 200:
+                        failures.append(explain_problem(response.status_code, response.json()))
+                except httpx.HTTPError as e:
+                    failures.append(explain_transport_error(e, server_name, url, 10))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if command is not None:
+        print(command.communicate()[0].decode(errors="replace").rstrip())
+    print(f"{sent} requests{f' while `{during}` ran' if during else ''}: {len(failures)} failed")
+    for failure in failures[:3]:
+        print(f"  {failure}")
+    return 0 if not failures and (command is None or command.returncode == 0) else 1
 
 
 def explain_problem(status: int, body: Any) -> str:
@@ -112,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crl", type=Path, help="revocation list to check the server against (<pki-dir>/crl.pem)")
     parser.add_argument("--no-cert", action="store_true", help="present no certificate at all")
     parser.add_argument("--json", action="store_true", help="print the response body as JSON")
+    parser.add_argument("--load", type=int, metavar="N", help="send N requests (keep-alive) and count failures")
+    parser.add_argument("--concurrency", type=int, default=8, help="with --load: parallel connections (default 8)")
+    parser.add_argument(
+        "--during", metavar="COMMAND", help="with --load: run COMMAND meanwhile; keep the load on until it ends"
+    )
     args = parser.parse_args(argv)
 
     cert = None if args.no_cert else (args.cert or args.pki_dir / "client.crt")
@@ -119,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     material = tls.TLSMaterial(
         ca=args.ca or args.pki_dir / "ca.crt", cert=cert, key=key, crl=args.crl or args.pki_dir / "crl.pem"
     )
+    server_name = args.server_name or default_server_name(args.url)
     try:
-        outcome = call(args.url, args.server_name or default_server_name(args.url), material)
+        if args.load:
+            return load(args.url, server_name, material, args.load, args.concurrency, args.during)
+        outcome = call(args.url, server_name, material)
     except tls.TLSMaterialError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

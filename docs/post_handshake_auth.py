@@ -28,10 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pki import Layout, init  # noqa: E402
-from shared import tls  # noqa: E402
+from pki import Layout, init
+from shared import tls
 
 
 def peer_certificate(ssl_object: ssl.SSLObject) -> dict | None:

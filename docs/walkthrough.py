@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "walkthrough.md"
 TOKENS = re.compile(
-    r"^```console\n(?P<block>.*?)^```$|<!-- walkthrough: (?P<action>.*?) -->|^(?P<heading>## .*)$", re.S | re.M
+    r"^```console\n(?P<block>.*?)^```$|<!-- walkthrough: (?P<action>.*?) -->|^(?P<heading>## [^\n]*)$", re.S | re.M
 )
 PLACEHOLDERS = {
     "<sha256>": r"[0-9a-f]{64}",
@@ -92,7 +92,8 @@ class Walkthrough:
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         self.env.pop("MESH_PKI_DIR", None)
-        self.background: list[subprocess.Popen[bytes]] = []
+        self.mesh: list[subprocess.Popen[bytes] | None] = []  # the local mesh (start-mesh)
+        self.background: list[subprocess.Popen[bytes] | None] = []  # anything else (background: …)
 
     def run(self, command: Command) -> tuple[int, list[str]]:
         result = subprocess.run(
@@ -106,44 +107,51 @@ class Walkthrough:
             if self.target == "compose":
                 self.spawn_and_wait("make up", wait=False)
             else:
-                self.spawn_and_wait("python -m services.local")
+                self.mesh.append(self.spawn_and_wait("python -m services.local"))
         elif action == "stop-mesh":
             if self.target == "compose":
                 subprocess.run(["make", "down"], cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
-            self.stop_background()
+            stop(self.mesh)
         elif action.startswith("background:"):
-            self.spawn_and_wait(action.split(":", 1)[1].strip())
+            self.background.append(self.spawn_and_wait(action.split(":", 1)[1].strip()))
         elif action == "stop-background":
-            self.stop_background()
+            stop(self.background)
         else:
             raise SystemExit(f"walkthrough: unknown action {action!r} in {DOC.name}")
 
-    def spawn_and_wait(self, line: str, wait: bool = True) -> None:
+    def spawn_and_wait(self, line: str, wait: bool = True) -> subprocess.Popen[bytes] | None:
         if not wait:  # a command that returns once the thing it starts is up (make up)
             subprocess.run(["bash", "-c", line], cwd=self.workdir, env=self.env, capture_output=True, timeout=900)
-            return
+            return None
         process = subprocess.Popen(
-            ["bash", "-c", f"exec {line}"],
+            ["bash", "-c", line],
             cwd=self.workdir,
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.background.append(process)
         time.sleep(3)  # long enough to listen; every step that follows would fail loudly otherwise
         if process.poll() is not None:
             raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}")
+        return process
 
-    def stop_background(self) -> None:
-        for process in self.background:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-        self.background.clear()
+    def stop_all(self) -> None:
+        if self.target == "compose":
+            self.act("stop-mesh")
+        stop(self.mesh)
+        stop(self.background)
+
+
+def stop(processes: list[subprocess.Popen[bytes] | None]) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    processes.clear()
 
 
 def prepare(workdir: Path) -> None:
@@ -160,9 +168,22 @@ def prepare(workdir: Path) -> None:
             (workdir / shared).symlink_to(ROOT / shared)
 
 
+def check_code_links(text: str) -> list[str]:
+    """Links like [`symbol`](../path#L42) must still point at a line containing `symbol`."""
+    problems = []
+    for symbol, path, line in re.findall(r"\[`([^`]+)`\]\(\.\./([^)#]+)#L(\d+)\)", text):
+        lines = (ROOT / path).read_text().splitlines()
+        if int(line) > len(lines) or symbol not in lines[int(line) - 1]:
+            problems.append(f"{DOC.name}: the link to {path}#L{line} should show `{symbol}`, and no longer does")
+    return problems
+
+
 def main() -> int:
     target = os.environ.get("WALKTHROUGH_TARGET", "local")
     text = DOC.read_text()
+    if problems := check_code_links(text):
+        print("\n".join(problems), file=sys.stderr)
+        return 1
     failures = 0
     with tempfile.TemporaryDirectory(prefix="mesh-walkthrough-") as scratch:
         workdir = Path(scratch)
@@ -190,9 +211,7 @@ def main() -> int:
                         if os.environ.get("WALKTHROUGH_KEEP_GOING") != "1":
                             return 1
         finally:
-            if target == "compose":
-                walkthrough.act("stop-mesh")
-            walkthrough.stop_background()
+            walkthrough.stop_all()
     print(f"walkthrough: {'all steps printed what the document says' if not failures else f'{failures} mismatches'}")
     return 1 if failures else 0
 

@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         match args.command:
             case "init":
                 created = init(layout, Policy.load(args.policy), key_type=args.key_type, force=args.force)
-                print(f"created: {', '.join(created)}" if created else f"{args.out}: up to date, nothing created")
-                print(f"allow-lists rendered from {args.policy} into {layout.out / 'allow'}/")
+                print(
+                    f"created: {', '.join(created)}" if created else f"{shown(args.out)}: up to date, nothing created"
+                )
+                print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
             case "issue":
                 policy = Policy.load(args.policy)
                 identity = issue_identity(
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     client_only=args.client_only,
                     key_type=args.key_type,
                 )
-                print(f"issued {layout.cert(args.name)} and {layout.key(args.name)}")
-                print(f"sha256 {identity.sha256}  (on no allow-list: add it to {args.policy}, then `make pki`)")
+                print(f"issued {shown(layout.cert(args.name))} and {shown(layout.key(args.name))}")
+                print(f"sha256 {identity.sha256}  (on no allow-list: add it to {shown(args.policy)}, then `make pki`)")
             case "inspect":
                 for path in args.files:
                     print(describe(path))
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(thumbprint(load_certificates(args.file)[0]))
             case "revoke":
                 serial = revoke(layout, args.name, args.reason)
-                print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {layout.crl}")
+                print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {shown(layout.crl)}")
             case "rotate":
                 policy = Policy.load(args.policy)
                 if not args.finish:
@@ -165,11 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"deployed {len(copied)} files to {args.dest} for uid {args.owner}")
             case "render":
                 render_allow_lists(layout, Policy.load(args.policy))
-                print(f"allow-lists rendered from {args.policy} into {layout.out / 'allow'}/")
+                print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
     except (PKIError, ValueError) as e:
         print(f"pki: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def shown(path: Path) -> Path:
+    """A path as the user would type it: relative to where they are, when it is below it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def describe(path: Path) -> str:

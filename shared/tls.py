@@ -226,8 +226,17 @@ def _check_crl(path: Path, intermediates: list[x509.Certificate]) -> None:
     if next_update is not None and next_update < dt.datetime.now(dt.UTC):
         # OpenSSL would then refuse every peer: better to refuse the file and say so.
         raise TLSMaterialError(f"{path}: CRL expired on {next_update:%Y-%m-%d %H:%M}Z — run `make pki` to re-sign it")
+    try:
+        signer_key_id = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        signer_key_id = None
     for issuer in intermediates:
-        if issuer.subject == crl.issuer and not crl.is_signature_valid(issuer.public_key()):
+        try:
+            key_id = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        except x509.ExtensionNotFound:
+            continue
+        # Only our own intermediate can judge our CRL (a foreign CA may well use the same name).
+        if key_id == signer_key_id and not crl.is_signature_valid(issuer.public_key()):
             raise TLSMaterialError(f"{path}: CRL signature does not verify with {issuer.subject.rfc4514_string()}")
 
 
