@@ -121,7 +121,12 @@ class Walkthrough:
 
     def spawn_and_wait(self, line: str, wait: bool = True) -> subprocess.Popen[bytes] | None:
         if not wait:  # a command that returns once the thing it starts is up (make up)
-            subprocess.run(["bash", "-c", line], cwd=self.workdir, env=self.env, capture_output=True, timeout=900)
+            done = subprocess.run(
+                ["bash", "-c", line], cwd=self.workdir, env=self.env, capture_output=True, timeout=900
+            )
+            if done.returncode != 0:
+                output = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
+                raise SystemExit(f"walkthrough: `{line}` failed with status {done.returncode}:\n{output}")
             return None
         process = subprocess.Popen(
             ["bash", "-c", line],
