@@ -161,6 +161,7 @@ def stop(processes: list[subprocess.Popen[bytes] | None]) -> None:
 
 def prepare(workdir: Path) -> None:
     """A scratch copy of the tracked files (times kept, so make sees an up-to-date .venv), sharing .venv."""
+    subprocess.run(["make", "--no-print-directory", "venv"], cwd=ROOT, check=True, capture_output=True)
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for name in tracked.splitlines():
         source = ROOT / name
