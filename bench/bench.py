@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import uvloop
 
 from pki import Layout, init, load_certificates
 from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
-from shared import tls
+from shared import nativetls, tls
 from shared.authz import AllowList
 from shared.identity import CallerIdentity
 
@@ -86,7 +87,8 @@ class Variant:
         if self.tls12:
             context.maximum_version = ssl.TLSVersion.TLSv1_2
         limits = httpx.Limits(max_keepalive_connections=0 if self.cold else 20, keepalive_expiry=4)
-        return httpx.AsyncClient(verify=context, timeout=10, limits=limits)
+        # The same client stack as the services' own calls to the next hop (shared.downstream).
+        return httpx.AsyncClient(transport=nativetls.transport(context, limits), timeout=10)
 
 
 async def sequential(variant: Variant, count: int) -> None:
@@ -150,7 +152,6 @@ def machine() -> dict[str, object]:
     )
     import httptools
     import uvicorn
-    import uvloop
 
     return {
         "cpu": cpu,
@@ -207,18 +208,18 @@ def main(argv: list[str] | None = None) -> int:
         processes = [p for v in variants for p in v.start(root)]
         with running(processes):
             for v in variants:  # warm-up: imports, pools, first handshakes
-                asyncio.run(sequential(v, 50))
+                uvloop.run(sequential(v, 50))
                 v.latencies_ms.clear()
             for round_number in range(args.rounds):
                 order = random.sample(variants, len(variants))
                 for v in order:
                     count = args.per_round // 4 if v.cold else args.per_round
-                    asyncio.run(sequential(v, count))
+                    uvloop.run(sequential(v, count))
                 print(f"latency round {round_number + 1}/{args.rounds} done", file=sys.stderr)
             pair = [v for v in variants if v.name in ("mtls", "plaintext")]
             for _ in range(args.throughput_rounds):
                 for v in random.sample(pair, 2):
-                    asyncio.run(concurrent(v, args.throughput_seconds, args.concurrency))
+                    uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
             authz_us = authz_microseconds(ecdsa)
         results = write_results(variants, authz_us, args)
     print(results["table"])

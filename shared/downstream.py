@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from shared import trace
+from shared import nativetls, trace
 from shared.problem import Problem
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
@@ -42,7 +42,7 @@ class Downstream:
     def _new_client(self) -> httpx.AsyncClient:
         keepalive = 20 if self.keepalive else 0  # 20: httpx's default
         limits = httpx.Limits(max_keepalive_connections=keepalive, keepalive_expiry=KEEPALIVE_EXPIRY)
-        return httpx.AsyncClient(verify=self.context, timeout=self.timeout, limits=limits)
+        return httpx.AsyncClient(transport=nativetls.transport(self.context, limits), timeout=self.timeout)
 
     def renew(self) -> None:
         """New connections from now on (the TLS material changed); the old pool closes once in-flight calls end.

@@ -1,0 +1,110 @@
+"""Outgoing connections on the event loop's own TLS transport, for httpx.
+
+httpx (through httpcore and anyio) runs TLS on a MemoryBIO in pure Python: every record of every
+request passes through several Python-level copies and calls. The event loop has a TLS transport of its
+own — under uvloop, in compiled code — and asyncio's streams expose it (`open_connection`,
+`StreamWriter.start_tls`). This module is the small httpcore "network backend" that uses it. The SSL
+context, and so every TLS decision, is still the one from shared.tls; only the plumbing changes.
+
+`make bench` measures the difference (see the README's Performance section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+
+@contextlib.contextmanager
+def _mapped(timeout_error: type[Exception], os_error: type[Exception]) -> Iterator[None]:
+    """httpcore's exception types, which httpx turns into its own (ConnectError, ReadTimeout, …)."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise timeout_error(str(e) or "timed out") from e
+    except (OSError, ssl.SSLError, EOFError) as e:
+        raise os_error(str(e) or repr(e)) from e
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
+            return await asyncio.wait_for(self._reader.read(max_bytes), timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        with _mapped(httpcore.WriteTimeout, httpcore.WriteError):
+            self._writer.write(buffer)
+            await asyncio.wait_for(self._writer.drain(), timeout)
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1)
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
+            await asyncio.wait_for(self._writer.start_tls(ssl_context, server_hostname=server_hostname), timeout)
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            # httpcore asks before reusing a pooled connection: has the server closed it meanwhile?
+            # asyncio reads eagerly, so a server's close shows up as end-of-file in the reader.
+            return self._reader.at_eof() or self._writer.transport.is_closing()
+        if info == "client_addr":
+            return self._writer.get_extra_info("sockname")
+        if info == "server_addr":
+            return self._writer.get_extra_info("peername")
+        return self._writer.get_extra_info(info)
+
+
+class NativeTLSBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Stream(reader, writer)
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise NotImplementedError("unix sockets are not used in the mesh")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def transport(context: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """httpx's own transport, with its connection pool on NativeTLSBackend."""
+    http = httpx.AsyncHTTPTransport(verify=context, limits=limits)
+    # httpx has no public way to choose the network backend; its transport keeps the httpcore pool in
+    # `_pool` (stable across httpx 0.2x, which pyproject.toml pins). Rebuild it the way httpx does.
+    http._pool = httpcore.AsyncConnectionPool(
+        ssl_context=context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=NativeTLSBackend(),
+    )
+    return http
