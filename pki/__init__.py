@@ -541,14 +541,19 @@ def write_crl(layout: Layout, entries: Sequence[x509.RevokedCertificate]) -> x50
     the same name (a new serial) is unaffected.
     """
     issuing = layout.load_issuer()
-    number = 1
-    if layout.crl.exists():
-        number += load_crl(layout.crl).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     now = _now()
+    number, last_update = 1, now - CLOCK_SKEW
+    if layout.crl.exists():
+        previous = load_crl(layout.crl)
+        number += previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        # A running service cannot drop a CRL it has loaded; OpenSSL keeps them all and checks against the
+        # one with the latest lastUpdate — keeping the *first* on a tie. So each CRL must be strictly newer
+        # than the one before, even when two revocations come within the same second.
+        last_update = min(max(last_update, previous.last_update_utc + dt.timedelta(seconds=1)), now)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuing.cert.subject)
-        .last_update(now - CLOCK_SKEW)
+        .last_update(last_update)
         .next_update(now + CRL_VALIDITY)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing.key.public_key()), critical=False)

@@ -152,7 +152,8 @@ def _load(context: ssl.SSLContext, material: TLSMaterial) -> None:
     context.load_verify_locations(cafile=material.ca)
     if material.crl is not None:
         # The leaf only: our CRL is the intermediate's, and CHAIN would also demand one from the root.
-        # Loading a newer CRL into a live context takes effect for the next handshake.
+        # Loading a newer CRL into a live context takes effect for the next handshake: OpenSSL keeps every
+        # CRL it was given and uses the one with the latest lastUpdate (pki makes each one strictly later).
         context.load_verify_locations(cafile=material.crl)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if material.cert is not None:

@@ -13,7 +13,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from pki import Layout, PKIError, Policy, init, issue_identity, load_certificates, normalise_thumbprint, thumbprint
+from pki import (
+    Layout,
+    PKIError,
+    Policy,
+    init,
+    issue_identity,
+    load_certificates,
+    load_crl,
+    normalise_thumbprint,
+    revoke,
+    thumbprint,
+)
 from shared.identity import extended_key_usages, subject_alt_names
 
 POLICY = Policy.load()
@@ -160,3 +171,17 @@ def test_cli_inspect_and_fingerprint(layout: Layout) -> None:
     report = cli("inspect", str(layout.cert("service-b")))
     for expected in [f"sha256   {sha}", "EKU      serverAuth, clientAuth", "URI:spiffe://mesh.internal/service-b"]:
         assert expected in report
+
+
+def test_each_crl_is_strictly_newer_than_the_one_before(tmp_path) -> None:
+    """Services keep every CRL they loaded and OpenSSL picks the newest: a tie would keep the old one."""
+    layout = Layout(tmp_path)
+    init(layout)
+    updates = [load_crl(layout.crl).last_update_utc]
+    for name in ("client", "service-a", "service-b"):
+        revoke(layout, name, "key-compromise")
+        updates.append(load_crl(layout.crl).last_update_utc)
+    assert updates == sorted(set(updates)), "lastUpdate must strictly increase"
+    crl = load_crl(layout.crl)
+    assert len(list(crl)) == 3
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 4
