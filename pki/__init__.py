@@ -228,15 +228,8 @@ class CertificateAuthority(Identity):
     def root(cls, common_name: str = "mtls-mesh Root CA", key_type: KeyType = "ecdsa") -> CertificateAuthority:
         """A self-signed root: the one certificate every peer trusts (`ca.crt`)."""
         key = new_key(key_type)
-        now = _now()
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(_name(common_name))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + ROOT_VALIDITY)
+            _self_issued(common_name, key, ROOT_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .add_extension(_ca_key_usage(), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -347,18 +340,25 @@ def _key_type(key: PrivateKey) -> KeyType:
     return "rsa" if isinstance(key, rsa.RSAPrivateKey) else "ecdsa"
 
 
-def self_signed(name: str, *, dns: Sequence[str] = (), key_type: KeyType = "ecdsa") -> Identity:
-    """A leaf that vouches for itself: no CA of ours signed it, so every peer must refuse it."""
-    key = new_key(key_type)
+def _self_issued(common_name: str, key: PrivateKey, validity: dt.timedelta) -> x509.CertificateBuilder:
+    """Subject and issuer the same: a root CA, or a self-signed leaf."""
     now = _now()
-    builder = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + LEAF_VALIDITY)
+        .not_valid_after(now + validity)
+    )
+
+
+def self_signed(name: str, *, dns: Sequence[str] = (), key_type: KeyType = "ecdsa") -> Identity:
+    """A leaf that vouches for itself: no CA of ours signed it, so every peer must refuse it."""
+    key = new_key(key_type)
+    builder = (
+        _self_issued(name, key, LEAF_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -610,7 +610,8 @@ def rotate_begin(layout: Layout, policy: Policy, name: str) -> Identity:
         usages: list[Usage] = [u for u, oid in _EKU.items() if oid in ekus]
     except x509.ExtensionNotFound:
         usages = []
-    successor = layout.load_issuer().issue(name, **sans, usages=usages, key_type=_key_type_of(current))
+    key_type: KeyType = "rsa" if isinstance(current.public_key(), rsa.RSAPublicKey) else "ecdsa"
+    successor = layout.load_issuer().issue(name, **sans, usages=usages, key_type=key_type)
     successor.write(layout.out / "next", name)
     render_allow_lists(layout, policy)
     return successor
@@ -641,10 +642,6 @@ def retire(layout: Layout, policy: Policy, name: str) -> int | None:
     previous.unlink()
     render_allow_lists(layout, policy)
     return serial
-
-
-def _key_type_of(cert: x509.Certificate) -> KeyType:
-    return "rsa" if isinstance(cert.public_key(), rsa.RSAPublicKey) else "ecdsa"
 
 
 def issue_identity(
