@@ -109,8 +109,9 @@ class Walkthrough:
             else:
                 self.mesh.append(self.spawn_and_wait("python -m services.local"))
         elif action == "stop-mesh":
-            if self.target == "compose":
-                subprocess.run(["make", "down"], cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
+            if self.target == "compose":  # our own compose project: containers, networks and its volume
+                down = ["docker", "compose", "--profile", "client", "down", "--volumes", "--remove-orphans"]
+                subprocess.run(down, cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
             stop(self.mesh)
         elif action.startswith("background:"):
             self.background.append(self.spawn_and_wait(action.split(":", 1)[1].strip()))
