@@ -50,13 +50,12 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
 
     `live` holds the TLS contexts, already checked: the server's (given to uvicorn) and the outgoing one.
     """
-    guards = {
-        config.allow_list: Guard(config.name, service_policy(AllowList.load(config.allow_list))),  # type: ignore[arg-type]
-        config.metrics_allow_list: Guard(
-            config.name,
-            service_policy(AllowList.load(config.metrics_allow_list)),
-            "metrics",  # type: ignore[arg-type]
-        ),
+    # Both paths are filled in by ServiceConfig's validator (defaults below MESH_PKI_DIR).
+    allow_list: Path = config.allow_list  # type: ignore[assignment]
+    metrics_allow_list: Path = config.metrics_allow_list  # type: ignore[assignment]
+    guards = {  # file → the guard whose allow-list it is, so that a changed file reloads its guard
+        allow_list: Guard(config.name, service_policy(AllowList.load(allow_list))),
+        metrics_allow_list: Guard(config.name, service_policy(AllowList.load(metrics_allow_list)), "metrics"),
     }
     guard, metrics_guard = guards.values()
     Caller = Annotated[CallerIdentity, Depends(guard)]
@@ -67,7 +66,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             if path not in changed:
                 continue
             try:
-                changed_guard.authorizer = service_policy(AllowList.load(path))  # type: ignore[arg-type]
+                changed_guard.authorizer = service_policy(AllowList.load(path))
                 log.info("reloaded", extra={"files": [str(path)]})
             except AllowListError as e:
                 log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
@@ -101,7 +100,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             )
         app.state.downstream = downstream
         watcher = Watcher(
-            [*config.tls.files(), *guards],  # type: ignore[list-item]
+            [*config.tls.files(), *guards],
             lambda changed: reload(changed, downstream),
             config.reload_interval,
         )
