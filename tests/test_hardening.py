@@ -281,28 +281,53 @@ def own_mesh(tmp_path: Path, layout: Layout) -> Iterator[tuple[Mesh, list]]:
         yield Mesh([Service(p) for p in processes], layout), processes
 
 
-def test_downstream_down_is_a_quick_502_and_recovers(own_mesh: tuple[Mesh, list]) -> None:
+def test_killing_b_under_load_gives_quick_502s_and_recovers(own_mesh: tuple[Mesh, list]) -> None:
+    """Four callers keep calling A while B is killed (SIGKILL, like a crash) and later started again."""
     mesh, processes = own_mesh
     context = attacker_context(mesh.layout.ca_cert, mesh.credentials("client"))
     url = f"{mesh['service-a'].url}/chain"
-    assert get(url, "service-a", context).status_code == 200
+    outcomes: list[tuple[float, int, float]] = []  # (when, status, seconds taken)
+    failed_hops: set[str] = set()
+    stop = threading.Event()
 
-    b = processes[1]
-    b.process.send_signal(signal.SIGKILL)  # no goodbye: like a crash
-    b.process.wait()
-    for _ in range(20):
-        start = time.monotonic()
-        response = get(url, "service-a", context)
-        assert response.status_code == 502
-        assert time.monotonic() - start < 1.0, "a dead downstream must fail fast, not hang"
-    assert response.json()["hop"] == "service-a → service-b"
+    def caller() -> None:
+        with httpx.Client(verify=context, timeout=10) as client:
+            while not stop.is_set():
+                start = time.monotonic()
+                response = client.get(url, extensions={"sni_hostname": "service-a"})
+                outcomes.append((start, response.status_code, time.monotonic() - start))
+                if response.status_code == 502:
+                    failed_hops.add(response.json()["hop"])
 
-    b.start()
-    b.wait_ready()
-    deadline = time.monotonic() + 10
-    while get(url, "service-a", context).status_code != 200:
-        assert time.monotonic() < deadline, "A did not recover when B came back"
-        time.sleep(0.2)
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for thread in callers:
+        thread.start()
+    try:
+        time.sleep(1)
+        b = processes[1]
+        killed_at = time.monotonic()
+        b.process.send_signal(signal.SIGKILL)
+        b.process.wait()
+        time.sleep(2)
+        b.start()
+        b.wait_ready()
+        restarted_at = time.monotonic()
+        deadline = restarted_at + 10
+        while not any(when > restarted_at and status == 200 for when, status, _ in outcomes):
+            assert time.monotonic() < deadline, "A did not recover when B came back"
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in callers:
+            thread.join(15)
+
+    statuses = {status for _, status, _ in outcomes}
+    assert statuses <= {200, 502}, statuses
+    failed = [taken for when, status, taken in outcomes if status == 502]
+    assert failed, "the kill was not noticed"
+    assert failed_hops == {"service-a → service-b"}
+    assert max(failed) < 1.0, f"a dead downstream must fail fast, not hang (slowest 502: {max(failed):.2f} s)"
+    assert any(status == 200 for when, status, _ in outcomes if when < killed_at)
 
 
 class Tarpit:
