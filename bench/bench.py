@@ -294,6 +294,7 @@ def markdown_table(results: dict[str, object]) -> str:
 
 def chart(variants: list[Variant], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,6 +309,9 @@ def chart(variants: list[Variant], path: Path) -> None:
         axis.set_xlabel("ms (client → A → B → C → back)")
         axis.set_ylabel("fraction of requests ≤ x")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xticks([5, 10, 20, 50] if axis is warm else [10, 20, 50])
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     figure.tight_layout()
