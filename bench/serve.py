@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from pki import load_certificates
-from services.__main__ import CannotStart, build, load_config, serve
+from services.__main__ import run
+from services.config import ServiceConfig
 from shared.asgi_tls import IDENTITY_KEY, tls_protocol
 from shared.identity import CallerIdentity
+from shared.tls import LiveTLS
 
 
 def plaintext_protocol(caller_cert: Path, max_header_bytes: int) -> type[asyncio.Protocol]:
@@ -34,33 +36,23 @@ def plaintext_protocol(caller_cert: Path, max_header_bytes: int) -> type[asyncio
     class PlaintextProtocol(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
-            app = self.app
-
-            async def app_with_identity(scope: dict[str, Any], receive: Any, send: Any) -> None:
-                scope["extensions"] = {**(scope.get("extensions") or {}), "tls": extension}
-                await app(scope, receive, send)
-
-            self.app = app_with_identity
+            self._expose(extension)
 
     return PlaintextProtocol
 
 
-def main() -> int:
-    try:
-        config = load_config()
-        live, app = build(config)
-    except CannotStart as e:
-        print(e, file=sys.stderr)
-        return 2
+def bench_protocol(config: ServiceConfig, live: LiveTLS) -> tuple[type[asyncio.Protocol], str]:
     if os.environ.get("BENCH_TLS_MAX") == "1.2":
         for context in (live.server, live.client):
             if context is not None:
                 context.maximum_version = ssl.TLSVersion.TLSv1_2
     if caller := os.environ.get("BENCH_PLAINTEXT_CALLER"):
-        serve(config, app, plaintext_protocol(Path(caller), config.max_header_bytes), scheme="http")
-    else:
-        serve(config, app, tls_protocol(live.server, config.max_header_bytes))
-    return 0
+        return plaintext_protocol(Path(caller), config.max_header_bytes), "http"
+    return tls_protocol(live.server, config.max_header_bytes), "https"
+
+
+def main() -> int:
+    return run(bench_protocol)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -77,15 +78,21 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
     )
 
 
-def main() -> int:
+def run(protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.Protocol], str]]) -> int:
+    """Configure, check and serve; `protocol_for` picks the HTTP protocol class and the scheme it speaks."""
     try:
         config = load_config()
         live, app = build(config)
     except CannotStart as e:
         print(e, file=sys.stderr)
         return 2
-    serve(config, app, tls_protocol(live.server, config.max_header_bytes))
+    protocol, scheme = protocol_for(config, live)
+    serve(config, app, protocol, scheme)
     return 0
+
+
+def main() -> int:
+    return run(lambda config, live: (tls_protocol(live.server, config.max_header_bytes), "https"))
 
 
 if __name__ == "__main__":

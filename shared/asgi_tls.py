@@ -137,6 +137,10 @@ class TLSExtensionMixin:
         super().connection_made(transport)  # type: ignore[misc]
         if extension[IDENTITY_KEY] is not None:
             _open_connections[self] = extension[IDENTITY_KEY]
+        self._expose(extension)
+
+    def _expose(self, extension: dict[str, Any]) -> None:
+        """Hand `extension` to the app as scope["extensions"]["tls"] on every request of this connection."""
         app = self.app
 
         async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -21,6 +21,9 @@ from pki import CertificateAuthority, Identity, Layout, Policy, init, self_signe
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
 
 POLICY = Policy.load()
+# How a refusal during the handshake looks to an httpx client under asyncio: no TLS alert, the connection
+# just closes — during the handshake (ConnectError) or, with TLS 1.3, at the first read.
+TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 @pytest.fixture(scope="session")

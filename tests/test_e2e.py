@@ -14,15 +14,11 @@ import pytest
 from pki import Layout, load_certificates, thumbprint
 from services.local import ServiceProcess, chain_environments, running
 from shared.downstream import explain_transport_error
-from tests.conftest import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+from tests.conftest import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e
 
 SERVICES = ["service-a", "service-b", "service-c"]
-
-# How a refusal during the handshake looks to an httpx client under uvicorn: no TLS alert, the connection
-# just closes — during the handshake (ConnectError) or, with TLS 1.3, at the first read.
-TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 def assert_refused_at_tls(mesh: Mesh, service: Service, context: ssl.SSLContext) -> Exception:

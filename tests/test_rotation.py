@@ -19,14 +19,13 @@ import pytest
 from pki import ROTATION_GRACE, Layout, Policy, init, load_certificates, revoke, rotate_begin, rotate_finish, thumbprint
 from services.local import chain_environments, running
 from shared import tls
-from tests.conftest import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+from tests.conftest import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e
 
 RELOAD_INTERVAL = 0.5
 # The documented bound: a service notices new material within one reload interval; allow for slow CI.
 BOUND = RELOAD_INTERVAL + 2.5
-TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 @pytest.fixture

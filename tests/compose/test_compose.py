@@ -16,17 +16,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from pki import Layout, load_certificates, revoke, thumbprint
-from tests.conftest import Credentials, attacker_context, free_ports, get
+from tests.conftest import TLS_REFUSALS, Credentials, attacker_context, free_ports, get
 
 pytestmark = pytest.mark.compose
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["service-a", "service-b", "service-c"]
-TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 def docker_available() -> str | None:
