@@ -20,18 +20,18 @@ from typing import Any
 from pki import load_certificates
 from services.__main__ import run
 from services.config import ServiceConfig
-from shared.asgi_tls import IDENTITY_KEY, tls_protocol
+from shared.asgi_tls import IDENTITY_KEY, ConnectionLimits, tls_protocol
 from shared.identity import CallerIdentity
 from shared.tls import LiveTLS
 
 
-def plaintext_protocol(caller_cert: Path, max_header_bytes: int) -> type[asyncio.Protocol]:
+def plaintext_protocol(caller_cert: Path, limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """Plain HTTP, with `caller_cert`'s identity in the TLS extension as if a handshake had verified it."""
     leaf = load_certificates(caller_cert)[0]
     pem = caller_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     extension = {"client_cert_chain": [pem], "tls_version": 0, "cipher_suite": 0}
     extension[IDENTITY_KEY] = CallerIdentity.from_certificate(leaf)
-    base: Any = tls_protocol(None, max_header_bytes)
+    base: Any = tls_protocol(None, limits)
 
     class PlaintextProtocol(base):  # type: ignore[misc, valid-type]
         def connection_made(self, transport: asyncio.Transport) -> None:
@@ -47,8 +47,8 @@ def bench_protocol(config: ServiceConfig, live: LiveTLS) -> tuple[type[asyncio.P
             if context is not None:
                 context.maximum_version = ssl.TLSVersion.TLSv1_2
     if caller := os.environ.get("BENCH_PLAINTEXT_CALLER"):
-        return plaintext_protocol(Path(caller), config.max_header_bytes), "http"
-    return tls_protocol(live.server, config.max_header_bytes), "https"
+        return plaintext_protocol(Path(caller), config.limits), "http"
+    return tls_protocol(live.server, config.limits, live.recheck), "https"
 
 
 def main() -> int:

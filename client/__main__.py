@@ -44,7 +44,7 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float =
         with httpx.Client(verify=context, timeout=timeout) as client:
             response = client.get(url, extensions={"sni_hostname": server_name})
     except httpx.HTTPError as e:
-        return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, url, timeout)}")
+        return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, timeout, url)}")
     try:
         body = response.json()
     except ValueError:
@@ -79,7 +79,7 @@ def load(
                     if response.status_code != 200:
                         failures.append(explain_problem(response.status_code, response.json()))
                 except httpx.HTTPError as e:
-                    failures.append(explain_transport_error(e, server_name, url, 10))
+                    failures.append(explain_transport_error(e, server_name, 10, url))
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:

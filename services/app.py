@@ -80,7 +80,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             return
         # Certificates are checked once per connection. A revoked caller's open connections are closed
         # here, and our own pooled connections are replaced, so a revoked callee is re-checked too.
-        revoked = tls.revoked_serials(config.crl) if config.crl else set()  # type: ignore[arg-type]
+        revoked = live.revoked()
         closed = close_where(lambda caller: (caller.issuer, caller.serial) in revoked)
         if downstream is not None:
             downstream.renew()

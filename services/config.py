@@ -7,14 +7,20 @@ the same code runs locally, under `make run`, and in a container. Paths default 
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pki import DEFAULT_OUT, Layout
+from shared.asgi_tls import ConnectionLimits
 from shared.tls import TLSMaterial
+
+
+def _fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class ServiceConfig(BaseSettings):
@@ -49,6 +55,15 @@ class ServiceConfig(BaseSettings):
     # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
     max_body_bytes: int = 64 * 1024
     max_header_bytes: int = 16 * 1024
+    # What one connection may take: a TLS handshake must finish, and a request (from the handshake or its
+    # first byte to its last) must arrive, within these seconds; idle keep-alive ends after 5 s (uvicorn).
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0
+    # Connections (handshaking or open) and handshakes in progress; past them new connections are closed at
+    # once. Default: half the process's file-descriptor limit, at most 1024, so calls to the next hop and
+    # reloads always find descriptors left.
+    max_connections: int = Field(default_factory=lambda: min(1024, _fd_limit() // 2))
+    max_handshakes: int = 64
 
     @model_validator(mode="after")
     def _complete(self) -> ServiceConfig:
@@ -69,6 +84,17 @@ class ServiceConfig(BaseSettings):
                 "MESH_DOWNSTREAM_URL and MESH_DOWNSTREAM_NAME go together: where to call, and who must answer"
             )
         return self
+
+    @property
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            handshake_timeout=self.handshake_timeout,
+            request_timeout=self.request_timeout,
+            max_connections=self.max_connections,
+            max_handshakes=self.max_handshakes,
+            max_header_bytes=self.max_header_bytes,
+            max_body_bytes=self.max_body_bytes,
+        )
 
     @property
     def tls(self) -> TLSMaterial:

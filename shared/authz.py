@@ -21,6 +21,7 @@ from fastapi import Request
 
 from pki import normalise_thumbprint
 from shared.asgi_tls import IDENTITY_KEY
+from shared.files import read_protected
 from shared.identity import CallerIdentity
 from shared.metrics import Counter
 from shared.problem import Problem
@@ -116,14 +117,11 @@ class AllowList:
 
     @classmethod
     def load(cls, path: Path) -> AllowList:
+        data = read_protected(path, "allow-list", AllowListError)
         try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise AllowListError(
-                f"{path}: allow-list not found — run `make pki` to render it from the policy"
-            ) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise AllowListError(f"{path}: cannot read allow-list ({e})") from None
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise AllowListError(f"{path}: allow-list is not UTF-8 text ({e})") from None
         return cls(path, parse_allow_list(text, path))
 
     def __contains__(self, sha256: str) -> bool:

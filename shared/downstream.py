@@ -75,7 +75,10 @@ class Downstream:
                 extensions={"sni_hostname": self.name},
             )
         except httpx.HTTPError as e:
-            reason = explain_transport_error(e, self.name, self.url, self.timeout)
+            # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
+            # keeps the address and httpx's own words for the operator.
+            reason = explain_transport_error(e, self.name, self.timeout)
+            log.warning("downstream_error", extra={"hop": hop, "url": self.url, "error": f"{type(e).__name__}: {e}"})
             raise self._failed(hop, reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
         if response.status_code == 200:
             return response.json()
@@ -115,16 +118,21 @@ class Downstream:
         await self.client.aclose()
 
 
-def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout: float) -> str:
-    """Turn what httpx raised into what probably happened. Shared by the services and the CLI client."""
+def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, url: str | None = None) -> str:
+    """Turn what httpx raised into what probably happened. Shared by the services and the CLI client.
+
+    Only the CLI passes `url` (the user's own): a service's explanation goes back to its caller, and the
+    addresses inside the mesh are nobody's business outside it.
+    """
     text = str(error)
+    server = f"the server at {url}" if url else f"the server answering as {name}"
     if isinstance(error, httpx.TimeoutException):
         return f"{name} did not answer within {timeout:g} s"
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
-        return f"the server at {url} failed our check that it is {name}: {detail}"
+        return f"{server} failed our check that it is {name}: {detail}"
     if any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error)):
-        return f"nothing accepts connections at {url} (is {name} running?)"
+        return f"nothing accepts connections at {url} (is {name} running?)" if url else f"{name} is not reachable"
     if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
         # uvicorn (asyncio) refuses a client certificate by closing the connection without a TLS alert; with
         # TLS 1.3 the client only notices on its first read. So "closed without answering" is the signature
@@ -133,7 +141,7 @@ def explain_transport_error(error: httpx.HTTPError, name: str, url: str, timeout
             f"{name} closed the connection without answering: it refused our client certificate at the TLS layer "
             "(none presented, not signed by a CA it trusts, expired or not yet valid, revoked, or not for client use)"
         )
-    return f"{type(error).__name__}: {text or 'no detail'}"
+    return f"{name} could not be called ({type(error).__name__})" if not url else f"{type(error).__name__}: {text}"
 
 
 def _causes(error: BaseException) -> list[BaseException]:

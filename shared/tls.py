@@ -10,10 +10,10 @@ name neither the file nor the fix, and a service must refuse to start with a sen
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import ssl
-import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +21,8 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from shared.files import read_protected
 
 TLSProfile = Literal["intermediate", "modern"]
 
@@ -62,13 +64,26 @@ class TLSMaterial:
         return [p for p in (self.ca, self.cert, self.key, self.crl) if p is not None]
 
     def check(self) -> None:
-        """Fail with a clear sentence if a file is missing, malformed, expired, too open or mismatched."""
-        _load_certificates(self.ca, "CA file")
+        """Fail with a clear sentence if a file is missing, malformed, expired, unsafe or mismatched."""
+        self.verify(self.read())
+
+    def read(self) -> dict[str, bytes]:
+        """Each file's bytes, read once, from files only we (or root) can change; the key readable by us alone."""
+        paths = {"ca": self.ca, "cert": self.cert, "key": self.key, "crl": self.crl}
+        return {
+            field: read_protected(path, _WHAT[field], TLSMaterialError, private=field == "key")
+            for field, path in paths.items()
+            if path is not None
+        }
+
+    def verify(self, data: dict[str, bytes]) -> x509.CertificateRevocationList | None:
+        """Check what `read()` returned, naming our files in every complaint; return the CRL, if any."""
+        _parse_certificates(data["ca"], self.ca, "CA file")
         if (self.cert is None) != (self.key is None):
             raise TLSMaterialError("a certificate needs its key and a key its certificate: give both or neither")
         chain: list[x509.Certificate] = []
         if self.cert is not None and self.key is not None:
-            chain = _load_certificates(self.cert, "certificate")
+            chain = _parse_certificates(data["cert"], self.cert, "certificate")
             leaf = chain[0]
             now = dt.datetime.now(dt.UTC)
             if now > leaf.not_valid_after_utc:
@@ -78,31 +93,23 @@ class TLSMaterial:
                 )
             if now < leaf.not_valid_before_utc:
                 raise TLSMaterialError(f"{self.cert}: certificate is not valid before {leaf.not_valid_before_utc}Z")
-            if _load_key(self.key).public_key() != leaf.public_key():
+            if _parse_key(data["key"], self.key).public_key() != leaf.public_key():
                 raise TLSMaterialError(f"{self.key}: this key does not belong to the certificate {self.cert}")
         if self.crl is not None:
-            _check_crl(self.crl, chain[1:])
+            return _parse_crl(data["crl"], self.crl, chain[1:])
+        return None
 
-    def snapshot(self, directory: Path) -> TLSMaterial:
-        """Copy the files into `directory` (ours alone), so that what we check is exactly what we load."""
-        directory.mkdir(mode=0o700)
-        copies: dict[str, Path | None] = {}
-        for field in ("ca", "cert", "key", "crl"):
-            source: Path | None = getattr(self, field)
-            if source is None:
-                copies[field] = None
-                continue
-            target = directory / field
-            try:
-                data = source.read_bytes()
-            except OSError as e:
-                raise TLSMaterialError(f"{source}: cannot read ({e.strerror}) — run `make pki`") from None
-            if field == "key":
-                _load_key(source)  # the permission check looks at the original, not our copy
-            target.touch(mode=0o600)
-            target.write_bytes(data)
-            copies[field] = target
+    def written_to(self, directory: Path, data: dict[str, bytes]) -> TLSMaterial:
+        """`data` as files in `directory` (ours alone, 0700), for OpenSSL, which loads from paths only."""
+        copies: dict[str, Path] = {}
+        for field, content in data.items():
+            copies[field] = directory / field
+            copies[field].touch(mode=0o600)
+            copies[field].write_bytes(content)
         return TLSMaterial(**copies)  # type: ignore[arg-type]
+
+
+_WHAT = {"ca": "CA file", "cert": "certificate", "key": "private key", "crl": "CRL"}
 
 
 def server_context(
@@ -118,6 +125,12 @@ def server_context(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _apply_profile(context, profile)
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    # No session tickets: a resumed handshake checks no certificate, no expiry and no CRL, so a peer revoked
+    # (or expired) since its first handshake would get back in with a ticket. No TLS 1.3 tickets, no TLS 1.2
+    # tickets. TLS 1.2's session-ID cache cannot be switched off from Python: the protocol re-checks every
+    # session resumed that way (LiveTLS.recheck, shared.asgi_tls).
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     _load(context, material)
     return context
 
@@ -133,6 +146,9 @@ def client_context(material: TLSMaterial, *, profile: TLSProfile = "intermediate
     material.check()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname=True, CERT_REQUIRED
     _apply_profile(context, profile)
+    # OpenSSL falls back to the Common Name when a certificate has no DNS SAN (a URI or IP SAN does not stop
+    # it), so a certificate with CN=service-b and only a SPIFFE ID would pass as service-b. Names are SANs.
+    context.hostname_checks_common_name = False
     _load(context, material)
     return context
 
@@ -165,10 +181,14 @@ class LiveTLS:
 
     uvicorn binds its listening socket to one SSLContext for good, so reloading means loading new files
     into that same context. OpenSSL can leave a context half-updated when a load fails (say, a key that
-    does not match its certificate), so new files are first copied aside, checked, and loaded into
-    throwaway contexts; only material that passed goes into the live ones, and new handshakes use it.
+    does not match its certificate), so each file is read once, checked, and loaded into throwaway
+    contexts first; only material that passed goes into the live ones, and new handshakes use it. OpenSSL
+    reads from paths only, so the checked bytes are written to a private temporary directory for the load
+    and deleted right after: no copy of the key outlives it.
 
-    The trust anchor can be extended this way but not shrunk: removing a CA from ca.crt needs a restart.
+    Two things can only grow in a live context. The trust anchor: removing a CA from ca.crt needs a
+    restart. And revocations: a CRL that is older than the one in force, or that drops a revoked
+    certificate, is refused — a lost crl.pem must never quietly un-revoke anyone.
     """
 
     def __init__(
@@ -182,46 +202,83 @@ class LiveTLS:
         self.material = material
         self.require_client_cert = require_client_cert
         self.profile = profile
-        self._scratch = Path(tempfile.mkdtemp(prefix="mesh-tls-"))
-        self._generation = 0
-        snapshot = self._snapshot()
-        self.server = server_context(snapshot, require_client_cert=require_client_cert, profile=profile)
-        self.client = client_context(snapshot, profile=profile) if outgoing else None
+        data = material.read()
+        self.crl = material.verify(data)
+        with _scratch() as directory:
+            files = material.written_to(directory, data)
+            self.server = server_context(files, require_client_cert=require_client_cert, profile=profile)
+            self.client = client_context(files, profile=profile) if outgoing else None
 
     def reload(self) -> None:
         """Check the files as they are now and load them into the live contexts, or raise and change nothing."""
-        snapshot = self._snapshot()
-        server_context(snapshot, require_client_cert=self.require_client_cert, profile=self.profile)
-        if self.client is not None:
-            client_context(snapshot, profile=self.profile)
-        for context in (self.server, self.client):
-            if context is not None:
-                _load(context, snapshot)
+        data = self.material.read()
+        crl = self.material.verify(data)
+        if crl is not None and self.crl is not None:
+            _check_successor(self.crl, crl, self.material.crl)  # type: ignore[arg-type]
+        with _scratch() as directory:
+            files = self.material.written_to(directory, data)
+            server_context(files, require_client_cert=self.require_client_cert, profile=self.profile)
+            if self.client is not None:
+                client_context(files, profile=self.profile)
+            for context in (self.server, self.client):
+                if context is not None:
+                    _load(context, files)
+        self.crl = crl
 
-    def _snapshot(self) -> TLSMaterial:
-        self.material.check()  # first the files themselves, so that a complaint names the real file
-        self._generation += 1
-        for old in self._scratch.iterdir():  # OpenSSL has read them; nothing refers to the files any more
-            shutil.rmtree(old)
-        return self.material.snapshot(self._scratch / str(self._generation))
+    def recheck(self, der: bytes) -> str | None:
+        """What a full handshake would now say against this peer certificate (for resumed sessions), or None.
+
+        Only what can change while we run is checked: the clock and the CRL. The chain was verified when the
+        session was made, and trust anchors are never removed from a live context.
+        """
+        cert = x509.load_der_x509_certificate(der)
+        if dt.datetime.now(dt.UTC) > cert.not_valid_after_utc:
+            return "certificate has expired"
+        if (cert.issuer.rfc4514_string(), cert.serial_number) in self.revoked():
+            return "certificate revoked"
+        return None
+
+    def revoked(self) -> set[tuple[str, int]]:
+        """(issuer, serial) of every certificate the CRL in force revokes."""
+        if self.crl is None:
+            return set()
+        issuer = self.crl.issuer.rfc4514_string()
+        return {(issuer, entry.serial_number) for entry in self.crl}
 
 
-def revoked_serials(crl_path: Path) -> set[tuple[str, int]]:
-    """(issuer, serial) of every certificate the CRL revokes; empty if it cannot be read."""
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    """A directory only we can enter (0700), removed with everything in it as soon as OpenSSL has read it."""
+    with tempfile.TemporaryDirectory(prefix="mesh-tls-") as directory:
+        yield Path(directory)
+
+
+def _check_successor(current: x509.CertificateRevocationList, new: x509.CertificateRevocationList, path: Path) -> None:
+    """Refuse a CRL from our issuer that is older than the one in force, or that forgets a revocation."""
+    if new.issuer != current.issuer:
+        return  # another CA's list (a new CA): it cannot speak for the old one's certificates
+    dropped = {entry.serial_number for entry in current} - {entry.serial_number for entry in new}
+    if _crl_number(new) < _crl_number(current) or dropped:
+        what = f"number {_crl_number(new)} with {len(list(new))} entries; in force: number {_crl_number(current)}"
+        if dropped:
+            what += f", and it drops the revoked serial(s) {', '.join(f'{s:x}' for s in sorted(dropped))}"
+        raise TLSMaterialError(
+            f"{path}: refusing a CRL that would un-revoke certificates ({what}) — "
+            "the CA's revocation record (pki/out/revocations.json) re-creates the full list: run `make pki`"
+        )
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-    except (OSError, ValueError):
-        return set()
-    issuer = crl.issuer.rfc4514_string()
-    return {(issuer, entry.serial_number) for entry in crl}
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
 
 
-def _check_crl(path: Path, intermediates: list[x509.Certificate]) -> None:
+def _parse_crl(data: bytes, path: Path, intermediates: list[x509.Certificate]) -> x509.CertificateRevocationList:
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
-    except FileNotFoundError:
-        raise TLSMaterialError(f"{path}: CRL not found — run `make pki` to create it") from None
-    except (OSError, ValueError):
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError:
         raise TLSMaterialError(f"{path}: not a PEM CRL — regenerate it with `make pki`") from None
     next_update = crl.next_update_utc
     if next_update is not None and next_update < dt.datetime.now(dt.UTC):
@@ -239,34 +296,17 @@ def _check_crl(path: Path, intermediates: list[x509.Certificate]) -> None:
         # Only our own intermediate can judge our CRL (a foreign CA may well use the same name).
         if key_id == signer_key_id and not crl.is_signature_valid(issuer.public_key()):
             raise TLSMaterialError(f"{path}: CRL signature does not verify with {issuer.subject.rfc4514_string()}")
+    return crl
 
 
-def _load_certificates(path: Path, what: str) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TLSMaterialError(f"{path}: {what} not found — run `make pki`, or point MESH_PKI_DIR at it") from None
-    except OSError as e:
-        raise TLSMaterialError(f"{path}: cannot read {what} ({e.strerror})") from None
+def _parse_certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise TLSMaterialError(f"{path}: {what} is not a PEM certificate — regenerate it with `make pki`") from None
 
 
-def _load_key(path: Path) -> PrivateKeyTypes:
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TLSMaterialError(f"{path}: private key not found — run `make pki`") from None
-    except OSError as e:
-        raise TLSMaterialError(f"{path}: cannot read private key ({e.strerror})") from None
-    # Like ssh: a key others can read is a key others may have copied. Refuse rather than widen trust.
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSMaterialError(
-            f"{path}: private key is accessible by other users (mode {stat.S_IMODE(mode):04o}) — run `chmod 600 {path}`"
-        )
+def _parse_key(data: bytes, path: Path) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

@@ -26,7 +26,7 @@ def assert_refused_at_tls(mesh: Mesh, service: Service, context: ssl.SSLContext)
     with pytest.raises(TLS_REFUSALS) as refused:
         get(f"{service.url}/chain", service.name, context)
     # "Connection refused" would mean nobody was listening: that proves nothing about TLS.
-    assert "nothing accepts connections" not in explain_transport_error(refused.value, "", "", 0)
+    assert "nothing accepts connections" not in explain_transport_error(refused.value, "", 0)
     service.assert_alive()
     assert mesh.events_since(marks) == {name: [] for name in SERVICES}, "a refused handshake reached the app"
     return refused.value
@@ -199,14 +199,17 @@ def test_downstream_failures_are_502_naming_the_hop(layout: Layout, tmp_path) ->
     a_port, b_port, c_port = free_ports(3)
     envs = chain_environments([a_port, b_port, c_port], layout.out)[:2]  # no service-c
     client = attacker_context(layout.ca_cert, Credentials(layout.cert("client"), layout.key("client")))
-    with running(start_services(envs, tmp_path)):
+    with running(processes := start_services(envs, tmp_path)):
         response = get(f"https://127.0.0.1:{a_port}/chain", "service-a", client)
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()
     assert problem["hop"] == "service-b → service-c"
     assert problem["service"] == "service-a"
-    assert "nothing accepts connections" in problem["reason"]
+    assert "service-c is not reachable" in problem["reason"]
+    # The edge learns which hop failed, never where things live inside the mesh; B's log has the address.
+    assert "127.0.0.1" not in response.text and str(c_port) not in response.text
+    assert f"https://127.0.0.1:{c_port}" in processes[1].output()
 
 
 def test_a_service_that_is_refused_downstream_reports_it(layout: Layout, tmp_path) -> None:
