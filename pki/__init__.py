@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
+import re
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -448,6 +451,11 @@ class Layout:
     def crl(self) -> Path:
         return self.out / "crl.pem"
 
+    @property
+    def revocations(self) -> Path:
+        """The CA's record of every revocation; crl.pem is rendered from it and can always be re-made."""
+        return self.out / "revocations.json"
+
     def allow_list(self, service: str) -> Path:
         return self.out / "allow" / f"{service}.txt"
 
@@ -494,6 +502,12 @@ def init(
     policy = policy or Policy.load()
     created: list[str] = []
     if force or not layout.ca_cert.exists() or not layout.intermediate_cert.exists():
+        # A new CA: nothing of the old one may linger — not its rotation leftovers (they would stay listed),
+        # not its revocations (its serials mean nothing to the new intermediate), not its CRL.
+        for leftover in (layout.out / "next", layout.out / "previous"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        layout.revocations.unlink(missing_ok=True)
+        layout.crl.unlink(missing_ok=True)
         root = CertificateAuthority.root(key_type=key_type)
         issuing = root.intermediate()
         write_file(layout.ca_key, root.key_pem(), private=True)
@@ -506,8 +520,8 @@ def init(
         if force or _needs_renewal(layout.cert(name)):
             issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type)
             created.append(name)
-    if force or not layout.crl.exists() or _crl_needs_renewal(layout.crl):
-        write_crl(layout, [] if force else revoked_entries(layout))
+    if not layout.crl.exists() or _crl_needs_renewal(layout.crl):
+        write_crl(layout)  # from the revocation record: a lost crl.pem comes back with every revocation
         created.append("crl")
     render_allow_lists(layout, policy)
     return created
@@ -530,26 +544,60 @@ def _crl_needs_renewal(path: Path) -> bool:
     return next_update is None or next_update - RENEW_BEFORE < _now()
 
 
-def revoked_entries(layout: Layout) -> list[x509.RevokedCertificate]:
-    return list(load_crl(layout.crl)) if layout.crl.exists() else []
+def _read_record(layout: Layout) -> dict[str, Any]:
+    """The revocation record: {"crl_number", "last_update", "revoked": [{"serial", "date", "reason", "name"}]}.
+
+    A PKI made before the record existed gets one seeded from its crl.pem.
+    """
+    if layout.revocations.exists():
+        try:
+            return json.loads(layout.revocations.read_text())
+        except (OSError, ValueError) as e:
+            raise PKIError(
+                f"{layout.revocations}: unreadable revocation record ({e}); restore it from backup"
+            ) from None
+    record: dict[str, Any] = {"crl_number": 0, "last_update": None, "revoked": []}
+    if layout.crl.exists():
+        crl = load_crl(layout.crl)
+        record["crl_number"] = _crl_number(crl)
+        record["last_update"] = crl.last_update_utc.isoformat()
+        for entry in crl:
+            try:
+                reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            except x509.ExtensionNotFound:
+                reason = x509.ReasonFlags.unspecified
+            name = next((k for k, v in REVOCATION_REASONS.items() if v == reason), "unspecified")
+            record["revoked"].append(
+                {"serial": f"{entry.serial_number:x}", "date": entry.revocation_date_utc.isoformat(), "reason": name}
+            )
+    return record
 
 
-def write_crl(layout: Layout, entries: Sequence[x509.RevokedCertificate]) -> x509.CertificateRevocationList:
-    """Sign a new CRL with the intermediate: the given entries, the next CRL number, valid for CRL_VALIDITY.
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def write_crl(layout: Layout) -> x509.CertificateRevocationList:
+    """Sign a new CRL with the intermediate from the revocation record: the next number, valid for CRL_VALIDITY.
 
     The CRL lists serial numbers, not names: it revokes one certificate, and a re-issued certificate for
-    the same name (a new serial) is unaffected.
+    the same name (a new serial) is unaffected. Numbers and dates only go up, even if crl.pem was lost:
+    a running service refuses a CRL older than the one it has (shared.tls), and rightly so.
     """
     issuing = layout.load_issuer()
+    record = _read_record(layout)
     now = _now()
-    number, last_update = 1, now - CLOCK_SKEW
+    number, last_update = record["crl_number"] + 1, now - CLOCK_SKEW
+    previous_updates = [dt.datetime.fromisoformat(record["last_update"])] if record["last_update"] else []
     if layout.crl.exists():
         previous = load_crl(layout.crl)
-        number += previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        # A running service cannot drop a CRL it has loaded; OpenSSL keeps them all and checks against the
-        # one with the latest lastUpdate — keeping the *first* on a tie. So each CRL must be strictly newer
-        # than the one before, even when two revocations come within the same second.
-        last_update = min(max(last_update, previous.last_update_utc + dt.timedelta(seconds=1)), now)
+        number = max(number, _crl_number(previous) + 1)
+        previous_updates.append(previous.last_update_utc)
+    if previous_updates:
+        # OpenSSL keeps every CRL a running service has loaded and checks against the one with the latest
+        # lastUpdate — keeping the *first* on a tie. So each CRL must be strictly newer than the one before,
+        # even when two revocations come within the same second.
+        last_update = min(max(last_update, max(previous_updates) + dt.timedelta(seconds=1)), now)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuing.cert.subject)
@@ -558,29 +606,42 @@ def write_crl(layout: Layout, entries: Sequence[x509.RevokedCertificate]) -> x50
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing.key.public_key()), critical=False)
     )
-    for entry in entries:
-        builder = builder.add_revoked_certificate(entry)
+    for entry in record["revoked"]:
+        revoked = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(entry["serial"], 16))
+            .revocation_date(dt.datetime.fromisoformat(entry["date"]))
+            .add_extension(x509.CRLReason(REVOCATION_REASONS[entry["reason"]]), critical=False)
+            .build()
+        )
+        builder = builder.add_revoked_certificate(revoked)
     crl = builder.sign(issuing.key, hashes.SHA256())
+    record |= {"crl_number": number, "last_update": last_update.isoformat()}
+    _write_record(layout, record)
     write_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
     return crl
 
 
+def _write_record(layout: Layout, record: dict[str, Any]) -> None:
+    write_file(layout.revocations, (json.dumps(record, indent=2) + "\n").encode())
+
+
 def revoke(layout: Layout, name: str, reason: str = "unspecified", cert_path: Path | None = None) -> int:
-    """Put `name`'s current certificate on the CRL; return its serial. Revoking twice changes nothing."""
+    """Put `name`'s current certificate on the CRL; return its serial. Revoking twice changes nothing.
+
+    The revocation goes into the record first, then into a new CRL: whatever happens to crl.pem later,
+    `make pki` renders it again with this revocation in it.
+    """
     if reason not in REVOCATION_REASONS:
         raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
     leaf = load_certificates(cert_path or layout.cert(name))[0]
-    entries = revoked_entries(layout)
-    if any(e.serial_number == leaf.serial_number for e in entries):
+    record = _read_record(layout)
+    serial = f"{leaf.serial_number:x}"
+    if any(entry["serial"] == serial for entry in record["revoked"]):
         return leaf.serial_number
-    entry = (
-        x509.RevokedCertificateBuilder()
-        .serial_number(leaf.serial_number)
-        .revocation_date(_now())
-        .add_extension(x509.CRLReason(REVOCATION_REASONS[reason]), critical=False)
-        .build()
-    )
-    write_crl(layout, [*entries, entry])
+    record["revoked"].append({"serial": serial, "date": _now().isoformat(), "reason": reason, "name": name})
+    _write_record(layout, record)
+    write_crl(layout)
     return leaf.serial_number
 
 
@@ -644,6 +705,11 @@ def retire(layout: Layout, policy: Policy, name: str) -> int | None:
     return serial
 
 
+# An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
+# that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.
+IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def issue_identity(
     layout: Layout,
     policy: Policy,
@@ -653,15 +719,31 @@ def issue_identity(
     client_only: bool = False,
     key_type: KeyType | None = None,
 ) -> Identity:
-    """Issue `name` from our intermediate and write it into the layout. It is on no allow-list by itself."""
-    if name in RESERVED_NAMES or not name or "/" in name or name.startswith("."):
-        raise PKIError(f"{name!r} cannot be an identity name; choose a plain name such as 'billing'")
-    sans = {"dns": [], "ips": [], "uris": [policy.spiffe_id(name)]}
+    """Issue `name` from our intermediate and write it into the layout. It is on no allow-list by itself.
+
+    Extra SANs may add addresses, never another identity: callers check a callee by its name, so a
+    certificate for `billing` that also said `DNS:service-b` would pass as service-b. The SPIFFE ID always
+    comes from `name`.
+    """
+    if name in RESERVED_NAMES or not IDENTITY_NAME.fullmatch(name):
+        raise PKIError(
+            f"{name!r} cannot be an identity name: use lowercase letters, digits and '-' (a DNS label), "
+            f"such as 'billing', and none of {', '.join(sorted(RESERVED_NAMES))}"
+        )
+    sans: dict[str, list[str]] = {"dns": [], "ips": [], "uris": [policy.spiffe_id(name)]}
     if not client_only:
         for kind, values in service_sans(name).items():
             sans[kind] += values
+    others = (set(policy.services) | set(policy.clients)) - {name}
     for san in extra_sans:
         kind, value = parse_san(san)
+        if kind == "dns" and (value.lower().rstrip(".") in others or "*" in value):
+            raise PKIError(
+                f"--san {san}: a certificate for {name} may not carry {value!r}, the name of another identity "
+                "(or a wildcard): it would pass as that identity wherever callers check names"
+            )
+        if kind == "uris" and value.lower().startswith("spiffe:"):
+            raise PKIError(f"--san {san}: the SPIFFE ID comes from the name ({policy.spiffe_id(name)}), never by hand")
         sans[kind].append(value)
     identity = layout.load_issuer().issue(
         name,
@@ -673,23 +755,34 @@ def issue_identity(
     return identity
 
 
-def deploy(layout: Layout, dest: Path, owner: tuple[int, int]) -> list[str]:
-    """Copy what the services need into `dest` (the containers' volume), owned by the services' user.
+def deploy(layout: Layout, policy: Policy, name: str, dest: Path, owner: tuple[int, int]) -> list[str]:
+    """Copy into `dest` what identity `name` needs and nothing else, owned by the user it runs as.
 
-    Everything but the CA keys: they sign, and no service ever needs to sign. Private keys stay 0600, which
-    is why they must belong to the user the services run as. Returns the files copied.
+    Its own key and certificate, the trust anchor, the CRL, and — for a service — its allow-list and the
+    metrics allow-list. No other identity's key: a compromised container must yield only its own. Anything
+    else found in `dest` is removed. Keys stay 0600, which is why they must belong to `owner`. Returns the
+    files copied, relative to `dest`.
+
+        deploy(Layout(), Policy.load(), "service-b", Path("/deploy/service-b"), (10002, 10002))
     """
-    ca_keys = {layout.ca_key, layout.intermediate_key}
-    copied = []
-    for source in [layout.out, *sorted(layout.out.rglob("*"))]:  # sorted: a directory before its files
-        target = dest / source.relative_to(layout.out)
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-            os.chown(target, *owner)
-        elif source not in ca_keys and not source.name.startswith("."):
-            write_file(target, source.read_bytes(), private=source.suffix == ".key", owner=owner)
-            copied.append(str(source.relative_to(layout.out)))
-    return copied
+    if name not in policy.services and name not in policy.clients:
+        raise PKIError(f"{name!r} is not in the policy: deploy one of {', '.join(policy.services + policy.clients)}")
+    wanted = [layout.ca_cert, layout.crl, layout.cert(name), layout.key(name)]
+    if name in policy.services:
+        wanted += [layout.allow_list(name), layout.metrics_allow_list]
+    relative = {source.relative_to(layout.out): source for source in wanted}
+    for existing in list(dest.rglob("*")):
+        if not existing.is_dir() and existing.relative_to(dest) not in relative:
+            existing.unlink()  # left by an older deploy: no file stays that this identity does not need
+    os.chown(dest, *owner)
+    for target, source in relative.items():
+        if not source.exists():
+            raise PKIError(f"{source}: missing — run `make pki` first")
+        if target.parent != Path("."):
+            (dest / target.parent).mkdir(exist_ok=True)
+            os.chown(dest / target.parent, *owner)
+        write_file(dest / target, source.read_bytes(), private=source.suffix == ".key", owner=owner)
+    return sorted(map(str, relative))
 
 
 def parse_san(text: str) -> tuple[str, str]:

@@ -109,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser(
         "deploy",
-        help="copy the services' material (not the CA keys) into DEST, owned by UID:GID (the compose pki job)",
-        description="Copy certificates, service keys and allow-lists from --out into DEST, owned by the user the "
-        "services run as, keys 0600. The CA keys are never copied: services verify, they do not sign.",
+        help="copy what each identity needs into DEST/NAME, owned by its UID (the compose pki job)",
+        description="For each NAME:UID, copy into DEST/NAME exactly what that identity needs — its own key "
+        "(0600) and certificate, ca.crt, crl.pem, and for a service its allow-list and the metrics allow-list — "
+        "owned by UID, and remove anything else there. No identity ever receives another's key, and the CA keys "
+        "are never copied: services verify, they do not sign.",
     )
     p.add_argument("dest", type=Path)
-    p.add_argument("--owner", default="10001:10001", help="UID:GID of the services' user (default 10001:10001)")
+    p.add_argument("identities", nargs="+", metavar="NAME:UID", help="e.g. service-a:10001 client:10004")
 
     args = parser.parse_args(argv)
     layout = Layout(args.out)
@@ -162,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.name}: old certificate {serial:x} unlisted and revoked" if serial else "nothing to retire"
                 )
             case "deploy":
-                uid, _, gid = args.owner.partition(":")
-                copied = deploy(layout, args.dest, (int(uid), int(gid or uid)))
-                print(f"deployed {len(copied)} files to {args.dest} for uid {args.owner}")
+                policy = Policy.load(args.policy)
+                for spec in args.identities:
+                    name, _, uid = spec.partition(":")
+                    if not uid.isdigit():
+                        raise PKIError(f"{spec!r}: give NAME:UID, e.g. service-a:10001")
+                    copied = deploy(layout, policy, name, args.dest / name, (int(uid), int(uid)))
+                    print(f"deployed {name} to {args.dest / name} for uid {uid}: {', '.join(copied)}")
             case "render":
                 render_allow_lists(layout, Policy.load(args.policy))
                 print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")

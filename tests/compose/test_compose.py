@@ -25,6 +25,7 @@ pytestmark = pytest.mark.compose
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ["service-a", "service-b", "service-c"]
+UIDS = {"service-a": "10001", "service-b": "10002", "service-c": "10003", "client": "10004"}
 
 
 def docker_available() -> str | None:
@@ -54,7 +55,10 @@ class Stack:
         self.layout = Layout(self.pki)
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        command = ["docker", "compose", "-p", self.project, "--profile", "client", *args]
+        # The one-shot client is in a profile of its own: `up --wait` would report it as "exited (0)" and fail.
+        # `run client` names it, which is enough; `down` gets the profile, so that nothing is left behind.
+        profile = ["--profile", "client"] if args[0] == "down" else []
+        command = ["docker", "compose", "-p", self.project, *profile, *args]
         result = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
@@ -129,7 +133,35 @@ def test_all_services_are_healthy_and_not_root(stack: Stack) -> None:
         )
         assert state["Health"]["Status"] == "healthy", service
         uid = stack.compose("exec", "-T", service, "id", "-u").stdout.strip()
-        assert uid == "10001", f"{service} runs as uid {uid}"
+        assert uid == UIDS[service], f"{service} runs as uid {uid}"
+
+
+LIST_PKI = """
+import json, os, sys
+files = {}
+for root, _, names in os.walk("/pki"):
+    for name in names:
+        path = os.path.join(root, name)
+        info = os.stat(path)
+        files[os.path.relpath(path, "/pki")] = [oct(info.st_mode & 0o777), info.st_uid]
+print(json.dumps(files))
+"""
+
+
+@pytest.mark.parametrize("identity", [*SERVICES, "client"])
+def test_each_container_holds_its_own_key_and_no_other(stack: Stack, identity: str) -> None:
+    """Compromising one container yields one identity: its volume has its own key (0600, its uid) only."""
+    command = ["python", "-c", LIST_PKI]
+    if identity == "client":
+        result = stack.compose("run", "--rm", "-T", "--no-deps", "client", *command)
+    else:
+        result = stack.compose("exec", "-T", identity, *command)
+    files = json.loads(result.stdout.strip().splitlines()[-1])
+    keys = {name: mode_and_owner for name, mode_and_owner in files.items() if name.endswith(".key")}
+    assert keys == {f"{identity}.key": ["0o600", int(UIDS[identity])]}
+    allow_lists = {name for name in files if name.startswith("allow/")}
+    assert allow_lists == ({f"allow/{identity}.txt", "allow/metrics.txt"} if identity in SERVICES else set())
+    assert {"ca.crt", "crl.pem", f"{identity}.crt"} <= set(files)
 
 
 def test_service_a_and_service_c_share_no_network(stack: Stack) -> None:
