@@ -1,6 +1,7 @@
 """The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`."""
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from shared.authz import (
 )
 from shared.downstream import Downstream
 from shared.identity import CallerIdentity
-from shared.metrics import exposition
+from shared.metrics import Gauge, exposition
 from shared.problem import (
     BodyLimitMiddleware,
     Problem,
@@ -58,6 +59,16 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         metrics_allow_list: Guard(config.name, service_policy(AllowList.load(metrics_allow_list)), "metrics"),
     }
     guard, metrics_guard = guards.values()
+    # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
+    Gauge(
+        "mesh_crl_next_update_seconds",
+        "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
+        lambda: (
+            (live.crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
+            if live.crl is not None and live.crl.next_update_utc is not None
+            else None
+        ),
+    )
     Caller = Annotated[CallerIdentity, Depends(guard)]
 
     def reload(changed: set[Path], downstream: Downstream | None) -> None:

@@ -7,9 +7,9 @@ format is simple (https://prometheus.io/docs/instrumenting/exposition_formats/).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-_registry: list[Counter] = []
+_registry: list[Counter | Gauge] = []
 
 
 class Counter:
@@ -28,6 +28,25 @@ class Counter:
             rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items())
             lines.append(f"{self.name}{{{rendered}}} {value}")
         return lines
+
+
+class Gauge:
+    """A value read when scraped, e.g. how long until the CRL expires; `read` returns None when there is none."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], float | None]) -> None:
+        self.name, self.help_text, self.read = name, help_text, read
+        _registry.append(self)
+
+    def render(self, constant: dict[str, str]) -> list[str]:
+        value = self.read()
+        if value is None:
+            return []
+        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in constant.items())
+        return [
+            f"# HELP {self.name} {self.help_text}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name}{{{labels}}} {value:g}",
+        ]
 
 
 def exposition(**constant: str) -> str:

@@ -199,6 +199,8 @@ def test_metrics_count_decisions_and_refusals_and_are_for_operators_only(
     )
     assert moved(decisions, resource="api", decision="deny", reason="no_client_auth") == 1
     assert moved("mesh_tls_refusals_total", reason="PEER_DID_NOT_RETURN_A_CERTIFICATE") == 1
+    # The CRL's remaining life, to alert on before it expires and locks everyone out (30 days when made).
+    assert 29 * 86400 < metric(after, "mesh_crl_next_update_seconds", service="service-b") <= 30 * 86400
 
     # The client's certificate is perfectly valid, and still may not read the metrics.
     response = get(
