@@ -35,12 +35,14 @@ from pathlib import Path
 import httpx
 import uvloop
 
-from pki import Layout, init, load_certificates
+from pki import init
 from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
 from shared import nativetls, tls
-from shared.authz import AllowList
+from shared.allowlist import AllowList
+from shared.certs import load_certificates
 from shared.identity import CallerIdentity
+from shared.layout import Layout
 
 HERE = Path(__file__).parent
 

@@ -15,28 +15,33 @@ import os
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
 
-from pki import load_certificates
 from services.__main__ import run
 from services.config import ServiceConfig
-from shared.asgi_tls import IDENTITY_KEY, ConnectionLimits, tls_protocol
+from shared.certs import load_certificates
+from shared.handshake import tls_protocol
 from shared.identity import CallerIdentity
+from shared.limits import ConnectionLimits, RequestLimits
+from shared.peer import IDENTITY_KEY, expose
 from shared.tls import LiveTLS
 
 
-def plaintext_protocol(caller_cert: Path, limits: ConnectionLimits) -> type[asyncio.Protocol]:
+def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> type[asyncio.Protocol]:
     """Plain HTTP, with `caller_cert`'s identity in the TLS extension as if a handshake had verified it."""
     leaf = load_certificates(caller_cert)[0]
     pem = caller_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     extension = {"client_cert_chain": [pem], "tls_version": 0, "cipher_suite": 0}
     extension[IDENTITY_KEY] = CallerIdentity.from_certificate(leaf)
-    base: Any = tls_protocol(None, limits)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class PlaintextProtocol(base):  # type: ignore[misc, valid-type]
-        def connection_made(self, transport: asyncio.Transport) -> None:
+    class PlaintextProtocol(RequestLimits, HttpToolsProtocol):
+        """The service's protocol minus TLS: same limits, same extension. Reachable from the bench only."""
+
+        limits = limits_
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._expose(extension)
+            self.app = expose(self.app, extension)
 
     return PlaintextProtocol
 

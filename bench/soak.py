@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 
-from pki import Layout, init
+from pki import init
 from services.local import ServiceProcess, chain_environments, free_ports, running
 from shared import tls
+from shared.layout import Layout
 
 # What "flat" means: after warm-up, RSS may grow by allocator noise and caches, FDs by a few pooled
 # connections — not by anything proportional to the number of requests.

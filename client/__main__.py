@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pki import DEFAULT_OUT
 from shared import tls
 from shared.downstream import explain_transport_error
+from shared.files import MaterialError
+from shared.layout import DEFAULT_OUT, Layout
 
 DEFAULT_URL = "https://127.0.0.1:8443/chain"
 
@@ -160,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    cert = None if args.no_cert else (args.cert or args.pki_dir / "client.crt")
-    key = None if args.no_cert else (args.key or args.pki_dir / "client.key")
+    layout = Layout(args.pki_dir)
     material = tls.TLSMaterial(
-        ca=args.ca or args.pki_dir / "ca.crt", cert=cert, key=key, crl=args.crl or args.pki_dir / "crl.pem"
+        ca=args.ca or layout.ca_cert,
+        cert=None if args.no_cert else (args.cert or layout.cert("client")),
+        key=None if args.no_cert else (args.key or layout.key("client")),
+        crl=args.crl or layout.crl,
     )
     server_name = args.server_name or default_server_name(args.url)
     try:
         if args.load:
             return load(args.url, server_name, material, args.load, args.concurrency, args.during)
         outcome = call(args.url, server_name, material)
-    except tls.TLSMaterialError as e:
+    except MaterialError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2
     if args.json and outcome.body is not None:

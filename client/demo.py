@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.__main__ import call
-from pki import Layout, Policy, init, self_signed
+from pki import Policy, init, load_issuer, self_signed
 from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, chain_environments, running
+from shared.layout import Layout
 from shared.tls import TLSMaterial
 
 
@@ -36,7 +37,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mesh-demo-") as scratch:
         stranger_cert, stranger_key = (
-            layout.load_issuer()
+            load_issuer(layout)
             .issue("stranger", uris=[Policy.load().spiffe_id("stranger")], usages=["client"])
             .write(Path(scratch))
         )

@@ -28,8 +28,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pki import Layout, init
+from pki import init
 from shared import tls
+from shared.layout import Layout
 
 
 def peer_certificate(ssl_object: ssl.SSLObject) -> dict | None:

@@ -6,34 +6,36 @@ import argparse
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pki import (
-    DEFAULT_OUT,
-    POLICY_FILE,
-    REVOCATION_REASONS,
-    ROTATION_GRACE,
-    Layout,
-    PKIError,
-    Policy,
-    deploy,
-    init,
-    issue_identity,
-    load_certificates,
-    render_allow_lists,
-    retire,
-    revoke,
-    rotate_begin,
-    rotate_finish,
-    thumbprint,
-)
-from shared.identity import extended_key_usages, is_ca, subject_alt_names
+from pki.allowlists import render_allow_lists
+from pki.authority import PKIError
+from pki.deploy import deploy
+from pki.identities import init, issue_identity
+from pki.policy import POLICY_FILE, Policy
+from pki.revocation import REVOCATION_REASONS, revoke
+from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
+from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
+from shared.files import MaterialError
+from shared.layout import DEFAULT_OUT, Layout
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args, Layout(args.out))
+    except (PKIError, MaterialError, ValueError) as e:
+        print(f"pki: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, with help that explains what it does and why."""
     parser = argparse.ArgumentParser(
         prog="python -m pki",
         description="The mesh's certificate authority: a root CA, an intermediate that signs every identity, "
@@ -117,67 +119,87 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("dest", type=Path)
     p.add_argument("identities", nargs="+", metavar="NAME:UID", help="e.g. service-a:10001 client:10004")
+    return parser
 
-    args = parser.parse_args(argv)
-    layout = Layout(args.out)
-    try:
-        match args.command:
-            case "init":
-                created = init(layout, Policy.load(args.policy), key_type=args.key_type, force=args.force)
-                print(
-                    f"created: {', '.join(created)}" if created else f"{shown(args.out)}: up to date, nothing created"
-                )
-                print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
-            case "issue":
-                policy = Policy.load(args.policy)
-                identity = issue_identity(
-                    layout,
-                    policy,
-                    args.name,
-                    extra_sans=args.san,
-                    client_only=args.client_only,
-                    key_type=args.key_type,
-                )
-                print(f"issued {shown(layout.cert(args.name))} and {shown(layout.key(args.name))}")
-                print(f"sha256 {identity.sha256}  (on no allow-list: add it to {shown(args.policy)}, then `make pki`)")
-            case "inspect":
-                for path in args.files:
-                    print(describe(path))
-            case "fingerprint":
-                print(thumbprint(load_certificates(args.file)[0]))
-            case "revoke":
-                serial = revoke(layout, args.name, args.reason)
-                print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {shown(layout.crl)}")
-            case "rotate":
-                policy = Policy.load(args.policy)
-                if not args.finish:
-                    successor = rotate_begin(layout, policy, args.name)
-                    print(f"{args.name}: successor sha256 {successor.sha256} listed next to the current one")
-                if not (args.begin or args.finish):
-                    time.sleep(ROTATION_GRACE.total_seconds())
-                if not args.begin:
-                    rotate_finish(layout, policy, args.name)
-                    print(f"{args.name}: new key and certificate in place; old one listed until `pki retire`")
-            case "retire":
-                serial = retire(layout, Policy.load(args.policy), args.name)
-                print(
-                    f"{args.name}: old certificate {serial:x} unlisted and revoked" if serial else "nothing to retire"
-                )
-            case "deploy":
-                policy = Policy.load(args.policy)
-                for spec in args.identities:
-                    name, _, uid = spec.partition(":")
-                    if not uid.isdigit():
-                        raise PKIError(f"{spec!r}: give NAME:UID, e.g. service-a:10001")
-                    copied = deploy(layout, policy, name, args.dest / name, (int(uid), int(uid)))
-                    print(f"deployed {name} to {args.dest / name} for uid {uid}: {', '.join(copied)}")
-            case "render":
-                render_allow_lists(layout, Policy.load(args.policy))
-                print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
-    except (PKIError, ValueError) as e:
-        print(f"pki: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+# ── one function per command ──────────────────────────────────────────────────────────────────────────────
+
+
+def cmd_init(args: argparse.Namespace, layout: Layout) -> None:
+    created = init(layout, Policy.load(args.policy), key_type=args.key_type, force=args.force)
+    print(f"created: {', '.join(created)}" if created else f"{shown(args.out)}: up to date, nothing created")
+    print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
+
+
+def cmd_issue(args: argparse.Namespace, layout: Layout) -> None:
+    policy = Policy.load(args.policy)
+    identity = issue_identity(
+        layout, policy, args.name, extra_sans=args.san, client_only=args.client_only, key_type=args.key_type
+    )
+    print(f"issued {shown(layout.cert(args.name))} and {shown(layout.key(args.name))}")
+    print(f"sha256 {identity.sha256}  (on no allow-list: add it to {shown(args.policy)}, then `make pki`)")
+
+
+def cmd_inspect(args: argparse.Namespace, layout: Layout) -> None:
+    for path in args.files:
+        print(describe(path))
+
+
+def cmd_fingerprint(args: argparse.Namespace, layout: Layout) -> None:
+    print(thumbprint(load_certificates(args.file)[0]))
+
+
+def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
+    serial = revoke(layout, args.name, args.reason)
+    print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {shown(layout.crl)}")
+
+
+def cmd_rotate(args: argparse.Namespace, layout: Layout) -> None:
+    policy = Policy.load(args.policy)
+    if not args.finish:
+        successor = rotate_begin(layout, policy, args.name)
+        print(f"{args.name}: successor sha256 {successor.sha256} listed next to the current one")
+    if not (args.begin or args.finish):
+        time.sleep(ROTATION_GRACE.total_seconds())
+    if not args.begin:
+        rotate_finish(layout, policy, args.name)
+        print(f"{args.name}: new key and certificate in place; old one listed until `pki retire`")
+
+
+def cmd_retire(args: argparse.Namespace, layout: Layout) -> None:
+    serial = retire(layout, Policy.load(args.policy), args.name)
+    print(f"{args.name}: old certificate {serial:x} unlisted and revoked" if serial else "nothing to retire")
+
+
+def cmd_deploy(args: argparse.Namespace, layout: Layout) -> None:
+    policy = Policy.load(args.policy)
+    for spec in args.identities:
+        name, _, uid = spec.partition(":")
+        if not uid.isdigit():
+            raise PKIError(f"{spec!r}: give NAME:UID, e.g. service-a:10001")
+        copied = deploy(layout, policy, name, args.dest / name, (int(uid), int(uid)))
+        print(f"deployed {name} to {args.dest / name} for uid {uid}: {', '.join(copied)}")
+
+
+def cmd_render(args: argparse.Namespace, layout: Layout) -> None:
+    render_allow_lists(layout, Policy.load(args.policy))
+    print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Layout], None]] = {
+    "init": cmd_init,
+    "issue": cmd_issue,
+    "inspect": cmd_inspect,
+    "fingerprint": cmd_fingerprint,
+    "revoke": cmd_revoke,
+    "rotate": cmd_rotate,
+    "retire": cmd_retire,
+    "deploy": cmd_deploy,
+    "render": cmd_render,
+}
+
+
+# ── helpers ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
 def shown(path: Path) -> Path:

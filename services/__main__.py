@@ -15,12 +15,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from pki import PKIError
 from services.app import create_app
 from services.config import ServiceConfig
 from shared import log, tls
-from shared.asgi_tls import tls_protocol
-from shared.authz import AllowListError
+from shared.files import MaterialError
+from shared.handshake import tls_protocol
 
 # Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.downstream.KEEPALIVE_EXPIRY.
 KEEP_ALIVE_SECONDS = 5
@@ -41,7 +40,7 @@ def build(config: ServiceConfig) -> tuple[tls.LiveTLS, FastAPI]:
             profile=config.tls_profile,
         )
         return live, create_app(config, live)
-    except (tls.TLSMaterialError, AllowListError, PKIError) as e:
+    except MaterialError as e:
         raise CannotStart(f"{config.name}: cannot start: {e}") from None
 
 
@@ -63,7 +62,7 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
             "tls_profile": config.tls_profile,
         },
     )
-    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.asgi_tls), so
+    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.handshake), so
     # uvicorn would announce "http://"; our "starting" line above says what really listens.
     logging.getLogger("uvicorn.error").addFilter(lambda record: "Uvicorn running on" not in record.getMessage())
     uvicorn.run(

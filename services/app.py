@@ -2,11 +2,9 @@
 
 import asyncio
 import datetime as dt
-import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -14,31 +12,19 @@ from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import ServiceConfig
+from services.reloader import Reloader
 from shared import tls, trace
-from shared.asgi_tls import CIPHER_NAMES, TLS_VERSION_NAMES, close_where
-from shared.authz import (
-    AllowList,
-    AllowListError,
-    Authorizer,
-    Guard,
-    authorize_all,
-    authorize_client_leaf,
-    authorize_listed,
-)
+from shared.allowlist import AllowList
+from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
 from shared.downstream import Downstream
+from shared.guard import Guard
 from shared.identity import CallerIdentity
+from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
-from shared.problem import (
-    BodyLimitMiddleware,
-    Problem,
-    http_error_response,
-    problem_response,
-    unexpected_error_response,
-)
+from shared.peer import VerifiedPeer
+from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
 from shared.reload import Watcher
 from shared.trace import TraceMiddleware
-
-log = logging.getLogger("mesh.reload")
 
 
 def service_policy(allow_list: AllowList) -> Authorizer:
@@ -47,18 +33,14 @@ def service_policy(allow_list: AllowList) -> Authorizer:
 
 
 def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
-    """Build the app, failing fast (before anything listens) if the allow-list is bad.
+    """Build the app, failing fast (before anything listens) if an allow-list is bad.
 
     `live` holds the TLS contexts, already checked: the server's (given to uvicorn) and the outgoing one.
     """
-    # Both paths are filled in by ServiceConfig's validator (defaults below MESH_PKI_DIR).
-    allow_list: Path = config.allow_list  # type: ignore[assignment]
-    metrics_allow_list: Path = config.metrics_allow_list  # type: ignore[assignment]
-    guards = {  # file → the guard whose allow-list it is, so that a changed file reloads its guard
-        allow_list: Guard(config.name, service_policy(AllowList.load(allow_list))),
-        metrics_allow_list: Guard(config.name, service_policy(AllowList.load(metrics_allow_list)), "metrics"),
-    }
-    guard, metrics_guard = guards.values()
+    files = config.files
+    guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
+    metrics_guard = Guard(config.name, service_policy(AllowList.load(files.metrics_allow_list)), "metrics")
+    Caller = Annotated[CallerIdentity, Depends(guard)]
     # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
     Gauge(
         "mesh_crl_next_update_seconds",
@@ -69,33 +51,6 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             else None
         ),
     )
-    Caller = Annotated[CallerIdentity, Depends(guard)]
-
-    def reload(changed: set[Path], downstream: Downstream | None) -> None:
-        """New files were seen: check them in isolation, then swap them in; on any doubt keep the old."""
-        for path, changed_guard in guards.items():
-            if path not in changed:
-                continue
-            try:
-                changed_guard.authorizer = service_policy(AllowList.load(path))
-                log.info("reloaded", extra={"files": [str(path)]})
-            except AllowListError as e:
-                log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
-        tls_files = changed & set(config.tls.files())
-        if not tls_files:
-            return
-        try:
-            live.reload()
-        except tls.TLSMaterialError as e:
-            log.error("reload_refused", extra={"files": sorted(map(str, tls_files)), "reason": str(e)})
-            return
-        # Certificates are checked once per connection. A revoked caller's open connections are closed
-        # here, and our own pooled connections are replaced, so a revoked callee is re-checked too.
-        revoked = live.revoked()
-        closed = close_where(lambda caller: (caller.issuer, caller.serial) in revoked)
-        if downstream is not None:
-            downstream.renew()
-        log.info("reloaded", extra={"files": sorted(map(str, tls_files)), "revoked_connections_closed": closed})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,11 +65,9 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 config.downstream_keepalive,
             )
         app.state.downstream = downstream
-        watcher = Watcher(
-            [*config.tls.files(), *guards],
-            lambda changed: reload(changed, downstream),
-            config.reload_interval,
-        )
+        guards = {files.allow_list: guard, files.metrics_allow_list: metrics_guard}
+        reloader = Reloader(live, guards, service_policy, downstream)
+        watcher = Watcher([*live.material.files(), *guards], reloader, config.reload_interval)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
@@ -129,7 +82,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     app.add_exception_handler(Problem, problem_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
     app.add_exception_handler(Exception, unexpected_error_response)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(DeclaredBodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 
     @app.get("/healthz")
@@ -143,10 +96,11 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     async def chain(request: Request, caller: Caller) -> dict[str, Any]:
         """This hop — who called us, over what — followed by the hops of everyone downstream."""
         span = trace.current.get()
+        peer = VerifiedPeer.of(request.scope)
         hop = {
             "service": config.name,
             "caller": caller.summary(),
-            "tls": tls_summary(request),
+            "tls": {"version": peer.tls_version, "cipher": peer.cipher},
             "trace_id": span.trace_id if span else None,
         }
         downstream: Downstream | None = request.app.state.downstream
@@ -160,11 +114,3 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
 
     app.include_router(mesh)
     return app
-
-
-def tls_summary(request: Request) -> dict[str, str]:
-    extension = (request.scope.get("extensions") or {}).get("tls") or {}
-    return {
-        "version": TLS_VERSION_NAMES.get(extension.get("tls_version", 0), "unknown"),
-        "cipher": CIPHER_NAMES.get(extension.get("cipher_suite", 0), "unknown"),
-    }

@@ -8,14 +8,15 @@ the same code runs locally, under `make run`, and in a container. Paths default 
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pki import DEFAULT_OUT, Layout
-from shared.asgi_tls import ConnectionLimits
+from shared.layout import DEFAULT_OUT, Layout
+from shared.limits import ConnectionLimits
 from shared.tls import TLSMaterial
 
 
@@ -66,24 +67,30 @@ class ServiceConfig(BaseSettings):
     max_handshakes: int = 64
 
     @model_validator(mode="after")
-    def _complete(self) -> ServiceConfig:
-        layout = Layout(self.pki_dir)
-        defaults = {
-            "ca": layout.ca_cert,
-            "cert": layout.cert(self.name),
-            "key": layout.key(self.name),
-            "allow_list": layout.allow_list(self.name),
-            "crl": layout.crl,
-            "metrics_allow_list": layout.metrics_allow_list,
-        }
-        for field, default in defaults.items():
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, default)
+    def _downstream_complete(self) -> ServiceConfig:
         if bool(self.downstream_url) != bool(self.downstream_name):
             raise ValueError(
                 "MESH_DOWNSTREAM_URL and MESH_DOWNSTREAM_NAME go together: where to call, and who must answer"
             )
         return self
+
+    @property
+    def files(self) -> ServiceFiles:
+        """Every file the service reads: what is set explicitly, else the PKI layout's place for it."""
+        layout = Layout(self.pki_dir)
+        return ServiceFiles(
+            ca=self.ca or layout.ca_cert,
+            cert=self.cert or layout.cert(self.name),
+            key=self.key or layout.key(self.name),
+            crl=self.crl or layout.crl,
+            allow_list=self.allow_list or layout.allow_list(self.name),
+            metrics_allow_list=self.metrics_allow_list or layout.metrics_allow_list,
+        )
+
+    @property
+    def tls(self) -> TLSMaterial:
+        files = self.files
+        return TLSMaterial(ca=files.ca, cert=files.cert, key=files.key, crl=files.crl)
 
     @property
     def limits(self) -> ConnectionLimits:
@@ -96,6 +103,12 @@ class ServiceConfig(BaseSettings):
             max_body_bytes=self.max_body_bytes,
         )
 
-    @property
-    def tls(self) -> TLSMaterial:
-        return TLSMaterial(ca=self.ca, cert=self.cert, key=self.key, crl=self.crl)  # type: ignore[arg-type]
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
+    allow_list: Path
+    metrics_allow_list: Path

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from pki import DEFAULT_OUT
+from shared.layout import DEFAULT_OUT
 
 CHAIN = ("service-a", "service-b", "service-c")
 DEFAULT_PORTS = (8443, 8444, 8445)

@@ -13,31 +13,35 @@ import stat
 from pathlib import Path
 
 
-def read_protected(path: Path, what: str, error: type[Exception], *, private: bool = False) -> bytes:
-    """The bytes of `path`, or `error` with a sentence naming the file and the fix.
+class MaterialError(Exception):
+    """A certificate, key, CRL or allow-list cannot be used; the message names the file and what to do."""
+
+
+def read_protected(path: Path, what: str, *, private: bool = False) -> bytes:
+    """The bytes of `path`, or MaterialError with a sentence naming the file and the fix.
 
     `what` names the file for people ("allow-list", "CA file"); `private` also forbids reading by others.
 
-        data = read_protected(Path("pki/out/ca.crt"), "CA file", TLSMaterialError)
+        data = read_protected(Path("pki/out/ca.crt"), "CA file")
     """
     try:
         with path.open("rb") as f:
             info = os.fstat(f.fileno())
             data = f.read()
     except FileNotFoundError:
-        raise error(f"{path}: {what} not found — run `make pki`, or point MESH_PKI_DIR at it") from None
+        raise MaterialError(f"{path}: {what} not found — run `make pki`, or point MESH_PKI_DIR at it") from None
     except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+        raise MaterialError(f"{path}: cannot read {what} ({e.strerror})") from None
     if info.st_uid not in (0, os.geteuid()):
-        raise error(
+        raise MaterialError(
             f"{path}: {what} belongs to uid {info.st_uid}, who could change it; it must belong to root or to "
             f"uid {os.geteuid()} (this service) — `chown {os.geteuid()} {path}`"
         )
     mode = stat.S_IMODE(info.st_mode)
     if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise error(f"{path}: {what} is accessible by other users (mode {mode:04o}) — run `chmod 600 {path}`")
+        raise MaterialError(f"{path}: {what} is accessible by other users (mode {mode:04o}) — run `chmod 600 {path}`")
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise error(
+        raise MaterialError(
             f"{path}: {what} is writable by other users (mode {mode:04o}), who could widen who is trusted — "
             f"run `chmod go-w {path}`"
         )

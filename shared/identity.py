@@ -6,16 +6,17 @@ import functools
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
-_SAN_LABELS = {x509.DNSName: "DNS", x509.IPAddress: "IP", x509.UniformResourceIdentifier: "URI"}
+from shared import certs
 
 
 @dataclass(frozen=True)
 class CallerIdentity:
-    """The caller as its certificate describes it. TLS has already verified the chain before we get here."""
+    """The caller as its certificate describes it. TLS has already verified the chain before we get here.
+
+    caller = CallerIdentity.from_certificate(leaf)
+    caller.sha256, caller.spiffe_id        # what allow-lists and logs name
+    """
 
     sha256: str  # SHA-256 of the leaf's DER, lowercase hex: what allow-lists name
     subject: str  # RFC 4514, e.g. "CN=service-a,O=mtls-mesh"; informative only, never used to decide
@@ -28,15 +29,14 @@ class CallerIdentity:
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
-        sans = subject_alt_names(cert)
         return cls(
-            sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            sha256=certs.thumbprint(cert),
             subject=cert.subject.rfc4514_string(),
-            spiffe_id=next((v for k, v in sans if k == "URI" and v.startswith("spiffe://")), None),
-            dns_names=tuple(v for k, v in sans if k == "DNS"),
-            is_leaf=not is_ca(cert),
+            spiffe_id=certs.spiffe_id(cert),
+            dns_names=tuple(v for kind, v in certs.subject_alt_names(cert) if kind == "DNS"),
+            is_leaf=not certs.is_ca(cert),
             # No EKU extension at all means "any use" to OpenSSL; we still insist on an explicit clientAuth.
-            client_auth="clientAuth" in extended_key_usages(cert),
+            client_auth="clientAuth" in certs.extended_key_usages(cert),
             issuer=cert.issuer.rfc4514_string(),
             serial=cert.serial_number,
         )
@@ -53,27 +53,3 @@ class CallerIdentity:
 
     def summary(self) -> dict[str, str | None]:
         return {"sha256": self.sha256, "subject": self.subject, "spiffe_id": self.spiffe_id}
-
-
-def subject_alt_names(cert: x509.Certificate) -> list[tuple[str, str]]:
-    """[("DNS", "service-a"), ("IP", "127.0.0.1"), ("URI", "spiffe://…")], in certificate order."""
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [(_SAN_LABELS.get(type(n), type(n).__name__), str(n.value)) for n in names]
-
-
-def extended_key_usages(cert: x509.Certificate) -> list[str]:
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return []
-    return [_EKU_NAMES.get(u, u.dotted_string) for u in usages]
-
-
-def is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False

@@ -51,36 +51,3 @@ async def unexpected_error_response(request: Request, error: Exception) -> JSONR
     log.error("unexpected_error", exc_info=error)
     problem = Problem(500, "internal-error", "Internal error", "The service failed; its log says why.")
     return await problem_response(request, problem)
-
-
-class BodyLimitMiddleware:
-    """Refuse a request body larger than `max_bytes` before reading it (declared length) or while reading."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            detail = f"request bodies are limited to {self.max_bytes} bytes"
-            response = JSONResponse(
-                Problem(413, "content-too-large", "Content too large", detail).body(),
-                status_code=413,
-                media_type="application/problem+json",
-            )
-            await response(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise Problem(413, "content-too-large", "Content too large", "request body too large")
-            return message
-
-        await self.app(scope, limited_receive, send)

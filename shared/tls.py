@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from shared.files import read_protected
+from shared.certs import crl_number, parse_certificates, parse_crl, parse_key
+from shared.files import MaterialError, read_protected
 
 TLSProfile = Literal["intermediate", "modern"]
 
@@ -41,14 +40,20 @@ TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
+
+
+def _cipher_ids() -> dict[str, int]:
+    """OpenSSL cipher name → IANA 16-bit id (the ASGI TLS extension wants the number; OpenSSL says the name)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # only asked for its list, never used to connect
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    return {c["name"]: c["id"] & 0xFFFF for c in context.get_ciphers()}
+
+
+CIPHER_IDS = _cipher_ids()
 MINIMUM_VERSION: dict[str, ssl.TLSVersion] = {
     "intermediate": ssl.TLSVersion.TLSv1_2,
     "modern": ssl.TLSVersion.TLSv1_3,
 }
-
-
-class TLSMaterialError(Exception):
-    """A certificate, key or CA file cannot be used; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -71,32 +76,32 @@ class TLSMaterial:
         """Each file's bytes, read once, from files only we (or root) can change; the key readable by us alone."""
         paths = {"ca": self.ca, "cert": self.cert, "key": self.key, "crl": self.crl}
         return {
-            field: read_protected(path, _WHAT[field], TLSMaterialError, private=field == "key")
+            field: read_protected(path, _WHAT[field], private=field == "key")
             for field, path in paths.items()
             if path is not None
         }
 
     def verify(self, data: dict[str, bytes]) -> x509.CertificateRevocationList | None:
         """Check what `read()` returned, naming our files in every complaint; return the CRL, if any."""
-        _parse_certificates(data["ca"], self.ca, "CA file")
+        parse_certificates(data["ca"], self.ca, "CA file")
         if (self.cert is None) != (self.key is None):
-            raise TLSMaterialError("a certificate needs its key and a key its certificate: give both or neither")
+            raise MaterialError("a certificate needs its key and a key its certificate: give both or neither")
         chain: list[x509.Certificate] = []
         if self.cert is not None and self.key is not None:
-            chain = _parse_certificates(data["cert"], self.cert, "certificate")
+            chain = parse_certificates(data["cert"], self.cert, "certificate")
             leaf = chain[0]
             now = dt.datetime.now(dt.UTC)
             if now > leaf.not_valid_after_utc:
-                raise TLSMaterialError(
+                raise MaterialError(
                     f"{self.cert}: certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z — "
                     "issue a new one (`make pki` renews expiring leaves)"
                 )
             if now < leaf.not_valid_before_utc:
-                raise TLSMaterialError(f"{self.cert}: certificate is not valid before {leaf.not_valid_before_utc}Z")
-            if _parse_key(data["key"], self.key).public_key() != leaf.public_key():
-                raise TLSMaterialError(f"{self.key}: this key does not belong to the certificate {self.cert}")
+                raise MaterialError(f"{self.cert}: certificate is not valid before {leaf.not_valid_before_utc}Z")
+            if parse_key(data["key"], self.key).public_key() != leaf.public_key():
+                raise MaterialError(f"{self.key}: this key does not belong to the certificate {self.cert}")
         if self.crl is not None:
-            return _parse_crl(data["crl"], self.crl, chain[1:])
+            return _usable_crl(data["crl"], self.crl, chain[1:])
         return None
 
     def written_to(self, directory: Path, data: dict[str, bytes]) -> TLSMaterial:
@@ -128,7 +133,7 @@ def server_context(
     # No session tickets: a resumed handshake checks no certificate, no expiry and no CRL, so a peer revoked
     # (or expired) since its first handshake would get back in with a ticket. No TLS 1.3 tickets, no TLS 1.2
     # tickets. TLS 1.2's session-ID cache cannot be switched off from Python: the protocol re-checks every
-    # session resumed that way (LiveTLS.recheck, shared.asgi_tls).
+    # session resumed that way (LiveTLS.recheck, shared.handshake).
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
     _load(context, material)
@@ -155,7 +160,7 @@ def client_context(material: TLSMaterial, *, profile: TLSProfile = "intermediate
 
 def _apply_profile(context: ssl.SSLContext, profile: TLSProfile) -> None:
     if profile not in MINIMUM_VERSION:
-        raise TLSMaterialError(f"unknown TLS profile {profile!r}: use 'intermediate' or 'modern'")
+        raise MaterialError(f"unknown TLS profile {profile!r}: use 'intermediate' or 'modern'")
     context.minimum_version = MINIMUM_VERSION[profile]
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 only; TLS 1.3 suites are configured apart, all fine
     # Compression leaks secrets (CRIME); renegotiation lets a peer restart the handshake mid-connection:
@@ -258,32 +263,23 @@ def _check_successor(current: x509.CertificateRevocationList, new: x509.Certific
     if new.issuer != current.issuer:
         return  # another CA's list (a new CA): it cannot speak for the old one's certificates
     dropped = {entry.serial_number for entry in current} - {entry.serial_number for entry in new}
-    if _crl_number(new) < _crl_number(current) or dropped:
-        what = f"number {_crl_number(new)} with {len(list(new))} entries; in force: number {_crl_number(current)}"
+    if crl_number(new) < crl_number(current) or dropped:
+        what = f"number {crl_number(new)} with {len(list(new))} entries; in force: number {crl_number(current)}"
         if dropped:
             what += f", and it drops the revoked serial(s) {', '.join(f'{s:x}' for s in sorted(dropped))}"
-        raise TLSMaterialError(
+        raise MaterialError(
             f"{path}: refusing a CRL that would un-revoke certificates ({what}) — "
             "the CA's revocation record (pki/out/revocations.json) re-creates the full list: run `make pki`"
         )
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
-
-
-def _parse_crl(data: bytes, path: Path, intermediates: list[x509.Certificate]) -> x509.CertificateRevocationList:
-    try:
-        crl = x509.load_pem_x509_crl(data)
-    except ValueError:
-        raise TLSMaterialError(f"{path}: not a PEM CRL — regenerate it with `make pki`") from None
+def _usable_crl(data: bytes, path: Path, intermediates: list[x509.Certificate]) -> x509.CertificateRevocationList:
+    """The CRL, if OpenSSL will accept it: not expired, and signed by our intermediate when it claims to be."""
+    crl = parse_crl(data, path)
     next_update = crl.next_update_utc
     if next_update is not None and next_update < dt.datetime.now(dt.UTC):
         # OpenSSL would then refuse every peer: better to refuse the file and say so.
-        raise TLSMaterialError(f"{path}: CRL expired on {next_update:%Y-%m-%d %H:%M}Z — run `make pki` to re-sign it")
+        raise MaterialError(f"{path}: CRL expired on {next_update:%Y-%m-%d %H:%M}Z — run `make pki` to re-sign it")
     try:
         signer_key_id = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
     except x509.ExtensionNotFound:
@@ -295,19 +291,5 @@ def _parse_crl(data: bytes, path: Path, intermediates: list[x509.Certificate]) -
             continue
         # Only our own intermediate can judge our CRL (a foreign CA may well use the same name).
         if key_id == signer_key_id and not crl.is_signature_valid(issuer.public_key()):
-            raise TLSMaterialError(f"{path}: CRL signature does not verify with {issuer.subject.rfc4514_string()}")
+            raise MaterialError(f"{path}: CRL signature does not verify with {issuer.subject.rfc4514_string()}")
     return crl
-
-
-def _parse_certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise TLSMaterialError(f"{path}: {what} is not a PEM certificate — regenerate it with `make pki`") from None
-
-
-def _parse_key(data: bytes, path: Path) -> PrivateKeyTypes:
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise TLSMaterialError(f"{path}: not an unencrypted PEM private key — regenerate it with `make pki`") from None

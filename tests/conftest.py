@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from pki import CertificateAuthority, Identity, Layout, Policy, init, self_signed
+from pki import CertificateAuthority, Identity, Policy, init, load_issuer, self_signed
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
+from shared.layout import Layout
 
 POLICY = Policy.load()
 # How a refusal during the handshake looks to an httpx client under asyncio: no TLS alert, the connection
@@ -43,7 +44,7 @@ class Credentials:
 def hostile(layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
     """Every kind of certificate a service must refuse at the TLS layer, plus a few it must refuse later."""
     out = tmp_path_factory.mktemp("hostile")
-    ours = layout.load_issuer()
+    ours = load_issuer(layout)
     foreign = CertificateAuthority.root("Foreign Root CA").intermediate("Foreign Issuing CA")
     now = dt.datetime.now(dt.UTC)
     client_only = {"usages": ["client"], "uris": [POLICY.spiffe_id("intruder")]}

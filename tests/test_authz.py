@@ -6,16 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from pki import Layout, load_certificates
+from shared.allowlist import AllowList
 from shared.authz import (
-    AllowList,
-    AllowListError,
     authorize_all,
     authorize_any,
     authorize_client_leaf,
     authorize_listed,
 )
+from shared.certs import load_certificates
+from shared.files import MaterialError
 from shared.identity import CallerIdentity
+from shared.layout import Layout
 
 A, B = "a" * 64, "b" * 64
 
@@ -45,12 +46,12 @@ def test_allow_list_formats_and_comments(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line", ["not-a-thumbprint", "a" * 63, A + " " + B, "sha256:" + A])
 def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path: Path, line: str) -> None:
-    with pytest.raises(AllowListError, match=r"allow\.txt:3: .*not a SHA-256 thumbprint"):
+    with pytest.raises(MaterialError, match=r"allow\.txt:3: .*not a SHA-256 thumbprint"):
         allow_list(tmp_path, f"# header\n{A}\n{line}\n")
 
 
 def test_missing_allow_list_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(AllowListError, match=r"missing\.txt: allow-list not found — run `make pki`"):
+    with pytest.raises(MaterialError, match=r"missing\.txt: allow-list not found — run `make pki`"):
         AllowList.load(tmp_path / "missing.txt")
 
 

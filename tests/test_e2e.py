@@ -11,9 +11,10 @@ import ssl
 import httpx
 import pytest
 
-from pki import Layout, load_certificates, thumbprint
 from services.local import ServiceProcess, chain_environments, running
+from shared.certs import load_certificates, thumbprint
 from shared.downstream import explain_transport_error
+from shared.layout import Layout
 from tests.conftest import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e

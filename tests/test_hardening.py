@@ -18,9 +18,10 @@ import httpx
 import pytest
 
 from bench.soak import FD_BOUND, Usage, soak
-from pki import Layout, init, revoke
+from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
+from shared.layout import Layout
 from tests.conftest import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e

@@ -13,19 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from pki import (
-    Layout,
-    PKIError,
-    Policy,
-    init,
-    issue_identity,
+from pki import PKIError, Policy, init, issue_identity, revoke
+from shared.certs import (
+    extended_key_usages,
     load_certificates,
     load_crl,
     normalise_thumbprint,
-    revoke,
+    subject_alt_names,
     thumbprint,
 )
-from shared.identity import extended_key_usages, subject_alt_names
+from shared.layout import Layout
 
 POLICY = Policy.load()
 

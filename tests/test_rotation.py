@@ -16,9 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pki import ROTATION_GRACE, Layout, Policy, init, load_certificates, revoke, rotate_begin, rotate_finish, thumbprint
+from pki import ROTATION_GRACE, Policy, init, revoke, rotate_begin, rotate_finish
 from services.local import chain_environments, running
 from shared import tls
+from shared.certs import load_certificates, thumbprint
+from shared.layout import Layout
 from tests.conftest import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki import Layout, PKIError, Policy, init, issue_identity, load_crl, revoke, write_crl
+from pki import PKIError, Policy, init, issue_identity, load_issuer, revoke, write_crl
 from services.local import chain_environments, running
+from shared.certs import load_crl
+from shared.layout import Layout
 from tests.conftest import Credentials, Service, attacker_context, free_ports, start_services
 
 pytestmark = pytest.mark.e2e
@@ -125,7 +127,7 @@ def test_a_good_tls12_session_may_still_resume(fresh_layout: Layout, tmp_path: P
 def test_an_expired_certificate_cannot_resume(fresh_layout: Layout, tmp_path: Path) -> None:
     layout = fresh_layout
     now = dt.datetime.now(dt.UTC)
-    short = layout.load_issuer().issue(
+    short = load_issuer(layout).issue(
         "short-lived",
         usages=["client"],
         uris=[POLICY.spiffe_id("short-lived")],
@@ -306,7 +308,7 @@ def test_pki_refuses_names_that_are_not_one_dns_label(fresh_layout: Layout, name
 def test_a_common_name_alone_does_not_pass_as_the_callee(fresh_layout: Layout, tmp_path: Path) -> None:
     """A certificate from our own CA with CN=service-b and only a URI SAN: A must not take it for service-b."""
     layout = fresh_layout
-    issuing = layout.load_issuer()
+    issuing = load_issuer(layout)
     impostor = issuing.issue("service-b", uris=[POLICY.spiffe_id("impostor")])  # CN=service-b, no DNS SAN
     cert, key = impostor.write(tmp_path, "cn-only")
     a_port, b_port = free_ports(2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pki import Layout
+from shared.layout import Layout
 from tests.conftest import Credentials, free_ports
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pki import Layout, load_certificates, revoke, thumbprint
+from pki import revoke
+from shared.certs import load_certificates, thumbprint
+from shared.layout import Layout
 from tests.conftest import TLS_REFUSALS, Credentials, attacker_context, free_ports, get
 
 pytestmark = pytest.mark.compose

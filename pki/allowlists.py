@@ -1,0 +1,41 @@
+"""Rendering the policy into allow-lists: one file per service, one caller's thumbprint per line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pki.output import write_file
+from pki.policy import Policy
+from shared.certs import load_certificates, thumbprint
+from shared.layout import Layout
+
+__all__ = ["render_allow_lists"]
+
+
+def render_allow_lists(layout: Layout, policy: Policy) -> None:
+    """Turn the policy's names into thumbprints: one file per service, one caller per line."""
+    for callee in policy.services:
+        header = f"Allow-list of {callee}: the callers whose certificate may call it."
+        _render(layout, policy, layout.allow_list(callee), header, policy.allow.get(callee, ()))
+    header = "Who may read GET /metrics on every service."
+    _render(layout, policy, layout.metrics_allow_list, header, policy.metrics)
+
+
+def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: Iterable[str]) -> None:
+    lines = [
+        f"# {header}",
+        "# Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
+        "# Format: one SHA-256 certificate thumbprint per line (64 hex digits, colons allowed);",
+        "# '#' starts a comment. An empty list admits nobody.",
+    ]
+    for caller in callers:
+        for cert, note in [
+            (layout.cert(caller), ""),
+            (layout.next_cert(caller), " (next: rotation under way)"),
+            (layout.previous_cert(caller), " (previous: until `pki retire`)"),
+        ]:
+            if cert.exists():
+                leaf = load_certificates(cert)[0]
+                lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}{note}")
+    write_file(path, ("\n".join(lines) + "\n").encode())

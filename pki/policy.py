@@ -1,0 +1,68 @@
+"""`policy.toml`: which identities exist, and who may call whom — the mesh's whole authorization, as data."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pki.authority import PKIError
+
+__all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
+
+POLICY_FILE = Path(__file__).with_name("policy.toml")
+# These file names belong to the CA itself; an identity may not take them.
+RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous", "metrics", "revocations"})
+# An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
+# that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.
+IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_identity_name(name: str) -> None:
+    if name in RESERVED_NAMES or not IDENTITY_NAME.fullmatch(name):
+        raise PKIError(
+            f"{name!r} cannot be an identity name: use lowercase letters, digits and '-' (a DNS label), "
+            f"such as 'billing', and none of {', '.join(sorted(RESERVED_NAMES))}"
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """`policy.toml`: which identities exist and who may call whom."""
+
+    trust_domain: str
+    services: tuple[str, ...]
+    clients: tuple[str, ...]
+    allow: dict[str, tuple[str, ...]]
+    metrics: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path = POLICY_FILE) -> Policy:
+        try:
+            data = tomllib.loads(path.read_text())
+            policy = cls(
+                trust_domain=data["trust_domain"],
+                services=tuple(data["services"]),
+                clients=tuple(data.get("clients", ())),
+                allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
+                metrics=tuple(data.get("metrics", ())),
+            )
+        except FileNotFoundError:
+            raise PKIError(f"{path}: no such policy file") from None
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
+        known = set(policy.services) | set(policy.clients)
+        named = [name for callee, callers in policy.allow.items() for name in (callee, *callers)]
+        for name in [*named, *policy.metrics]:
+            if name not in known:
+                raise PKIError(f"{path}: {name!r} is named in the policy but is neither in services nor in clients")
+        for name in sorted(known):
+            try:
+                check_identity_name(name)
+            except PKIError as e:
+                raise PKIError(f"{path}: {e}") from None
+        return policy
+
+    def spiffe_id(self, name: str) -> str:
+        return f"spiffe://{self.trust_domain}/{name}"

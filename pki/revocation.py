@@ -1,0 +1,141 @@
+"""Revocation: the CA's record of revoked certificates, and the CRL rendered from it.
+
+    revoke(layout, "service-b", "key-compromise")   # recorded in revocations.json, then a new crl.pem
+
+The record is the truth and the CRL its signed copy: a lost crl.pem is rendered again, whole, by `make pki`.
+CRL numbers and lastUpdate only ever go up, because a running service refuses a CRL older than its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from pki.authority import CLOCK_SKEW, PKIError, load_issuer, now
+from pki.output import write_file
+from shared.certs import crl_number, load_certificates, load_crl
+from shared.layout import Layout
+
+__all__ = ["CRL_VALIDITY", "REVOCATION_REASONS", "crl_needs_renewal", "revoke", "write_crl"]
+
+# Peers refuse a CRL past its next-update time, and with CRL checking on, that means refusing everyone.
+# `make pki` re-signs the CRL when it has RENEW_BEFORE left; run it from cron in anything long-lived.
+CRL_VALIDITY = dt.timedelta(days=30)
+RENEW_BEFORE = dt.timedelta(days=7)
+REVOCATION_REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+}
+
+
+def crl_needs_renewal(layout: Layout) -> bool:
+    """No crl.pem, or one within RENEW_BEFORE of its nextUpdate."""
+    if not layout.crl.exists():
+        return True
+    next_update = load_crl(layout.crl).next_update_utc
+    return next_update is None or next_update - RENEW_BEFORE < now()
+
+
+def _read_record(layout: Layout) -> dict[str, Any]:
+    """The revocation record: {"crl_number", "last_update", "revoked": [{"serial", "date", "reason", "name"}]}.
+
+    A PKI made before the record existed gets one seeded from its crl.pem.
+    """
+    if layout.revocations.exists():
+        try:
+            return json.loads(layout.revocations.read_text())
+        except (OSError, ValueError) as e:
+            raise PKIError(
+                f"{layout.revocations}: unreadable revocation record ({e}); restore it from backup"
+            ) from None
+    record: dict[str, Any] = {"crl_number": 0, "last_update": None, "revoked": []}
+    if layout.crl.exists():
+        crl = load_crl(layout.crl)
+        record["crl_number"] = crl_number(crl)
+        record["last_update"] = crl.last_update_utc.isoformat()
+        for entry in crl:
+            try:
+                reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            except x509.ExtensionNotFound:
+                reason = x509.ReasonFlags.unspecified
+            name = next((k for k, v in REVOCATION_REASONS.items() if v == reason), "unspecified")
+            record["revoked"].append(
+                {"serial": f"{entry.serial_number:x}", "date": entry.revocation_date_utc.isoformat(), "reason": name}
+            )
+    return record
+
+
+def write_crl(layout: Layout) -> x509.CertificateRevocationList:
+    """Sign a new CRL with the intermediate from the revocation record: the next number, valid for CRL_VALIDITY.
+
+    The CRL lists serial numbers, not names: it revokes one certificate, and a re-issued certificate for
+    the same name (a new serial) is unaffected. Numbers and dates only go up, even if crl.pem was lost:
+    a running service refuses a CRL older than the one it has (shared.tls), and rightly so.
+    """
+    issuing = load_issuer(layout)
+    record = _read_record(layout)
+    signed = now()
+    number, last_update = record["crl_number"] + 1, signed - CLOCK_SKEW
+    previous_updates = [dt.datetime.fromisoformat(record["last_update"])] if record["last_update"] else []
+    if layout.crl.exists():
+        previous = load_crl(layout.crl)
+        number = max(number, crl_number(previous) + 1)
+        previous_updates.append(previous.last_update_utc)
+    if previous_updates:
+        # OpenSSL keeps every CRL a running service has loaded and checks against the one with the latest
+        # lastUpdate — keeping the *first* on a tie. So each CRL must be strictly newer than the one before,
+        # even when two revocations come within the same second.
+        last_update = min(max(last_update, max(previous_updates) + dt.timedelta(seconds=1)), signed)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuing.cert.subject)
+        .last_update(last_update)
+        .next_update(signed + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing.key.public_key()), critical=False)
+    )
+    for entry in record["revoked"]:
+        revoked = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(entry["serial"], 16))
+            .revocation_date(dt.datetime.fromisoformat(entry["date"]))
+            .add_extension(x509.CRLReason(REVOCATION_REASONS[entry["reason"]]), critical=False)
+            .build()
+        )
+        builder = builder.add_revoked_certificate(revoked)
+    crl = builder.sign(issuing.key, hashes.SHA256())
+    record |= {"crl_number": number, "last_update": last_update.isoformat()}
+    _write_record(layout, record)
+    write_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    return crl
+
+
+def _write_record(layout: Layout, record: dict[str, Any]) -> None:
+    write_file(layout.revocations, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def revoke(layout: Layout, name: str, reason: str = "unspecified", cert_path: Path | None = None) -> int:
+    """Put `name`'s current certificate on the CRL; return its serial. Revoking twice changes nothing.
+
+    The revocation goes into the record first, then into a new CRL: whatever happens to crl.pem later,
+    `make pki` renders it again with this revocation in it.
+    """
+    if reason not in REVOCATION_REASONS:
+        raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
+    leaf = load_certificates(cert_path or layout.cert(name))[0]
+    record = _read_record(layout)
+    serial = f"{leaf.serial_number:x}"
+    if any(entry["serial"] == serial for entry in record["revoked"]):
+        return leaf.serial_number
+    record["revoked"].append({"serial": serial, "date": now().isoformat(), "reason": reason, "name": name})
+    _write_record(layout, record)
+    write_crl(layout)
+    return leaf.serial_number

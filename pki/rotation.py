@@ -1,0 +1,73 @@
+"""Rotation: a new key and certificate for an identity, without failing a single request.
+
+A rotation must not fail a single request. The callees of the rotated identity must accept the new
+certificate *before* it is presented, and keep accepting the old one while connections that use it
+drain. So it has three steps:
+  1. begin:  issue the new certificate into next/, and list both thumbprints on the allow-lists;
+  2. finish: (once every callee has re-read its allow-list) put the new key and certificate in place,
+             keeping the old certificate in previous/ — still listed;
+  3. retire: (later, at leisure) drop the old thumbprint and revoke the old certificate as superseded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pki.allowlists import render_allow_lists
+from pki.authority import Identity, PKIError, Usage, load_issuer
+from pki.identities import SAN_KINDS
+from pki.output import write_file
+from pki.policy import Policy
+from pki.revocation import revoke
+from shared.certs import extended_key_usages, key_type, load_certificates, subject_alt_names
+from shared.layout import Layout
+
+__all__ = ["ROTATION_GRACE", "retire", "rotate_begin", "rotate_finish"]
+
+# How long `rotate` waits between listing the new thumbprint and presenting the new certificate, so every
+# callee has re-read its allow-list first (services poll every second by default).
+ROTATION_GRACE = dt.timedelta(seconds=3)
+
+
+def rotate_begin(layout: Layout, policy: Policy, name: str) -> Identity:
+    """Issue a successor with the same SANs and usages as the current certificate; list it alongside."""
+    current = load_certificates(layout.cert(name))[0]
+    sans: dict[str, list[str]] = {"dns": [], "ips": [], "uris": []}
+    for kind, value in subject_alt_names(current):
+        sans[SAN_KINDS[kind]].append(value)
+    usages: list[Usage] = [u for u in ("server", "client") if f"{u}Auth" in extended_key_usages(current)]
+    successor = load_issuer(layout).issue(name, **sans, usages=usages, key_type=key_type(current.public_key()))
+    successor.write(layout.out / "next", name)
+    render_allow_lists(layout, policy)
+    return successor
+
+
+def rotate_finish(layout: Layout, policy: Policy, name: str) -> Identity:
+    """Present the successor: old certificate to previous/ (still listed), new key and certificate in place."""
+    if not layout.next_cert(name).exists():
+        raise PKIError(f"no rotation of {name} is under way: run `python -m pki rotate {name}`")
+    successor = Identity.load(layout.next_cert(name), layout.next_key(name))
+    write_file(layout.previous_cert(name), layout.cert(name).read_bytes())
+    # Key first, then certificate: a service reloading in between sees a mismatch, refuses it, and
+    # simply picks up the complete pair on its next look.
+    write_file(layout.key(name), successor.key_pem(), private=True)
+    write_file(layout.cert(name), successor.cert_pem())
+    layout.next_cert(name).unlink()
+    layout.next_key(name).unlink()
+    render_allow_lists(layout, policy)
+    return successor
+
+
+def retire(layout: Layout, policy: Policy, name: str) -> int | None:
+    """End the overlap: drop the old thumbprint from the allow-lists and revoke the old certificate."""
+    previous = layout.previous_cert(name)
+    if not previous.exists():
+        return None
+    serial = revoke(layout, name, "superseded", cert_path=previous)
+    previous.unlink()
+    render_allow_lists(layout, policy)
+    return serial
+
+
+# An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
+# that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.

@@ -1,0 +1,153 @@
+"""The TLS handshake, done by us rather than by uvicorn, so that refusals are seen and the peer is known.
+
+When asyncio (or uvloop) terminates TLS for a server and the handshake fails, the error is dropped — it is
+an OSError, logged only in the loop's debug mode, and no TLS alert is sent either (CPython issue 98078).
+Operators then cannot see who was refused or why. So uvicorn is given no SSL context at all: each
+connection starts as plain TCP, and `TLSTermination` upgrades it with asyncio's public `loop.start_tls()`,
+which raises the handshake's error where we can log it — peer address and OpenSSL's reason, at WARNING.
+On success it reads the verified peer certificate once (shared.peer) and starts uvicorn's HTTP protocol on
+the TLS transport exactly as if uvicorn had done the handshake.
+
+It touches one uvicorn internal, the per-connection `self.app`; the end-to-end tests fail loudly if a
+uvicorn upgrade changes it. There is no plaintext mode: without an SSLContext the class refuses to build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from shared.connections import connections, peer_address
+from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed
+from shared.metrics import Counter
+from shared.peer import IDENTITY_KEY, expose, tls_extension
+
+__all__ = ["TLSTermination", "tls_protocol"]
+
+log = logging.getLogger("mesh.tls")
+tls_refusals = Counter("mesh_tls_refusals_total", "TLS handshakes refused, by OpenSSL's reason", ["reason"])
+
+# For resumed sessions: why a full handshake would refuse this peer certificate (DER) now, or None.
+Recheck = Callable[[bytes], str | None]
+
+
+class TLSTermination:
+    """Mixed into a uvicorn HTTP protocol class (see `tls_protocol`): TLS first, then HTTP with a known peer."""
+
+    app: Any
+    ssl_context: ssl.SSLContext
+    limits: ConnectionLimits
+    recheck: Recheck
+    _established = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = peer_address(transport)
+        if len(connections) >= self.limits.max_connections:
+            self._refuse(transport, peer, f"{self.limits.max_connections} connections are open (the limit)")
+            return
+        if connections.handshaking >= self.limits.max_handshakes:
+            self._refuse(transport, peer, f"{self.limits.max_handshakes} handshakes are in progress (the limit)")
+            return
+        connections.handshaking += 1
+        self._handshake_deadline = Deadline()
+        self._handshake_deadline.arm("handshake", self.limits.handshake_timeout, transport)
+        # start_tls() must take the connection over *now*: uvloop starts reading right after this method
+        # returns (a pause_reading() here would be undone), and a ClientHello delivered to the HTTP parser
+        # would be lost to TLS. So its first step runs eagerly, like a Python 3.12 eager task. Our deadline
+        # (above) is the one that counts; asyncio's is only a backstop.
+        handshake = asyncio.get_running_loop().start_tls(
+            transport,
+            self,  # type: ignore[arg-type]
+            self.ssl_context,
+            server_side=True,
+            ssl_handshake_timeout=self.limits.handshake_timeout + 5,
+        )
+        _run_eagerly(handshake, lambda outcome: self._handshake_done(transport, outcome))
+
+    def _handshake_done(self, raw: asyncio.Transport, outcome: asyncio.Transport | BaseException | None) -> None:
+        connections.handshaking -= 1
+        self._handshake_deadline.disarm()
+        peer = peer_address(raw)
+        if isinstance(outcome, ssl.SSLError):
+            reason = getattr(outcome, "verify_message", None) or outcome.reason or str(outcome)
+            log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": str(outcome)})
+            tls_refusals.inc(reason=reason)
+            raw.close()
+        elif (
+            isinstance(outcome, BaseException)
+            or outcome is None
+            or outcome.is_closing()
+            or outcome.get_extra_info("ssl_object") is None
+        ):
+            # The peer went away before the handshake finished (a TCP-only health probe does exactly that),
+            # or our deadline aborted it (and said so).
+            log.debug("tls_aborted", extra={"peer": peer, "error": repr(outcome)})
+            raw.close()
+        elif reason := self._resumed_and_no_longer_good(outcome.get_extra_info("ssl_object")):
+            log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "resumed session refused"})
+            tls_refusals.inc(reason=reason)
+            outcome.abort()
+        else:
+            self._established = True
+            extension = tls_extension(outcome.get_extra_info("ssl_object"))
+            super().connection_made(outcome)  # type: ignore[misc]
+            connections.add(self, outcome, extension[IDENTITY_KEY])  # type: ignore[arg-type]
+            self.app = expose(self.app, extension)
+
+    def _resumed_and_no_longer_good(self, ssl_object: ssl.SSLObject) -> str | None:
+        """Why a resumed session must be refused, or None.
+
+        A resumed handshake checks no certificate: not its expiry, not the CRL. We issue no session tickets
+        (shared.tls), but Python offers no switch for OpenSSL's TLS 1.2 session-ID cache, so a TLS 1.2 peer
+        can still resume. Its certificate is then checked here as a full handshake would check it now.
+        """
+        if not ssl_object.session_reused:
+            return None
+        der = ssl_object.getpeercert(binary_form=True)
+        return self.recheck(der) if der else "resumed session without a certificate to check"
+
+    def _refuse(self, transport: asyncio.Transport, peer: str, why: str) -> None:
+        log.warning("connection_refused", extra={"peer": peer, "reason": why})
+        connections_closed.inc(reason="limit")
+        transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        connections.remove(self)  # type: ignore[arg-type]
+        # A connection whose handshake failed was never handed to uvicorn: nothing of its state to tear down.
+        if self._established:
+            super().connection_lost(exc)  # type: ignore[misc]
+
+
+def tls_protocol(context: ssl.SSLContext, limits: ConnectionLimits, recheck: Recheck) -> type[asyncio.Protocol]:
+    """uvicorn's fastest HTTP/1.1 protocol class, terminating TLS with `context`, within `limits`.
+
+    uvicorn.run(app, http=tls_protocol(live.server, config.limits, live.recheck))
+    """
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError("a service speaks TLS only: tls_protocol() needs an ssl.SSLContext")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
+
+    attributes = {"ssl_context": context, "limits": limits, "recheck": staticmethod(recheck)}
+    return type("TLSHttpToolsProtocol", (TLSTermination, RequestLimits, HttpToolsProtocol), attributes)
+
+
+def _run_eagerly(coroutine: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:
+    """Run `coroutine` up to its first wait now, and the rest as the futures it waits on complete.
+
+    `done` receives its result, or the exception it raised. (A minimal Task whose first step is eager.)
+    """
+
+    def step(future: asyncio.Future[Any] | None) -> None:
+        try:
+            waiting_on = coroutine.send(None)  # resuming an `await future` returns its result or raises
+        except StopIteration as finished:
+            done(finished.value)
+        except (Exception, asyncio.CancelledError) as error:
+            done(error)
+        else:
+            waiting_on.add_done_callback(step)
+
+    step(None)
