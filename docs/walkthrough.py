@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -107,20 +108,24 @@ class Walkthrough:
             if self.target == "compose":
                 self.spawn_and_wait("make up", wait=False)
             else:
-                self.mesh.append(self.spawn_and_wait("python -m services.local"))
+                self.mesh.append(self.spawn_and_wait("python -m services.local", ports=(8443, 8444, 8445)))
         elif action == "stop-mesh":
             if self.target == "compose":  # our own compose project: containers, networks and its volume
                 down = ["docker", "compose", "--profile", "client", "down", "--volumes", "--remove-orphans"]
                 subprocess.run(down, cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
             stop(self.mesh)
         elif action.startswith("background:"):
-            self.background.append(self.spawn_and_wait(action.split(":", 1)[1].strip()))
+            line = action.split(":", 1)[1].strip()
+            ports = tuple(int(p) for p in re.findall(r"MESH_PORT=(\d+)", line))
+            self.background.append(self.spawn_and_wait(line, ports=ports))
         elif action == "stop-background":
             stop(self.background)
         else:
             raise SystemExit(f"walkthrough: unknown action {action!r} in {DOC.name}")
 
-    def spawn_and_wait(self, line: str, wait: bool = True) -> subprocess.Popen[bytes] | None:
+    def spawn_and_wait(
+        self, line: str, wait: bool = True, ports: tuple[int, ...] = ()
+    ) -> subprocess.Popen[bytes] | None:
         if not wait:  # a command that returns once the thing it starts is up (make up)
             done = subprocess.run(
                 ["bash", "-c", line], cwd=self.workdir, env=self.env, capture_output=True, timeout=900
@@ -137,9 +142,13 @@ class Walkthrough:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        time.sleep(3)  # long enough to listen; every step that follows would fail loudly otherwise
-        if process.poll() is not None:
-            raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}")
+        deadline = time.monotonic() + 30
+        while not all(_listening(port) for port in ports):  # until every port it opens accepts connections
+            if process.poll() is not None:
+                raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"walkthrough: `{line}` did not listen on {ports} within 30 s")
+            time.sleep(0.05)
         return process
 
     def stop_all(self) -> None:
@@ -147,6 +156,14 @@ class Walkthrough:
             self.act("stop-mesh")
         stop(self.mesh)
         stop(self.background)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def stop(processes: list[subprocess.Popen[bytes] | None]) -> None:

@@ -6,16 +6,21 @@ logged — the refused request never reached a handler, and nothing went further
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
+from pki import Identity
 from services.local import ServiceProcess, chain_environments, running
 from shared.certs import load_certificates, thumbprint
 from shared.downstream import explain_transport_error
 from shared.layout import Layout
-from tests.conftest import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+from tests.support import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
 
 pytestmark = pytest.mark.e2e
 
@@ -79,24 +84,49 @@ def test_refused_at_the_tls_layer(mesh: Mesh, hostile: dict[str, Credentials], s
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_our_intermediate_ca_is_no_client(mesh: Mesh, hostile: dict[str, Credentials], service: str) -> None:
-    """Our own intermediate, with its real key, presented as a client certificate, is refused.
+def test_our_intermediate_ca_is_refused_at_tls(mesh: Mesh, hostile: dict[str, Credentials], service: str) -> None:
+    """Our own intermediate, with its real key, presented as a client certificate: with leaf CRL checking on,
+    TLS refuses it — it would need a CRL from the root, and the mesh has none."""
+    assert_refused_at_tls(mesh, mesh[service], attacker_context(mesh.layout.ca_cert, hostile["our-intermediate"]))
 
-    With CRL checking on, TLS already refuses it (there is no CRL from the root to check it against);
-    without, the authorizer would (a CA certificate is no caller: see test_authz). Either way: no entry.
-    """
-    marks = mesh.marks()
-    context = attacker_context(mesh.layout.ca_cert, hostile["our-intermediate"])
-    try:
-        response = get(f"{mesh[service].url}/chain", service, context)
-    except TLS_REFUSALS:
-        assert mesh.events_since(marks) == {name: [] for name in SERVICES}
-        return
-    assert response.status_code == 403
-    assert "CA certificate" in response.json()["reason"]
-    events = mesh.events_since(marks)
-    assert [e["decision"] for e in events[service]] == ["deny"]
-    assert all(not v for name, v in events.items() if name != service), "the refused request went further"
+
+def test_a_ca_certificate_that_passes_tls_is_still_no_caller(
+    layout: Layout, hostile: dict[str, Credentials], tmp_path: Path
+) -> None:
+    """Give service-c a root-signed CRL too, so that TLS accepts the intermediate as a client certificate:
+    the authorizer still refuses it (403, `ca_certificate`) — a CA certificate is no caller."""
+    root = Identity.load(layout.ca_cert, layout.ca_key)
+    root_crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(root.cert.subject)
+        .last_update(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+        .next_update(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        .sign(root.key, hashes.SHA256())
+    )
+    bundle = tmp_path / "crls.pem"
+    bundle.write_bytes(layout.crl.read_bytes() + root_crl.public_bytes(serialization.Encoding.PEM))
+    env = {**chain_environments(free_ports(1), layout.out, names=["service-c"])[0], "MESH_CRL": str(bundle)}
+    (process,) = start_services([env], tmp_path)
+    with running([process]):
+        service = Service(process)
+        context = attacker_context(layout.ca_cert, hostile["our-intermediate"])
+        response = get(f"{service.url}/chain", "service-c", context)
+        assert response.status_code == 403
+        assert "CA certificate" in response.json()["reason"]
+        assert [e["reason"] for e in service.events_since(0, "authz")] == [response.json()["reason"]]
+
+
+def test_without_a_certificate_under_cert_optional_the_app_answers_401(layout: Layout, tmp_path: Path) -> None:
+    """`MESH_CLIENT_CERT=optional` (Kestrel's AllowCertificate): the handshake succeeds, the guard refuses."""
+    env = {**chain_environments(free_ports(1), layout.out, names=["service-c"])[0], "MESH_CLIENT_CERT": "optional"}
+    (process,) = start_services([env], tmp_path)
+    with running([process]):
+        service = Service(process)
+        response = get(f"{service.url}/chain", "service-c", attacker_context(layout.ca_cert, None))
+        assert response.status_code == 401
+        assert response.json()["type"].endswith("certificate-required")
+        (decision,) = service.events_since(0, "authz")
+        assert decision["decision"] == "deny" and decision["reason"] == "no client certificate was presented"
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -22,7 +22,7 @@ from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
 from shared.layout import Layout
-from tests.conftest import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+from tests.support import Credentials, Mesh, Service, attacker_context, free_ports, get, start_services, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -124,9 +124,8 @@ def test_a_refused_handshake_is_logged_with_its_reason(
     creds = None if kind == "no-certificate" else hostile[kind]
     with pytest.raises(httpx.HTTPError):
         get(f"{service.url}/chain", service.name, attacker_context(mesh.layout.ca_cert, creds))
-    deadline = time.monotonic() + 5
-    while not (refusals := service.events_since(mark, "tls_refused")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: service.events_since(mark, "tls_refused") != [], timeout=5)
+    refusals = service.events_since(mark, "tls_refused")
     assert len(refusals) == 1, refusals
     assert refusals[0]["level"] == "warning"
     assert refusals[0]["reason"] == reason
@@ -152,7 +151,7 @@ def test_a_revoked_certificate_is_logged_as_revoked(tmp_path: Path) -> None:
             time.sleep(0.2)
         with pytest.raises(httpx.HTTPError):  # and now a fresh handshake is refused
             get(f"{service.url}/chain", "service-c", context)
-        time.sleep(0.3)
+        wait_until(lambda: service.events_since(0, "tls_refused") != [])
     reasons = [e["reason"] for e in service.events() if e.get("event") == "tls_refused"]
     assert reasons and set(reasons) == {"certificate revoked"}
 
@@ -183,7 +182,13 @@ def test_metrics_count_decisions_and_refusals_and_are_for_operators_only(
     get(f"{service.url}/chain", service.name, attacker_context(mesh.layout.ca_cert, hostile["no-eku"]))
     with pytest.raises(httpx.HTTPError):
         get(f"{service.url}/chain", service.name, attacker_context(mesh.layout.ca_cert, None))
-    time.sleep(0.2)
+    refusals = "mesh_tls_refusals_total"
+    wait_until(
+        lambda: (
+            metric(scrape(), refusals, reason="PEER_DID_NOT_RETURN_A_CERTIFICATE")
+            > metric(before, refusals, reason="PEER_DID_NOT_RETURN_A_CERTIFICATE")
+        )
+    )
     after = scrape()
 
     def moved(name: str, **labels: str) -> float:

@@ -12,7 +12,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,21 +23,12 @@ from pki import PKIError, Policy, init, issue_identity, load_issuer, revoke, wri
 from services.local import chain_environments, running
 from shared.certs import load_crl
 from shared.layout import Layout
-from tests.conftest import Credentials, Service, attacker_context, free_ports, start_services
+from tests.support import Credentials, Service, attacker_context, free_ports, start_services, wait_until
 
 pytestmark = pytest.mark.e2e
 
 POLICY = Policy.load()
 RELOAD_INTERVAL = 0.5
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"still not the case after {timeout:g} s")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.layout import Layout
-from tests.conftest import Credentials, free_ports
+from tests.support import Credentials, free_ports
 
 
 def start(layout: Layout, **env: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,121 @@
+"""What the tests share: hand-built attacker contexts, services read back through their logs, waiting on events.
+
+Fixtures live in conftest.py; everything a test imports lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.local import ServiceProcess, free_ports
+from shared.layout import Layout
+
+__all__ = [
+    "TLS_REFUSALS",
+    "Credentials",
+    "Mesh",
+    "Service",
+    "attacker_context",
+    "free_ports",
+    "get",
+    "start_services",
+    "wait_until",
+]
+
+# How a refusal during the handshake looks to an httpx client under asyncio: no TLS alert, the connection
+# just closes — during the handshake (ConnectError) or, with TLS 1.3, at the first read.
+TLS_REFUSALS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    cert: Path
+    key: Path
+
+
+def attacker_context(
+    ca: Path, creds: Credentials | None, *, max_version: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
+    """A client context built by hand, as an attacker would: no checks on what it presents."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    if creds is not None:
+        context.load_cert_chain(creds.cert, creds.key)
+    if max_version is not None:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 otherwise refuses TLS < 1.2 itself
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        context.maximum_version = max_version
+    return context
+
+
+def get(url: str, server_name: str, context: ssl.SSLContext) -> httpx.Response:
+    with httpx.Client(verify=context, timeout=10) as client:
+        return client.get(url, extensions={"sni_hostname": server_name})
+
+
+class Service:
+    """A running service, with its log read back as JSON events."""
+
+    def __init__(self, process: ServiceProcess) -> None:
+        self.process = process
+        self.name, self.port = process.name, process.port
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.process.output().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def mark(self) -> int:
+        return len(self.events())
+
+    def events_since(self, mark: int, event: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events()[mark:] if event is None or e.get("event") == event]
+
+    def assert_alive(self) -> None:
+        assert self.process.process is not None and self.process.process.poll() is None, f"{self.name} died"
+
+
+class Mesh:
+    def __init__(self, services: list[Service], layout: Layout) -> None:
+        self.services = {s.name: s for s in services}
+        self.layout = layout
+
+    def __getitem__(self, name: str) -> Service:
+        return self.services[name]
+
+    def marks(self) -> dict[str, int]:
+        return {name: s.mark() for name, s in self.services.items()}
+
+    def events_since(self, marks: dict[str, int], event: str = "authz") -> dict[str, list[dict[str, Any]]]:
+        return {name: s.events_since(marks[name], event) for name, s in self.services.items()}
+
+    def credentials(self, name: str) -> Credentials:
+        return Credentials(self.layout.cert(name), self.layout.key(name))
+
+
+def start_services(envs: list[dict[str, str]], logs: Path) -> list[ServiceProcess]:
+    return [ServiceProcess(env, logs / f"{env['MESH_NAME']}-{env['MESH_PORT']}.log") for env in envs]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
+    """Seconds until `condition()` held (polled every 50 ms); fails the test if it did not within `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"still not the case after {timeout:g} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
