@@ -46,10 +46,7 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float =
             response = client.get(url, extensions={"sni_hostname": server_name})
     except httpx.HTTPError as e:
         return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, timeout, url)}")
-    try:
-        body = response.json()
-    except ValueError:
-        body = response.text
+    body = problem_body(response)
     if response.status_code == 200:
         text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
         return Outcome(True, text, 200, body)
@@ -78,9 +75,11 @@ def load(
                 try:
                     response = client.get(url, extensions={"sni_hostname": server_name})
                     if response.status_code != 200:
-                        failures.append(explain_problem(response.status_code, response.json()))
+                        failures.append(explain_problem(response.status_code, problem_body(response)))
                 except httpx.HTTPError as e:
                     failures.append(explain_transport_error(e, server_name, 10, url))
+                except Exception as e:  # a worker that dies must still count as a failure
+                    failures.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for thread in threads:
@@ -93,6 +92,14 @@ def load(
     for failure in failures[:3]:
         print(f"  {failure}")
     return 0 if not failures and (command is None or command.returncode == 0) else 1
+
+
+def problem_body(response: httpx.Response) -> Any:
+    """The JSON body, or the text when the answer is not JSON (a proxy's error page, say)."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
 
 
 def explain_problem(status: int, body: Any) -> str:

@@ -17,7 +17,7 @@ from pki.authority import PKIError
 from pki.deploy import deploy
 from pki.identities import init, issue_identity
 from pki.policy import POLICY_FILE, Policy
-from pki.revocation import REVOCATION_REASONS, revoke
+from pki.revocation import REVOCATION_REASONS, revoke, revoked_in_place
 from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
 from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
 from shared.files import MaterialError
@@ -126,9 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_init(args: argparse.Namespace, layout: Layout) -> None:
-    created = init(layout, Policy.load(args.policy), key_type=args.key_type, force=args.force)
+    policy = Policy.load(args.policy)
+    created = init(layout, policy, key_type=args.key_type, force=args.force)
     print(f"created: {', '.join(created)}" if created else f"{shown(args.out)}: up to date, nothing created")
     print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
+    for name in revoked_in_place(layout, [*policy.services, *policy.clients]):
+        print(
+            f"warning: {name}'s certificate is revoked, so every peer refuses it (a service using it stays "
+            f"unhealthy): give it a new one with `make rotate NAME={name}`",
+            file=sys.stderr,
+        )
 
 
 def cmd_issue(args: argparse.Namespace, layout: Layout) -> None:

@@ -21,7 +21,7 @@ from pki.output import write_file
 from shared.certs import crl_number, load_certificates, load_crl
 from shared.layout import Layout
 
-__all__ = ["CRL_VALIDITY", "REVOCATION_REASONS", "crl_needs_renewal", "revoke", "write_crl"]
+__all__ = ["CRL_VALIDITY", "REVOCATION_REASONS", "crl_needs_renewal", "revoke", "revoked_in_place", "write_crl"]
 
 # Peers refuse a CRL past its next-update time, and with CRL checking on, that means refusing everyone.
 # `make pki` re-signs the CRL when it has RENEW_BEFORE left; run it from cron in anything long-lived.
@@ -139,3 +139,13 @@ def revoke(layout: Layout, name: str, reason: str = "unspecified", cert_path: Pa
     _write_record(layout, record)
     write_crl(layout)
     return leaf.serial_number
+
+
+def revoked_in_place(layout: Layout, names: list[str]) -> list[str]:
+    """The identities whose current certificate is revoked: every peer refuses them until they are re-issued."""
+    revoked = {entry["serial"] for entry in _read_record(layout)["revoked"]}
+    return [
+        name
+        for name in names
+        if layout.cert(name).exists() and f"{load_certificates(layout.cert(name))[0].serial_number:x}" in revoked
+    ]

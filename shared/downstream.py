@@ -53,8 +53,10 @@ class Downstream:
         old, self.client = self.client, self._new_client()
 
         async def retire() -> None:
-            await asyncio.sleep(self.timeout + 1)  # no in-flight request outlives its timeout
-            await old.aclose()
+            try:
+                await asyncio.sleep(self.timeout + 1)  # no in-flight request outlives its timeout
+            finally:
+                await old.aclose()  # also when the service stops first: aclose() cancels this task
 
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)
@@ -113,8 +115,11 @@ class Downstream:
         )
 
     async def aclose(self) -> None:
-        for task in self._retiring:
+        """Close the current pool and every retiring one."""
+        retiring = list(self._retiring)
+        for task in retiring:
             task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await self.client.aclose()
 
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from pki import PKIError, Policy, init, issue_identity, revoke
+from pki.__main__ import main
 from shared.certs import (
     extended_key_usages,
     load_certificates,
@@ -182,3 +183,13 @@ def test_each_crl_is_strictly_newer_than_the_one_before(tmp_path) -> None:
     crl = load_crl(layout.crl)
     assert len(list(crl)) == 3
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 4
+
+
+def test_make_pki_says_when_an_identity_in_use_is_revoked(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pki"
+    assert main(["--out", str(out), "init"]) == 0
+    revoke(Layout(out), "service-b", "key-compromise")
+    capsys.readouterr()
+    assert main(["--out", str(out), "init"]) == 0
+    warning = capsys.readouterr().err
+    assert "service-b's certificate is revoked" in warning and "make rotate NAME=service-b" in warning
