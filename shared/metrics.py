@@ -1,7 +1,9 @@
-"""Counters in the Prometheus text format: what was allowed, what was refused and why, by whom.
+"""Counters and gauges in the Prometheus text format: what was allowed, what was refused and why, by whom.
 
-Twenty lines instead of a dependency: a process serves one service, counters only go up, and the text
-format is simple (https://prometheus.io/docs/instrumenting/exposition_formats/).
+Why not `prometheus_client`: every sample here carries the service's name as a constant label, which that
+library does not offer (it leaves it to relabelling, or to a custom collector longer than this module); a
+process serves one service, counters only go up, and the text format is simple
+(https://prometheus.io/docs/instrumenting/exposition_formats/).
 """
 
 from __future__ import annotations
