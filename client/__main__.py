@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -27,7 +28,8 @@ from shared.downstream import explain_transport_error
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
 
-DEFAULT_URL = "https://127.0.0.1:8443/chain"
+# service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
+DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"
 
 
 @dataclass

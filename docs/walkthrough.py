@@ -10,8 +10,9 @@ The document is the script. In it:
   another terminal: `start-mesh`, `stop-mesh`, `background: COMMAND`, `stop-background`.
 
 It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8445, or
-against the Docker stack with WALKTHROUGH_TARGET=compose. A mismatch prints the step, the command, and
-expected against actual, and exits 1.
+against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d moves the document's
+ports 8443, 8444, 8445 and 9445 elsewhere (the tests use free ones), in commands and outputs alike.
+A mismatch prints the step, the command, and expected against actual, and exits 1.
 """
 
 from __future__ import annotations
@@ -82,11 +83,19 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     )
 
 
+DOCUMENT_PORTS = (8443, 8444, 8445, 9445)
+
+
 class Walkthrough:
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.workdir, self.target = workdir, target
+    def __init__(self, workdir: Path, target: str, ports: tuple[int, ...] = DOCUMENT_PORTS) -> None:
+        self.workdir, self.target, self.ports = workdir, target, ports
         self.env = {
             **os.environ,
+            "PORTS": ",".join(map(str, ports[:3])),  # make run / make call
+            "MESH_CLIENT_URL": f"https://127.0.0.1:{ports[0]}/chain",  # python -m client's default
+            "MESH_PORT_A": str(ports[0]),  # make up
+            "MESH_PORT_B": str(ports[1]),
+            "MESH_PORT_C": str(ports[2]),
             "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ['PATH']}",
             "VIRTUAL_ENV": str(workdir / ".venv"),
             "COMPOSE_PROJECT_NAME": "mtls-mesh-walkthrough",
@@ -95,6 +104,12 @@ class Walkthrough:
         self.env.pop("MESH_PKI_DIR", None)
         self.mesh: list[subprocess.Popen[bytes] | None] = []  # the local mesh (start-mesh)
         self.background: list[subprocess.Popen[bytes] | None] = []  # anything else (background: …)
+
+    def localise(self, text: str) -> str:
+        """The document's ports replaced by the ones this run uses."""
+        for document_port, port in zip(DOCUMENT_PORTS, self.ports, strict=True):
+            text = re.sub(rf"\b{document_port}\b", str(port), text)
+        return text
 
     def run(self, command: Command) -> tuple[int, list[str]]:
         result = subprocess.run(
@@ -108,14 +123,15 @@ class Walkthrough:
             if self.target == "compose":
                 self.spawn_and_wait("make up", wait=False)
             else:
-                self.mesh.append(self.spawn_and_wait("python -m services.local", ports=(8443, 8444, 8445)))
+                ports = ",".join(map(str, self.ports[:3]))
+                self.mesh.append(self.spawn_and_wait(f"python -m services.local --ports {ports}", ports=self.ports[:3]))
         elif action == "stop-mesh":
             if self.target == "compose":  # our own compose project: containers, networks and its volume
                 down = ["docker", "compose", "--profile", "client", "down", "--volumes", "--remove-orphans"]
                 subprocess.run(down, cwd=self.workdir, env=self.env, capture_output=True, timeout=120)
             stop(self.mesh)
         elif action.startswith("background:"):
-            line = action.split(":", 1)[1].strip()
+            line = self.localise(action.split(":", 1)[1].strip())
             ports = tuple(int(p) for p in re.findall(r"MESH_PORT=(\d+)", line))
             self.background.append(self.spawn_and_wait(line, ports=ports))
         elif action == "stop-background":
@@ -212,7 +228,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-walkthrough-") as scratch:
         workdir = Path(scratch)
         prepare(workdir)
-        walkthrough = Walkthrough(workdir, target)
+        ports = tuple(int(p) for p in os.environ.get("WALKTHROUGH_PORTS", "").split(",") if p) or DOCUMENT_PORTS
+        walkthrough = Walkthrough(workdir, target, ports)
         heading = "(start)"
         try:
             for token in TOKENS.finditer(text):
@@ -222,7 +239,7 @@ def main() -> int:
                 elif token["action"]:
                     walkthrough.act(token["action"].strip())
                 else:
-                    for command in parse_block(token["block"]):
+                    for command in parse_block(walkthrough.localise(token["block"])):
                         code, actual = walkthrough.run(command)
                         expected = [line for line in command.expected if line.strip()]
                         if code == command.exit_code and matches(expected, actual):

@@ -20,7 +20,17 @@ from services.local import ServiceProcess, chain_environments, running
 from shared.certs import load_certificates, thumbprint
 from shared.downstream import explain_transport_error
 from shared.layout import Layout
-from tests.support import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, free_ports, get, start_services
+from tests.support import (
+    TLS_REFUSALS,
+    Credentials,
+    Mesh,
+    Service,
+    attacker_context,
+    free_ports,
+    get,
+    start_services,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +38,16 @@ SERVICES = ["service-a", "service-b", "service-c"]
 
 
 def assert_refused_at_tls(mesh: Mesh, service: Service, context: ssl.SSLContext) -> Exception:
+    """Proven twice: the caller's connection fails, and the service itself logged the refused handshake —
+    while no service logged a decision, so no request reached any app."""
     marks = mesh.marks()
+    tls_mark = service.mark()
     with pytest.raises(TLS_REFUSALS) as refused:
         get(f"{service.url}/chain", service.name, context)
     # "Connection refused" would mean nobody was listening: that proves nothing about TLS.
     assert "nothing accepts connections" not in explain_transport_error(refused.value, "", 0)
     service.assert_alive()
+    wait_until(lambda: service.events_since(tls_mark, "tls_refused") != [], timeout=5)
     assert mesh.events_since(marks) == {name: [] for name in SERVICES}, "a refused handshake reached the app"
     return refused.value
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from docs.walkthrough import ROOT, check_code_links, line_pattern, matches
+from tests.support import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -34,8 +35,9 @@ def test_code_links_point_at_what_they_name() -> None:
 
 
 def test_the_walkthrough_runs_and_prints_what_it_says(tmp_path: Path) -> None:
-    """Every command of docs/walkthrough.md, against a real local mesh on 8443–8445."""
-    env = {**os.environ, "WALKTHROUGH_TARGET": "local"}
+    """Every command of docs/walkthrough.md, against a real local mesh on free ports."""
+    ports = ",".join(map(str, free_ports(4)))
+    env = {**os.environ, "WALKTHROUGH_TARGET": "local", "WALKTHROUGH_PORTS": ports}
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "walkthrough.py")],
         cwd=ROOT,
