@@ -1,7 +1,9 @@
-"""Every `ssl.SSLContext` in the project is built here: uvicorn's (server) and httpx's (client) alike.
+"""Every `ssl.SSLContext` in the project is built here: the services' (server) and their calls' (client) alike.
 
 One place decides what we trust, which certificate we present and which protocol versions we speak, so a
-reader can check the whole TLS posture on one screen and no service can drift from it.
+reader can check the whole TLS posture on one screen and no service can drift from it. (Only experiments
+adjust a context built here: the bench caps one at TLS 1.2, the post-handshake-auth demo asks for a
+certificate late. The tests' attackers build theirs by hand, as attackers would.)
 
 Before OpenSSL sees a file we check it ourselves with `cryptography`: OpenSSL's own errors ("[SSL] PEM lib")
 name neither the file nor the fix, and a service must refuse to start with a sentence that does.
