@@ -10,8 +10,8 @@ The document is the script. In it:
   another terminal: `start-mesh`, `stop-mesh`, `background: COMMAND`, `stop-background`.
 
 It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8445, or
-against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d moves the document's
-ports 8443, 8444, 8445 and 9445 elsewhere (the tests use free ones), in commands and outputs alike.
+against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d,e moves the document's
+ports 8443, 8444, 8445, 9445 and 9446 elsewhere (the tests use free ones), in commands and outputs alike.
 A mismatch prints the step, the command, and expected against actual, and exits 1.
 """
 
@@ -83,7 +83,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     )
 
 
-DOCUMENT_PORTS = (8443, 8444, 8445, 9445)
+DOCUMENT_PORTS = (8443, 8444, 8445, 9445, 9446)
 
 
 class Walkthrough:
@@ -132,7 +132,7 @@ class Walkthrough:
             stop(self.mesh)
         elif action.startswith("background:"):
             line = self.localise(action.split(":", 1)[1].strip())
-            ports = tuple(int(p) for p in re.findall(r"MESH_PORT=(\d+)", line))
+            ports = tuple(port for port in self.ports if re.search(rf"\b{port}\b", line))
             self.background.append(self.spawn_and_wait(line, ports=ports))
         elif action == "stop-background":
             stop(self.background)
