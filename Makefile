@@ -56,7 +56,7 @@ rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing 
 	@test -n "$(NAME)" || { echo "usage: make rotate NAME=service-a" >&2; exit 2; }
 	$(PY) -m pki rotate $(NAME) --begin
 	@$(MAKE) --no-print-directory deploy-if-up
-	@sleep 3  # every callee re-reads its allow-list (now listing both certificates) before the new one is used
+	@$(PY) -m pki rotate $(NAME) --wait  # thumbprint mode: every callee re-reads its allow-list first
 	$(PY) -m pki rotate $(NAME) --finish
 	@$(MAKE) --no-print-directory deploy-if-up
 

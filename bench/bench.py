@@ -40,9 +40,12 @@ from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
 from shared import nativetls, tls
 from shared.allowlist import AllowList
+from shared.authz import authorize_id
+from shared.callee import callee_check
 from shared.certs import load_certificates
 from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.spiffe import SpiffeId
 
 HERE = Path(__file__).parent
 
@@ -90,7 +93,8 @@ class Variant:
             context.maximum_version = ssl.TLSVersion.TLSv1_2
         limits = httpx.Limits(max_keepalive_connections=0 if self.cold else 20, keepalive_expiry=4)
         # The same client stack as the services' own calls to the next hop (shared.downstream).
-        return httpx.AsyncClient(transport=nativetls.transport(context, limits), timeout=10)
+        check = callee_check(authorize_id(SpiffeId("mesh.internal", "/service-a")))
+        return httpx.AsyncClient(transport=nativetls.transport(context, limits, check), timeout=10)
 
 
 async def sequential(variant: Variant, count: int) -> None:

@@ -10,6 +10,7 @@ Exit status 0 when the call succeeded, 1 when it was refused or failed (the reas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -24,9 +25,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared import tls
+from shared.authz import authorize_id
+from shared.callee import CalleeCheck, callee_check, sync_transport
+from shared.certs import load_certificates
 from shared.downstream import explain_transport_error
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
+from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
 
 # service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"
@@ -40,11 +45,11 @@ class Outcome:
     body: Any = None
 
 
-def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float = 10.0) -> Outcome:
+def call(url: str, server_name: str, material: tls.TLSMaterial, check: CalleeCheck, timeout: float = 10.0) -> Outcome:
     """One request, with a fresh connection; turns every kind of failure into a sentence."""
     context = tls.client_context(material)
     try:
-        with httpx.Client(verify=context, timeout=timeout) as client:
+        with httpx.Client(transport=sync_transport(context, check), timeout=timeout) as client:
             response = client.get(url, extensions={"sni_hostname": server_name})
     except httpx.HTTPError as e:
         return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, timeout, url)}")
@@ -56,7 +61,13 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, timeout: float =
 
 
 def load(
-    url: str, server_name: str, material: tls.TLSMaterial, total: int, concurrency: int, during: str | None
+    url: str,
+    server_name: str,
+    material: tls.TLSMaterial,
+    check: CalleeCheck,
+    total: int,
+    concurrency: int,
+    during: str | None,
 ) -> int:
     """A steady load: `total` requests at least, and for as long as `during` runs; prints how many failed."""
     context = tls.client_context(material)
@@ -68,7 +79,7 @@ def load(
 
     def worker() -> None:
         nonlocal sent
-        with httpx.Client(verify=context, timeout=10) as client:
+        with httpx.Client(transport=sync_transport(context, check), timeout=10) as client:
             while True:
                 with lock:
                     if not busy():
@@ -132,8 +143,19 @@ def hop_table(hops: list[dict[str, Any]]) -> str:
             f"{number:<4} {hop['service']:<10} {caller.get('spiffe_id') or caller['subject']:<34} "
             f"{conn.get('version', '?')} {conn.get('cipher', '?')}"
         )
-        lines.append(f"{'':<15} sha256 {caller['sha256']}")
+        # A pinned thumbprint is the default; a caller admitted by its name says so.
+        by = " (admitted by its SPIFFE ID)" if hop.get("admitted_by") == "spiffe-id" else ""
+        lines.append(f"{'':<15} sha256 {caller['sha256']}{by}")
     return "\n".join(lines)
+
+
+def default_server_id(material: tls.TLSMaterial, server_name: str) -> SpiffeId:
+    """spiffe://<our own trust domain>/<server name>; mesh.internal when our certificate names no domain."""
+    trust_domain = "mesh.internal"
+    if material.cert is not None:
+        with contextlib.suppress(MaterialError, InvalidSvid):
+            trust_domain = svid_id(load_certificates(material.cert)[0]).trust_domain
+    return SpiffeId(trust_domain, f"/{server_name}")
 
 
 def default_server_name(url: str) -> str:
@@ -155,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         "--server-name",
         help="the identity the server must prove (TLS server name; its certificate must carry it as a DNS SAN). "
         "Default: the URL's host, or service-a when the host is an IP address",
+    )
+    parser.add_argument(
+        "--server-id",
+        help="the SPIFFE ID the server must present, checked after the handshake and before the request is sent. "
+        "Default: spiffe://<our certificate's trust domain>/<server name>",
     )
     parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="default: pki/out")
     parser.add_argument("--cert", type=Path, help="our certificate (default: <pki-dir>/client.crt)")
@@ -179,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_name = args.server_name or default_server_name(args.url)
     try:
+        expected = SpiffeId.parse(args.server_id) if args.server_id else default_server_id(material, server_name)
+    except InvalidSpiffeId as e:
+        print(f"client: --server-id {args.server_id}: {e}", file=sys.stderr)
+        return 2
+    check = callee_check(authorize_id(expected))
+    try:
         if args.load:
-            return load(args.url, server_name, material, args.load, args.concurrency, args.during)
-        outcome = call(args.url, server_name, material)
+            return load(args.url, server_name, material, check, args.load, args.concurrency, args.during)
+        outcome = call(args.url, server_name, material, check)
     except MaterialError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2

@@ -95,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="give an identity a new key and certificate without failing a request",
         description="1. issue the successor into next/ and list it on the allow-lists next to the current one; "
         "2. wait until every service has re-read its allow-list; 3. put the new key and certificate in place, "
-        "keeping the old one listed (previous/) until `retire`. --begin and --finish run one step each, for "
-        "when something must happen in between (the compose stack deploys to its volume).",
+        'keeping the old one listed (previous/) until `retire`. With authorize_by = "spiffe-id" the '
+        "allow-lists name the identity, not the certificate: nothing to list, nothing to wait for. --begin, "
+        "--wait and --finish run one step each, for when something must happen in between (the compose stack "
+        "deploys to its volumes).",
     )
     p.add_argument("name")
     step = p.add_mutually_exclusive_group()
     step.add_argument("--begin", action="store_true", help="step 1 only")
+    step.add_argument("--wait", action="store_true", help="step 2 only (returns at once in spiffe-id mode)")
     step.add_argument("--finish", action="store_true", help="step 3 only")
 
     p = commands.add_parser(
@@ -163,14 +166,18 @@ def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
 
 def cmd_rotate(args: argparse.Namespace, layout: Layout) -> None:
     policy = Policy.load(args.policy)
-    if not args.finish:
+    every_step = not (args.begin or args.wait or args.finish)
+    by_thumbprint = policy.authorize_by == "thumbprint"
+    if args.begin or every_step:
         successor = rotate_begin(layout, policy, args.name)
-        print(f"{args.name}: successor sha256 {successor.sha256} listed next to the current one")
-    if not (args.begin or args.finish):
-        time.sleep(ROTATION_GRACE.total_seconds())
-    if not args.begin:
+        listed = "listed next to the current one" if by_thumbprint else "issued (allow-lists name the identity)"
+        print(f"{args.name}: successor sha256 {successor.sha256} {listed}")
+    if (args.wait or every_step) and by_thumbprint:
+        time.sleep(ROTATION_GRACE.total_seconds())  # every callee re-reads its allow-list first
+    if args.finish or every_step:
         rotate_finish(layout, policy, args.name)
-        print(f"{args.name}: new key and certificate in place; old one listed until `pki retire`")
+        old = "old one listed until `pki retire`" if by_thumbprint else "old one valid until `pki retire` revokes it"
+        print(f"{args.name}: new key and certificate in place; {old}")
 
 
 def cmd_retire(args: argparse.Namespace, layout: Layout) -> None:

@@ -14,7 +14,8 @@ __all__ = ["render_allow_lists"]
 
 
 def render_allow_lists(layout: Layout, policy: Policy) -> None:
-    """Turn the policy's names into thumbprints: one file per service, one caller per line."""
+    """Turn the policy's names into allow-lists, one file per service, one caller per line: its thumbprints
+    (current, and next or previous during a rotation), or with `authorize_by = "spiffe-id"` its SPIFFE ID."""
     for callee in policy.services:
         header = f"Allow-list of {callee}: the callers whose certificate may call it."
         _render(layout, policy, layout.allow_list(callee), header, policy.allow.get(callee, ()))
@@ -29,6 +30,13 @@ def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: It
         "# Format: one SHA-256 certificate thumbprint per line (64 hex digits, colons allowed);",
         "# '#' starts a comment. An empty list admits nobody.",
     ]
+    if policy.authorize_by == "spiffe-id":
+        lines[2] = (
+            "# Format: one SPIFFE ID (any valid certificate of ours for that name) or SHA-256 thumbprint per line;"
+        )
+        lines += [f"{policy.spiffe_id(caller)}  # {caller}" for caller in callers]
+        write_file(path, ("\n".join(lines) + "\n").encode())
+        return
     for caller in callers:
         for cert, note in [
             (layout.cert(caller), ""),

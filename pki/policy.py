@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pki.authority import PKIError
+from shared.spiffe import InvalidSpiffeId, SpiffeId
 
 __all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
+AUTHORIZE_BY = ("thumbprint", "spiffe-id")
 # These file names belong to the CA itself; an identity may not take them.
 RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous", "metrics", "revocations"})
 # An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
@@ -36,6 +38,9 @@ class Policy:
     clients: tuple[str, ...]
     allow: dict[str, tuple[str, ...]]
     metrics: tuple[str, ...] = ()
+    # How allow-lists name callers: "thumbprint" pins one certificate; "spiffe-id" names the identity, so
+    # rotation, replicas and short-lived certificates need no allow-list change.
+    authorize_by: str = "thumbprint"
 
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
@@ -47,11 +52,18 @@ class Policy:
                 clients=tuple(data.get("clients", ())),
                 allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
                 metrics=tuple(data.get("metrics", ())),
+                authorize_by=data.get("authorize_by", "thumbprint"),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
         except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
+        if policy.authorize_by not in AUTHORIZE_BY:
+            raise PKIError(f"{path}: authorize_by = {policy.authorize_by!r}: use one of {', '.join(AUTHORIZE_BY)}")
+        try:
+            SpiffeId.parse(policy.spiffe_id("x"))
+        except InvalidSpiffeId as e:
+            raise PKIError(f"{path}: trust_domain = {policy.trust_domain!r} cannot make SPIFFE IDs: {e}") from None
         known = set(policy.services) | set(policy.clients)
         named = [name for callee, callers in policy.allow.items() for name in (callee, *callers)]
         for name in [*named, *policy.metrics]:

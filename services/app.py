@@ -16,7 +16,9 @@ from services.reloader import Reloader
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
+from shared.certs import load_certificates
 from shared.downstream import Downstream
+from shared.files import MaterialError
 from shared.guard import Guard
 from shared.identity import CallerIdentity
 from shared.limits import DeclaredBodyLimit
@@ -24,12 +26,32 @@ from shared.metrics import Gauge, exposition
 from shared.peer import VerifiedPeer
 from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
 from shared.reload import Watcher
+from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.trace import TraceMiddleware
+
+# The decision codes of shared.authz, as the hop table says them.
+ADMITTED_BY = {"listed": "thumbprint", "listed_spiffe_id": "spiffe-id"}
 
 
 def service_policy(allow_list: AllowList) -> Authorizer:
     """Who may call a service: a leaf certificate for client use whose thumbprint is on its allow-list."""
     return authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
+
+
+def downstream_id(config: ServiceConfig) -> SpiffeId:
+    """The SPIFFE ID the next hop must present: MESH_DOWNSTREAM_ID, or our own trust domain + its name."""
+    if config.downstream_id:
+        try:
+            return SpiffeId.parse(config.downstream_id)
+        except InvalidSpiffeId as e:
+            raise MaterialError(f"MESH_DOWNSTREAM_ID={config.downstream_id!r} is not a SPIFFE ID: {e}") from None
+    own = CallerIdentity.from_certificate(load_certificates(config.files.cert)[0])
+    if own.spiffe_id is None:
+        raise MaterialError(
+            f"{config.files.cert}: no SPIFFE ID to take the trust domain from ({own.svid_problem}) — "
+            "set MESH_DOWNSTREAM_ID to the SPIFFE ID the next hop must present"
+        )
+    return SpiffeId(SpiffeId.parse(own.spiffe_id).trust_domain, f"/{config.downstream_name}")
 
 
 def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
@@ -52,6 +74,8 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         ),
     )
 
+    expected_callee = downstream_id(config) if config.downstream_name else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         downstream = None
@@ -63,6 +87,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 live.client,
                 config.downstream_timeout,
                 config.downstream_keepalive,
+                expected_callee,
             )
         app.state.downstream = downstream
         guards = {files.allow_list: guard, files.metrics_allow_list: metrics_guard}
@@ -100,6 +125,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         hop = {
             "service": config.name,
             "caller": caller.summary(),
+            "admitted_by": ADMITTED_BY.get(request.state.admitted_by, request.state.admitted_by),
             "tls": {"version": peer.tls_version, "cipher": peer.cipher},
             "trace_id": span.trace_id if span else None,
         }

@@ -47,7 +47,9 @@ class ServiceConfig(BaseSettings):
     # server side and for calls to the next hop alike.
     tls_profile: Literal["intermediate", "modern"] = "intermediate"
     downstream_url: str | None = None  # e.g. https://127.0.0.1:8444; none for the last service
-    downstream_name: str | None = None  # the identity the callee must prove, e.g. service-b
+    downstream_name: str | None = None  # the identity the callee must prove, e.g. service-b (its DNS SAN)
+    # …and its SPIFFE ID, checked after the handshake. Default: spiffe://<our own trust domain>/<downstream_name>.
+    downstream_id: str | None = None
     downstream_timeout: float = 5.0  # seconds, for connect, read and write alike
     # Reuse connections to the next hop (one handshake, many requests). `false` makes every call a new
     # connection and a full mutual handshake: only useful to measure what keep-alive saves (make bench).

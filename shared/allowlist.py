@@ -1,32 +1,45 @@
-"""Allow-list files: the thumbprints that may call one service, as `make pki` renders them from the policy."""
+"""Allow-list files: who may call one service, as `make pki` renders them from the policy.
+
+A line names a caller in one of two ways — a pin or a name:
+
+    3b0f…64 hex digits…9a1c            # service-a   (one certificate: its SHA-256 thumbprint)
+    spiffe://mesh.internal/service-a   # service-a   (any valid certificate our CA issued for that name)
+
+A pin survives a CA that wrongly issues a second certificate for the same name; a name survives rotation,
+replicas and short-lived certificates. `pki/policy.toml`'s `authorize_by` picks which `make pki` writes;
+files may mix both.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.certs import normalise_thumbprint
 from shared.files import MaterialError, read_protected
+from shared.spiffe import InvalidSpiffeId, SpiffeId
 
 __all__ = ["AllowList"]
+
+# A comment starts at a '#' that begins the line or follows white space: `spiffe://x/y#z` stays one
+# (invalid) value instead of quietly becoming `spiffe://x/y`.
+_COMMENT = re.compile(r"(?:^|\s)#")
 
 
 @dataclass(frozen=True)
 class AllowList:
-    """The thumbprints that may call one service, each with the name its comment gives it.
+    """The callers one service admits, each with the name its comment gives it.
 
-    File format (rendered by `make pki` from pki/policy.toml):
-
-        # comment lines and blank lines are ignored
-        3b0f…64 hex digits…9a1c  # service-a spiffe://mesh.internal/service-a
-
-    Colons and upper case are accepted (`3B:0F:…`, as `openssl x509 -fingerprint` prints). Any other
-    content is an error, never skipped: a line we cannot read might have been meant to deny someone.
+    Thumbprints may be written with colons and in upper case (`3B:0F:…`, as `openssl x509 -fingerprint`
+    prints). Any other content is an error, never skipped: a line we cannot read might have been meant to
+    deny someone.
     """
 
     source: Path
     entries: Mapping[str, str]  # thumbprint → label
+    ids: Mapping[SpiffeId, str] = field(default_factory=dict)  # SPIFFE ID → label
 
     @classmethod
     def load(cls, path: Path) -> AllowList:
@@ -36,24 +49,28 @@ class AllowList:
             text = data.decode()
         except UnicodeDecodeError as e:
             raise MaterialError(f"{path}: allow-list is not UTF-8 text ({e})") from None
-        return cls(path, parse_allow_list(text, path))
+        thumbprints: dict[str, str] = {}
+        ids: dict[SpiffeId, str] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            comment = _COMMENT.search(line)
+            value = (line[: comment.start()] if comment else line).strip()
+            label = line[comment.end() :].strip() if comment else ""
+            if not value:
+                continue
+            try:
+                if value.startswith("spiffe:"):
+                    ids[SpiffeId.parse(value)] = label
+                else:
+                    thumbprints[normalise_thumbprint(value)] = label
+            except (ValueError, InvalidSpiffeId) as e:
+                what = "not a SPIFFE ID" if value.startswith("spiffe:") else ""
+                raise MaterialError(
+                    f"{path}:{number}: {what + ': ' if what else ''}{e} — fix or delete the line"
+                ) from None
+        return cls(path, thumbprints, ids)
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self.entries
 
     def label(self, sha256: str) -> str:
         return self.entries.get(sha256) or sha256[:16]
-
-
-def parse_allow_list(text: str, source: Path) -> dict[str, str]:
-    entries: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        value, _, comment = line.partition("#")
-        if not value.strip():
-            continue
-        try:
-            sha256 = normalise_thumbprint(value)
-        except ValueError as e:
-            raise MaterialError(f"{source}:{number}: {e} — fix or delete the line, then restart") from None
-        entries[sha256] = comment.strip()
-    return entries

@@ -1,12 +1,14 @@
 """Authorization: TLS said the caller's certificate is genuine; this decides whether that caller may come in.
 
-Shaped after go-spiffe's authorizers: an `Authorizer` takes the caller's identity and returns a
-`Decision` — allowed, or denied with a reason. Small constructors build them; policy composes them:
+Shaped after go-spiffe's authorizers: an `Authorizer` takes a peer's identity and returns a `Decision` —
+allowed, or denied with a reason. Small constructors build them; policy composes them:
 
     authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
 
-reads "admit a leaf client certificate whose thumbprint is on the allow-list". Nothing else in the project
-knows how a decision is made. `shared.guard.Guard` applies an authorizer to every request.
+reads "admit a leaf client certificate that is on the allow-list". The same type authorizes the other
+direction: a caller checks its callee with `authorize_id(SpiffeId.parse("spiffe://mesh.internal/service-b"))`
+(shared.callee). Nothing else in the project knows how a decision is made; `shared.guard.Guard` applies an
+authorizer to every request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from shared.allowlist import AllowList
 from shared.identity import CallerIdentity
+from shared.spiffe import SpiffeId
 
 __all__ = [
     "Authorizer",
@@ -23,7 +26,10 @@ __all__ = [
     "authorize_all",
     "authorize_any",
     "authorize_client_leaf",
+    "authorize_id",
+    "authorize_ids",
     "authorize_listed",
+    "authorize_member_of",
 ]
 
 
@@ -59,16 +65,61 @@ def authorize_client_leaf() -> Authorizer:
     return authorize
 
 
+def authorize_id(expected: SpiffeId) -> Authorizer:
+    """Admit the peer whose certificate is a valid X509-SVID for exactly `expected`."""
+    return authorize_ids(expected)
+
+
+def authorize_ids(*allowed: SpiffeId) -> Authorizer:
+    """Admit peers whose certificate is a valid X509-SVID for one of `allowed`."""
+
+    def authorize(peer: CallerIdentity) -> Decision:
+        if peer.spiffe_id is None:
+            return Decision(False, f"the certificate has no SPIFFE ID: {peer.svid_problem}", "no_spiffe_id")
+        if SpiffeId.parse(peer.spiffe_id) in allowed:
+            return Decision(True, f"SPIFFE ID {peer.spiffe_id} is allowed", "spiffe_id")
+        return Decision(False, f"SPIFFE ID {peer.spiffe_id} is not {_either(allowed)}", "other_spiffe_id")
+
+    return authorize
+
+
+def authorize_member_of(trust_domain: str) -> Authorizer:
+    """Admit any peer with a valid X509-SVID in `trust_domain`."""
+
+    def authorize(peer: CallerIdentity) -> Decision:
+        if peer.spiffe_id is None:
+            return Decision(False, f"the certificate has no SPIFFE ID: {peer.svid_problem}", "no_spiffe_id")
+        if SpiffeId.parse(peer.spiffe_id).member_of(trust_domain):
+            return Decision(True, f"{peer.spiffe_id} is in the trust domain {trust_domain}", "member")
+        return Decision(False, f"{peer.spiffe_id} is not in the trust domain {trust_domain}", "other_trust_domain")
+
+    return authorize
+
+
 def authorize_listed(allow_list: AllowList) -> Authorizer:
-    """Admit callers whose certificate thumbprint is on the allow-list; deny everyone else."""
+    """Admit callers the allow-list names — by thumbprint (a pin) or by SPIFFE ID (a name); deny the rest."""
+    by_id = authorize_ids(*allow_list.ids)
 
     def authorize(caller: CallerIdentity) -> Decision:
         if caller.sha256 in allow_list:
             label = allow_list.label(caller.sha256)
             return Decision(True, f"thumbprint is on {allow_list.source.name} as {label!r}", "listed")
-        return Decision(False, f"thumbprint is not on the allow-list {allow_list.source.name}", "not_listed")
+        if not allow_list.ids:
+            return Decision(False, f"thumbprint is not on the allow-list {allow_list.source.name}", "not_listed")
+        decision = by_id(caller)
+        if decision.allowed:
+            return Decision(True, f"SPIFFE ID {caller.spiffe_id} is on {allow_list.source.name}", "listed_spiffe_id")
+        if decision.code == "no_spiffe_id":
+            return decision
+        return Decision(
+            False, f"neither thumbprint nor SPIFFE ID is on the allow-list {allow_list.source.name}", "not_listed"
+        )
 
     return authorize
+
+
+def _either(ids: tuple[SpiffeId, ...]) -> str:
+    return " or ".join(map(str, sorted(ids))) or "any allowed ID (none is)"
 
 
 def authorize_all(*authorizers: Authorizer) -> Authorizer:

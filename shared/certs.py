@@ -40,7 +40,6 @@ __all__ = [
     "parse_certificates",
     "parse_crl",
     "parse_key",
-    "spiffe_id",
     "subject_alt_names",
     "thumbprint",
 ]
@@ -130,11 +129,6 @@ def subject_alt_names(cert: x509.Certificate) -> list[tuple[str, str]]:
     except x509.ExtensionNotFound:
         return []
     return [(_SAN_LABELS.get(type(n), type(n).__name__), str(n.value)) for n in names]
-
-
-def spiffe_id(cert: x509.Certificate) -> str | None:
-    """The URI SAN `spiffe://<trust-domain>/<name>`, if the certificate has one."""
-    return next((v for kind, v in subject_alt_names(cert) if kind == "URI" and v.startswith("spiffe://")), None)
 
 
 def extended_key_usages(cert: x509.Certificate) -> list[str]:

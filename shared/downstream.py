@@ -14,7 +14,10 @@ from typing import Any
 import httpx
 
 from shared import nativetls, trace
+from shared.authz import authorize_id
+from shared.callee import CalleeRefused, callee_check
 from shared.problem import Problem
+from shared.spiffe import SpiffeId
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").
@@ -31,18 +34,29 @@ class Downstream:
     """The service we call next, reached at `url` and required to prove it is `name`."""
 
     def __init__(
-        self, caller: str, name: str, url: str, context: ssl.SSLContext, timeout: float, keepalive: bool = True
+        self,
+        caller: str,
+        name: str,
+        url: str,
+        context: ssl.SSLContext,
+        timeout: float,
+        keepalive: bool = True,
+        expected_id: SpiffeId | None = None,
     ) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
         self.keepalive = keepalive
         self.context = context
+        # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID.
+        self.expected_id = expected_id or SpiffeId("mesh.internal", f"/{name}")
+        self.check = callee_check(authorize_id(self.expected_id))
         self.client = self._new_client()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> httpx.AsyncClient:
         keepalive = 20 if self.keepalive else 0  # 20: httpx's default
         limits = httpx.Limits(max_keepalive_connections=keepalive, keepalive_expiry=KEEPALIVE_EXPIRY)
-        return httpx.AsyncClient(transport=nativetls.transport(self.context, limits), timeout=self.timeout)
+        transport = nativetls.transport(self.context, limits, self.check)
+        return httpx.AsyncClient(transport=transport, timeout=self.timeout)
 
     def renew(self) -> None:
         """New connections from now on (the TLS material changed); the old pool closes once in-flight calls end.
@@ -133,6 +147,8 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
     server = f"the server at {url}" if url else f"the server answering as {name}"
     if isinstance(error, httpx.TimeoutException):
         return f"{name} did not answer within {timeout:g} s"
+    if refused := next((c for c in _causes(error) if isinstance(c, CalleeRefused)), None):
+        return f"{server} failed our check that it is {name}: {refused}"
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
         return f"{server} failed our check that it is {name}: {detail}"

@@ -65,6 +65,7 @@ class Guard:
                 caller=caller.summary(),
                 reason=decision.reason,
             )
+        request.state.admitted_by = decision.code  # which rule let the caller in, for the handler to report
         return caller
 
     def _log(self, caller: CallerIdentity | None, decision: Decision) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from shared import certs
+from shared.spiffe import InvalidSvid, svid_id
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class CallerIdentity:
 
     sha256: str  # SHA-256 of the leaf's DER, lowercase hex: what allow-lists name
     subject: str  # RFC 4514, e.g. "CN=service-a,O=mtls-mesh"; informative only, never used to decide
-    spiffe_id: str | None  # the URI SAN spiffe://<trust-domain>/<name>, if the certificate has one
+    spiffe_id: str | None  # spiffe://<trust-domain>/<name>, if the certificate is a valid X509-SVID
+    svid_problem: str | None  # otherwise: which X509-SVID rule it breaks
     dns_names: tuple[str, ...]
     is_leaf: bool  # False for a CA certificate (BasicConstraints CA:TRUE) presented as a client certificate
     client_auth: bool  # the certificate was issued for TLS client authentication (EKU clientAuth)
@@ -29,10 +31,15 @@ class CallerIdentity:
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
+        try:
+            spiffe_id, svid_problem = str(svid_id(cert)), None
+        except InvalidSvid as e:
+            spiffe_id, svid_problem = None, str(e)
         return cls(
             sha256=certs.thumbprint(cert),
             subject=cert.subject.rfc4514_string(),
-            spiffe_id=certs.spiffe_id(cert),
+            spiffe_id=spiffe_id,
+            svid_problem=svid_problem,
             dns_names=tuple(v for kind, v in certs.subject_alt_names(cert) if kind == "DNS"),
             is_leaf=not certs.is_ca(cert),
             # No EKU extension at all means "any use" to OpenSSL; we still insist on an explicit clientAuth.

@@ -21,6 +21,8 @@ from typing import Any
 import httpcore
 import httpx
 
+from shared.callee import CalleeCheck, refuse_unless
+
 
 @contextlib.contextmanager
 def _mapped(timeout_error: type[Exception], os_error: type[Exception]) -> Iterator[None]:
@@ -34,8 +36,8 @@ def _mapped(timeout_error: type[Exception], os_error: type[Exception]) -> Iterat
 
 
 class _Stream(httpcore.AsyncNetworkStream):
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader, self._writer = reader, writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, check: CalleeCheck) -> None:
+        self._reader, self._writer, self._check = reader, writer, check
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
@@ -58,6 +60,7 @@ class _Stream(httpcore.AsyncNetworkStream):
     ) -> httpcore.AsyncNetworkStream:
         with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
             await asyncio.wait_for(self._writer.start_tls(ssl_context, server_hostname=server_hostname), timeout)
+        refuse_unless(self._check, self._writer.get_extra_info("ssl_object"), self._writer.transport.abort)
         return self
 
     def get_extra_info(self, info: str) -> Any:
@@ -73,6 +76,9 @@ class _Stream(httpcore.AsyncNetworkStream):
 
 
 class NativeTLSBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, check: CalleeCheck) -> None:
+        self._check = check  # who the callee must be, after each handshake (shared.callee)
+
     async def connect_tcp(
         self,
         host: str,
@@ -86,7 +92,7 @@ class NativeTLSBackend(httpcore.AsyncNetworkBackend):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Stream(reader, writer)
+        return _Stream(reader, writer, self._check)
 
     async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
         raise NotImplementedError("unix sockets are not used in the mesh")
@@ -95,8 +101,8 @@ class NativeTLSBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def transport(context: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """httpx's own transport, with its connection pool on NativeTLSBackend."""
+def transport(context: ssl.SSLContext, limits: httpx.Limits, check: CalleeCheck) -> httpx.AsyncHTTPTransport:
+    """httpx's own transport, with its connection pool on NativeTLSBackend, every callee checked by `check`."""
     http = httpx.AsyncHTTPTransport(verify=context, limits=limits)
     # httpx has no public way to choose the network backend; its transport keeps the httpcore pool in
     # `_pool` (stable across httpx 0.2x, which pyproject.toml pins). Rebuild it the way httpx does.
@@ -105,6 +111,6 @@ def transport(context: ssl.SSLContext, limits: httpx.Limits) -> httpx.AsyncHTTPT
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
-        network_backend=NativeTLSBackend(),
+        network_backend=NativeTLSBackend(check),
     )
     return http

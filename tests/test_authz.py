@@ -26,6 +26,7 @@ def identity(sha256: str = A, *, is_leaf: bool = True, client_auth: bool = True)
         sha256=sha256,
         subject="CN=x,O=mtls-mesh",
         spiffe_id=None,
+        svid_problem="an X509-SVID has exactly one URI SAN; this certificate has 0",
         dns_names=(),
         is_leaf=is_leaf,
         client_auth=client_auth,
