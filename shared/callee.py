@@ -37,7 +37,7 @@ class CalleeRefused(Exception):
 
 def callee_check(authorizer: Authorizer) -> CalleeCheck:
     def check(ssl_object: ssl.SSLObject) -> None:
-        der = ssl_object.getpeercert(binary_form=True)
+        der = ssl_object.getpeercert(True)  # positional: httpcore's blocking stream hands us the raw _SSLSocket
         if not der:
             raise CalleeRefused("the callee presented no certificate")
         decision = authorizer(CallerIdentity.from_der(der))

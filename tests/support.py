@@ -5,17 +5,23 @@ Fixtures live in conftest.py; everything a test imports lives here.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pki import Identity, load_issuer
 from services.local import ServiceProcess, free_ports
 from shared.layout import Layout
 
@@ -27,8 +33,10 @@ __all__ = [
     "attacker_context",
     "free_ports",
     "get",
+    "leaf",
     "start_services",
     "wait_until",
+    "write_leaf",
 ]
 
 # How a refusal during the handshake looks to an httpx client under asyncio: no TLS alert, the connection
@@ -119,3 +127,43 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
             pytest.fail(f"still not the case after {timeout:g} s")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def leaf(
+    layout: Layout,
+    *,
+    uris: list[str],
+    dns: Sequence[str] = (),
+    ca: bool = False,
+    key_cert_sign: bool = False,
+) -> x509.Certificate:
+    """A client certificate from our intermediate, made by hand so that it can break the X509-SVID rules."""
+    issuer, now = load_issuer(layout), dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("CN=hand-made,O=mtls-mesh"))
+        .issuer_name(issuer.cert.subject)
+        .public_key(KEY.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, key_cert_sign, False, False, False), critical=True
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    )
+    names = [*(x509.DNSName(d) for d in dns), *(x509.UniformResourceIdentifier(u) for u in uris)]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer.key, hashes.SHA256())
+
+
+KEY = ec.generate_private_key(ec.SECP256R1())  # one key for every hand-made leaf: only the certificates differ
+
+
+def write_leaf(layout: Layout, cert: x509.Certificate, directory: Path, name: str) -> Credentials:
+    """A hand-made leaf (followed by our intermediate) and its key, as files a TLS context can load."""
+    return Credentials(*Identity(cert, KEY, [load_issuer(layout).cert]).write(directory, name))
