@@ -32,8 +32,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## create .venv with the runtime and dev dependencies
 
-pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps what exists)
+pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps what exists); Docker mesh: deploy
 	$(PY) -m pki init
+	@$(MAKE) --no-print-directory deploy-if-up
 
 pki-force: $(VENV)/.installed ## throw pki/out/ away and make a new CA and identities
 	$(PY) -m pki init --force

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -37,14 +38,20 @@ def main(argv: list[str]) -> int:
         )
         proxy = subprocess.Popen([nginx, "-p", run, "-c", str(config)])
         try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            while not stop.wait(0.5) and proxy.poll() is None and app.poll() is None:
+                pass
         finally:
             for process in (proxy, app):
                 process.terminate()
-                process.wait(timeout=10)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
     return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     sys.exit(main(sys.argv[1:]))

@@ -8,87 +8,25 @@ when a test fails.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from pki import Policy, issue_identity, revoke
 from shared.certs import load_certificates, thumbprint
-from shared.layout import Layout
-from tests.support import TLS_REFUSALS, Credentials, attacker_context, free_ports, get, wait_until
+from tests.compose.stack import SERVICES, Stack, running_stack
+from tests.support import TLS_REFUSALS, attacker_context, get, wait_until
 
 pytestmark = pytest.mark.compose
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["service-a", "service-b", "service-c"]
 UIDS = {"service-a": "10001", "service-b": "10002", "service-c": "10003", "client": "10004"}
-
-
-def docker_available() -> str | None:
-    """None if a Docker engine and Compose v2 answer; otherwise why not."""
-    if shutil.which("docker") is None:
-        return "the docker CLI is not installed"
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        return "no Docker engine is running (docker info failed)"
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
-        return "Docker Compose v2 (`docker compose`) is not installed"
-    return None
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.project = f"mtls-mesh-test-{uuid.uuid4().hex[:8]}"
-        self.pki = tmp / "pki"
-        self.pki.mkdir()
-        self.ports = dict(zip(SERVICES, free_ports(3), strict=True))
-        self.env = {
-            **os.environ,
-            "MESH_HOST_PKI": str(self.pki),
-            "MESH_PORT_A": str(self.ports["service-a"]),
-            "MESH_PORT_B": str(self.ports["service-b"]),
-            "MESH_PORT_C": str(self.ports["service-c"]),
-        }
-        self.layout = Layout(self.pki)
-
-    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        # The one-shot client is in a profile of its own: `up --wait` would report it as "exited (0)" and fail.
-        # `run client` names it, which is enough; `down` gets the profile, so that nothing is left behind.
-        profile = ["--profile", "client"] if args[0] == "down" else []
-        command = ["docker", "compose", "-p", self.project, *profile, *args]
-        result = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def container(self, service: str) -> str:
-        return self.compose("ps", "-q", service).stdout.strip()
-
-    def url(self, service: str, path: str = "/chain") -> str:
-        return f"https://127.0.0.1:{self.ports[service]}{path}"
-
-    def credentials(self, name: str) -> Credentials:
-        return Credentials(self.layout.cert(name), self.layout.key(name))
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if reason := docker_available():
-        if os.environ.get("MESH_REQUIRE_DOCKER") == "1":
-            pytest.fail(f"MESH_REQUIRE_DOCKER=1 but {reason}")
-        pytest.skip(f"compose tests need Docker: {reason}")
-    subprocess.run(["make", "image"], cwd=ROOT, check=True, capture_output=True, timeout=900)
-    stack = Stack(tmp_path_factory.mktemp("compose"))
-    try:
-        stack.compose("up", "-d", "--wait")
+    with running_stack(tmp_path_factory.mktemp("compose")) as stack:
         yield stack
-    finally:
-        if os.environ.get("MESH_KEEP_STACK") != "1":
-            stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False)
 
 
 def test_the_chain_works_from_the_host(stack: Stack) -> None:
