@@ -1,23 +1,29 @@
 """`make bench`: what mTLS costs on this chain, measured against the same chain in plaintext, in one run.
 
-Six chains A → B → C run side by side on loopback, all from the same code (`bench/serve.py`):
+Eight chains run side by side on loopback, all from the same service code (`bench/serve.py`):
 
-    mtls            as shipped: ECDSA P-256, TLS 1.3, keep-alive on every hop
+    mtls            as shipped: A → B → C, ECDSA P-256, TLS 1.3, keep-alive on every hop
     plaintext       the same, TLS off (benchmark-only mode)
     mtls-rsa        RSA-2048 certificates
     mtls-tls12      TLS 1.2 on every hop
     mtls-cold       a new connection, so a full mutual handshake, at every hop of every request
     plaintext-cold  a new TCP connection at every hop of every request
+    sidecar         the plaintext apps behind nginx sidecars that do the mTLS (bench/sidecar.py)
+    mtls-6hop       as shipped, six services long
+
+Then, apart from the chains: the bare mutual handshake (bench/handshake.py), against which the cold hops
+are set, and how costs grow with the CRL and the allow-list (bench/scaling.py).
 
 Phases are interleaved — round after round, each chain in a shuffled order — so that machine drift
 (CPU frequency, other load) falls on all of them alike; ratios are computed from these same runs.
-Results: bench/results.json, bench/results.md, bench/latency.png; the table is printed.
+Results: bench/results.json, bench/results.md, bench/latency.png and bench/scaling.png; the table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -35,7 +41,10 @@ from pathlib import Path
 import httpx
 import uvloop
 
-from pki import init
+from bench.handshake import bare_handshake_ms, bare_resumed_handshake_ms, event_loop_handshake_added_ms
+from bench.scaling import allow_list_scaling, crl_scaling
+from bench.sidecar import SidecarPorts, running_sidecars
+from pki import Policy, init
 from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
 from shared import nativetls, tls
@@ -57,23 +66,33 @@ class Variant:
     plaintext: bool = False
     tls12: bool = False
     cold: bool = False
+    sidecar: bool = False
+    names: tuple[str, ...] = CHAIN
     processes: list[ServiceProcess] = field(default_factory=list)
+    sidecar_ports: SidecarPorts | None = None
     latencies_ms: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # requests per second, one value per slice
     errors: int = 0
 
     @property
     def url(self) -> str:
+        if self.sidecar_ports is not None:  # the client talks mTLS to A's inbound sidecar
+            return f"https://127.0.0.1:{self.sidecar_ports.inbound[0]}/chain"
         return f"{'http' if self.plaintext else 'https'}://127.0.0.1:{self.processes[0].port}/chain"
 
     def start(self, logs: Path) -> list[ServiceProcess]:
         scheme = "http" if self.plaintext else "https"
-        ports = free_ports(len(CHAIN))
-        envs = chain_environments(ports, self.layout.out, MESH_LOG_LEVEL="warning")
-        callers = ["client", *CHAIN[:-1]]
-        for env, caller in zip(envs, callers, strict=True):
+        ports = free_ports(len(self.names))
+        envs = chain_environments(ports, self.layout.out, names=self.names, MESH_LOG_LEVEL="warning")
+        if self.sidecar:
+            count = len(self.names)
+            self.sidecar_ports = SidecarPorts(free_ports(count), free_ports(count - 1), ports)
+        callers = ["client", *self.names[:-1]]
+        for i, (env, caller) in enumerate(zip(envs, callers, strict=True)):
             if "MESH_DOWNSTREAM_URL" in env:
                 env["MESH_DOWNSTREAM_URL"] = env["MESH_DOWNSTREAM_URL"].replace("https", scheme)
+                if self.sidecar_ports is not None:  # the app calls its own outbound sidecar, in plaintext
+                    env["MESH_DOWNSTREAM_URL"] = f"http://127.0.0.1:{self.sidecar_ports.outbound[i]}"
             if self.plaintext:
                 env["BENCH_PLAINTEXT_CALLER"] = str(self.layout.cert(caller))
             if self.tls12:
@@ -86,9 +105,7 @@ class Variant:
         return self.processes
 
     def client(self) -> httpx.AsyncClient:
-        context = tls.client_context(
-            tls.TLSMaterial(self.layout.ca_cert, self.layout.cert("client"), self.layout.key("client"), self.layout.crl)
-        )
+        context = tls.client_context(self.layout.material("client"))
         if self.tls12:
             context.maximum_version = ssl.TLSVersion.TLSv1_2
         limits = httpx.Limits(max_keepalive_connections=0 if self.cold else 20, keepalive_expiry=4)
@@ -202,15 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart-only", action="store_true", help="redraw latency.png from results.json, run nothing")
     args = parser.parse_args(argv)
     if args.chart_only:
-        chart(json.loads((args.out / "results.json").read_text())["raw_latencies_ms"], args.out / "latency.png")
+        results = json.loads((args.out / "results.json").read_text())
+        chart(results["raw_latencies_ms"], args.out / "latency.png")
+        scaling_chart(results["scaling"], args.out / "scaling.png")
         return 0
     random.seed(20261126)
 
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as scratch:
         root = Path(scratch)
-        ecdsa, rsa = Layout(root / "ecdsa"), Layout(root / "rsa")
+        ecdsa, rsa, six = Layout(root / "ecdsa"), Layout(root / "rsa"), Layout(root / "six")
         init(ecdsa)
         init(rsa, key_type="rsa")
+        init(six, six_hop_policy())
         variants = [
             Variant("mtls", ecdsa),
             Variant("plaintext", ecdsa, plaintext=True),
@@ -218,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             Variant("mtls-tls12", ecdsa, tls12=True),
             Variant("mtls-cold", ecdsa, cold=True),
             Variant("plaintext-cold", ecdsa, plaintext=True, cold=True),
+            Variant("sidecar", ecdsa, plaintext=True, sidecar=True),
+            Variant("mtls-6hop", six, names=SIX_HOPS),
         ]
         processes = [p for v in variants for p in v.start(root)]
-        with running(processes):
+        sidecar = next(v for v in variants if v.sidecar)
+        assert sidecar.sidecar_ports is not None
+        with running(processes), running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports):
             for v in variants:  # warm-up: imports, pools, first handshakes
                 uvloop.run(sequential(v, 50))
                 v.latencies_ms.clear()
@@ -230,20 +254,45 @@ def main(argv: list[str] | None = None) -> int:
                     count = args.per_round // 4 if v.cold else args.per_round
                     uvloop.run(sequential(v, count))
                 print(f"latency round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-            pair = [v for v in variants if v.name in ("mtls", "plaintext")]
+            trio = [v for v in variants if v.name in ("mtls", "plaintext", "sidecar")]
             for _ in range(args.throughput_rounds):
-                for v in random.sample(pair, 2):
+                for v in random.sample(trio, len(trio)):
                     uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
             authz_us = authz_microseconds(ecdsa)
-        results = write_results(variants, authz_us, args)
+        print("bare handshake and scaling …", file=sys.stderr)
+        server = tls.server_context(ecdsa.material("service-b"))
+        client = tls.client_context(ecdsa.material("service-a"))
+        bare_ms = bare_handshake_ms(server, client, "service-b")
+        loop_ms = event_loop_handshake_added_ms(server, client, "service-b")
+        ticketing = tls.server_context(ecdsa.material("service-b"))  # a copy that may issue tickets
+        resumed_ms = bare_resumed_handshake_ms(ticketing, client, "service-b")
+        scaling = {"crl": crl_scaling(ecdsa, root), "allow_list": allow_list_scaling(ecdsa, root)}
+        results = write_results(variants, authz_us, (bare_ms, loop_ms, resumed_ms), scaling, args)
     print(results["table"])
     return 0 if all(v.errors == 0 for v in variants) else 1
 
 
-def write_results(variants: list[Variant], authz_us: float, args: argparse.Namespace) -> dict[str, object]:
+SIX_HOPS = ("service-a", "service-b", "service-c", "service-d", "service-e", "service-f")
+
+
+def six_hop_policy() -> Policy:
+    """The same mesh, twice as long: each service admits the one before it."""
+    allow = {callee: (caller,) for caller, callee in zip(("client", *SIX_HOPS[:-1]), SIX_HOPS, strict=True)}
+    return dataclasses.replace(Policy.load(), services=SIX_HOPS, allow=allow)
+
+
+def write_results(
+    variants: list[Variant],
+    authz_us: float,
+    handshakes: tuple[float, float, float],
+    scaling: dict[str, object],
+    args: argparse.Namespace,
+) -> dict[str, object]:
     by_name = {v.name: summarise(v) for v in variants}
-    mtls, plain = by_name["mtls"], by_name["plaintext"]
+    mtls, plain, sidecar = by_name["mtls"], by_name["plaintext"], by_name["sidecar"]
     hop_us = mtls["p50_ms"] * 1000 / len(CHAIN)
+    cold_hop_added_ms = (by_name["mtls-cold"]["p50_ms"] - by_name["plaintext-cold"]["p50_ms"]) / len(CHAIN)
+    bare_ms, loop_ms, resumed_ms = handshakes
     results: dict[str, object] = {
         "mtls_vs_plaintext": {
             "p50_ratio": mtls["p50_ms"] / plain["p50_ms"],
@@ -257,13 +306,35 @@ def write_results(variants: list[Variant], authz_us: float, args: argparse.Names
         "tls12_vs_tls13_p50_ratio": by_name["mtls-tls12"]["p50_ms"] / mtls["p50_ms"],
         "authz_us_per_request": authz_us,
         "authz_share_of_one_hop": authz_us / hop_us,
+        "handshake": {
+            "cold_hop_added_ms": cold_hop_added_ms,
+            "bare_mutual_handshake_ms": bare_ms,
+            "ratio": cold_hop_added_ms / bare_ms,
+            # Where the rest goes: the event loop's TLS transport (same process, no app) adds this over TCP…
+            "event_loop_tls_added_ms": loop_ms,
+            # …and what is left is crossing processes (one more wake-up per round trip) and our set-up path.
+            "cross_process_and_setup_ms": cold_hop_added_ms - loop_ms,
+            # What TLS 1.3 resumption would cost instead of a full handshake (left off: see README).
+            "bare_resumed_handshake_ms": resumed_ms,
+        },
+        "sidecar": {  # in-process mTLS ÷ the same apps behind nginx sidecars
+            "p50_ratio": mtls["p50_ms"] / sidecar["p50_ms"],
+            "p99_ratio": mtls["p99_ms"] / sidecar["p99_ms"],
+            "throughput_ratio": mtls["rps"] / sidecar["rps"],
+        },
+        "scaling": {
+            **scaling,
+            "chain_p50_ms": {"3": mtls["p50_ms"], "6": by_name["mtls-6hop"]["p50_ms"]},
+        },
         "variants": by_name,
         "method": {
             "latency": f"{args.rounds} interleaved rounds of {args.per_round} sequential chain requests per chain "
             f"({args.per_round // 4} for the cold chains), keep-alive unless cold; each round's client opens its "
             "connection with one untimed request, so warm percentiles exclude connection set-up",
             "throughput": f"{args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
-            f"concurrency {args.concurrency}, mtls and plaintext; median of slices",
+            f"concurrency {args.concurrency}, mtls, plaintext and sidecar; median of slices",
+            "handshake": "bare: one thread, MemoryBIO, the services' contexts, median of 300; cold hop added: "
+            "(cold mTLS chain p50 - cold plaintext chain p50) / 3",
         },
         "machine": machine(),
         "raw_latencies_ms": {v.name: [round(x, 3) for x in v.latencies_ms] for v in variants},
@@ -274,6 +345,7 @@ def write_results(variants: list[Variant], authz_us: float, args: argparse.Names
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(table + "\n")
     chart({v.name: v.latencies_ms for v in variants}, args.out / "latency.png")
+    scaling_chart(results["scaling"], args.out / "scaling.png")  # type: ignore[arg-type]
     return results
 
 
@@ -281,6 +353,10 @@ def markdown_table(results: dict[str, object]) -> str:
     variants: dict[str, dict[str, float]] = results["variants"]  # type: ignore[assignment]
     ratios: dict[str, float] = results["mtls_vs_plaintext"]  # type: ignore[assignment]
     info: dict[str, object] = results["machine"]  # type: ignore[assignment]
+    side: dict[str, float] = results["sidecar"]  # type: ignore[assignment]
+    hand: dict[str, float] = results["handshake"]  # type: ignore[assignment]
+    scale: dict[str, dict] = results["scaling"]  # type: ignore[assignment]
+    crl, allow, chain = scale["crl"], scale["allow_list"], scale["chain_p50_ms"]
     lines = [
         "| chain | requests | p50 ms | p90 ms | p99 ms | req/s (c=16) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -300,6 +376,22 @@ def markdown_table(results: dict[str, object]) -> str:
         f"TLS 1.2 ÷ TLS 1.3, p50: {results['tls12_vs_tls13_p50_ratio']:.2f}×",
         f"authorization check: {results['authz_us_per_request']:.2f} µs per request = "
         f"{100 * results['authz_share_of_one_hop']:.2f} % of one hop's time",  # type: ignore[operator]
+        f"in-process mTLS ÷ nginx sidecars: p50 **{side['p50_ratio']:.2f}×**, p99 {side['p99_ratio']:.2f}×, "
+        f"throughput **{side['throughput_ratio']:.2f}×**",
+        f"a new connection adds {hand['cold_hop_added_ms']:.2f} ms per hop; a bare mutual handshake costs "
+        f"{hand['bare_mutual_handshake_ms']:.2f} ms: ratio **{hand['ratio']:.2f}** (on uvloop's TLS transport, "
+        f"same process, no app: {hand['event_loop_tls_added_ms']:.2f} ms; the rest, "
+        f"{hand['cross_process_and_setup_ms']:.2f} ms, is crossing processes and our set-up path); "
+        f"a resumed one would cost {hand['bare_resumed_handshake_ms']:.2f} ms (left off)",
+        "",
+        "| size | handshake with CRL ms | CRL reload ms | authorization µs | allow-list reload ms |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {size} | {crl[size]['handshake_ms']:.2f} | {crl[size]['reload_ms']:.1f} | "
+            f"{allow[size]['authz_us']:.2f} | {allow[size]['reload_ms']:.1f} |"
+            for size in crl
+        ),
+        f"chain p50, 3 hops: {chain['3']:.2f} ms; 6 hops: {chain['6']:.2f} ms",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}; {info['openssl']}; "
         f"uvicorn {info['uvicorn']} (httptools, uvloop {info['uvloop']}); httpx {info['httpx']}.",
@@ -330,6 +422,35 @@ def chart(latencies_ms: dict[str, list[float]], path: Path) -> None:
         axis.set_xticks([5, 10, 20, 50] if axis is warm else [10, 20, 50])
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def scaling_chart(scaling: dict[str, dict], path: Path) -> None:
+    """Cost against size, log-log: a straight line of slope 1 is linear growth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int(s) for s in scaling["crl"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.plot(sizes, [scaling["crl"][str(s)]["handshake_ms"] for s in sizes], "o-", label="handshake with the CRL")
+    left.plot(sizes, [scaling["crl"][str(s)]["reload_ms"] for s in sizes], "o-", label="CRL reload")
+    left.plot(sizes, [scaling["allow_list"][str(s)]["reload_ms"] for s in sizes], "o-", label="allow-list reload")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("entries (CRL serials, allow-list lines)")
+    left.set_ylabel("ms")
+    left.set_title("Growth with the CRL and the allow-list")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+    hops = sorted(int(h) for h in scaling["chain_p50_ms"])
+    right.bar([str(h) for h in hops], [scaling["chain_p50_ms"][str(h)] for h in hops])
+    right.set_xlabel("services in the chain")
+    right.set_ylabel("chain p50, ms (keep-alive)")
+    right.set_title("Growth with the chain")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

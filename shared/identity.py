@@ -49,7 +49,9 @@ class CallerIdentity:
         )
 
     @classmethod
+    @functools.lru_cache(maxsize=1024)
     def from_der(cls, der: bytes) -> CallerIdentity:
+        """Cached: every new connection of the same peer presents the same bytes, parsed once."""
         return cls.from_certificate(x509.load_der_x509_certificate(der))
 
     @classmethod
