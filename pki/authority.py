@@ -24,10 +24,10 @@ from typing import Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from pki.output import write_file
-from shared.certs import KeyType, PrivateKey, load_certificates, load_key, thumbprint
+from shared.certs import EKU_OIDS, KeyType, PrivateKey, load_certificates, load_key, thumbprint
 from shared.certs import key_type as key_type_of
 from shared.layout import Layout
 
@@ -49,8 +49,6 @@ INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
 LEAF_VALIDITY = dt.timedelta(days=90)
 # Certificates are back-dated a little so that a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
-
-USAGE_OIDS = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
 class PKIError(Exception):
@@ -175,7 +173,7 @@ class CertificateAuthority(Identity):
             *(x509.IPAddress(ipaddress.ip_address(i)) for i in ips),
             *(x509.UniformResourceIdentifier(u) for u in uris),
         ]
-        ekus = [USAGE_OIDS[u] for u in usages]
+        ekus = [EKU_OIDS[f"{u}Auth"] for u in usages]  # server → serverAuth, client → clientAuth
         digital_signature_only = isinstance(key, ec.EllipticCurvePrivateKey)
         builder = (
             self._builder(name, key, not_before or start - CLOCK_SKEW, not_after or start + LEAF_VALIDITY)
@@ -264,7 +262,7 @@ def self_signed(name: str, *, dns: Sequence[str] = (), key_type: KeyType = "ecds
         _self_issued(name, key, LEAF_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(list(EKU_OIDS.values())),
             critical=False,
         )
     )

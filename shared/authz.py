@@ -112,7 +112,7 @@ def authorize_listed(allow_list: AllowList) -> Authorizer:
         if decision.code == "no_spiffe_id":
             return decision
         return Decision(
-            False, f"neither thumbprint nor SPIFFE ID is on the allow-list {allow_list.source.name}", "not_listed"
+            False, f"thumbprint and SPIFFE ID are not on the allow-list {allow_list.source.name}", "not_listed"
         )
 
     return authorize

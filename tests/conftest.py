@@ -6,6 +6,7 @@ the attackers build their own `ssl.SSLContext` by hand — an attacker does not 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 
@@ -19,10 +20,11 @@ from tests.support import Credentials, Mesh, Service, start_services
 POLICY = Policy.load()
 
 
-@pytest.fixture(scope="session")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    layout = Layout(tmp_path_factory.mktemp("pki"))
-    init(layout)
+@pytest.fixture(scope="session", params=["thumbprint", "spiffe-id"])
+def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    """A PKI whose allow-lists pin thumbprints, or name SPIFFE IDs: every test that uses it runs in both modes."""
+    layout = Layout(tmp_path_factory.mktemp(f"pki-{request.param}"))
+    init(layout, dataclasses.replace(POLICY, authorize_by=request.param))
     return layout
 
 

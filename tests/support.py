@@ -31,6 +31,7 @@ __all__ = [
     "Mesh",
     "Service",
     "attacker_context",
+    "authorize_by",
     "free_ports",
     "get",
     "leaf",
@@ -167,3 +168,10 @@ KEY = ec.generate_private_key(ec.SECP256R1())  # one key for every hand-made lea
 def write_leaf(layout: Layout, cert: x509.Certificate, directory: Path, name: str) -> Credentials:
     """A hand-made leaf (followed by our intermediate) and its key, as files a TLS context can load."""
     return Credentials(*Identity(cert, KEY, [load_issuer(layout).cert]).write(directory, name))
+
+
+def authorize_by(layout: Layout) -> str:
+    """The mode a PKI's allow-lists were rendered in: "spiffe-id" if they name identities, else "thumbprint"."""
+    from shared.allowlist import AllowList
+
+    return "spiffe-id" if AllowList.load(layout.allow_list("service-a")).ids else "thumbprint"

@@ -15,6 +15,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from pki import PKIError, Policy, init, issue_identity, revoke
 from pki.__main__ import main
+from shared.allowlist import AllowList
 from shared.certs import (
     extended_key_usages,
     load_certificates,
@@ -106,11 +107,14 @@ def test_normalise_thumbprint_accepts_colons_and_upper_case() -> None:
 
 
 def test_allow_lists_follow_the_policy(layout: Layout) -> None:
+    """Each service's allow-list names exactly its callers: by thumbprint, or by SPIFFE ID."""
     for callee, callers in POLICY.allow.items():
-        text = layout.allow_list(callee).read_text()
+        allow = AllowList.load(layout.allow_list(callee))
         for name in [*POLICY.services, *POLICY.clients]:
-            sha = thumbprint(load_certificates(layout.cert(name))[0])
-            assert (sha in text) == (name in callers), f"{name} on {callee}'s allow-list?"
+            listed = thumbprint(load_certificates(layout.cert(name))[0]) in allow.entries or any(
+                str(spiffe_id) == POLICY.spiffe_id(name) for spiffe_id in allow.ids
+            )
+            assert listed == (name in callers), f"{name} on {callee}'s allow-list?"
 
 
 def test_init_is_idempotent_and_force_regenerates(tmp_path) -> None:

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
 from pki import Policy, issue_identity, revoke
 from shared.certs import load_certificates, thumbprint
-from tests.compose.stack import SERVICES, Stack, running_stack
+from tests.compose.stack import SERVICES, Stack
 from tests.support import TLS_REFUSALS, attacker_context, get, wait_until
 
 pytestmark = pytest.mark.compose
 
 UIDS = {"service-a": "10001", "service-b": "10002", "service-c": "10003", "client": "10004"}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("compose")) as stack:
-        yield stack
 
 
 def test_the_chain_works_from_the_host(stack: Stack) -> None:
