@@ -12,6 +12,7 @@ drain. So it has three steps:
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 from pki.allowlists import render_allow_lists
 from pki.authority import Identity, PKIError, Usage, load_issuer
@@ -59,15 +60,17 @@ def rotate_finish(layout: Layout, policy: Policy, name: str) -> Identity:
 
 
 def retire(layout: Layout, policy: Policy, name: str) -> int | None:
-    """End the overlap: drop the old thumbprint from the allow-lists and revoke the old certificate."""
+    """End the overlap: drop the old thumbprint from the allow-lists and revoke the old certificate.
+
+    Not within ROTATION_GRACE of `rotate_finish`: until every service has re-read its files, one may still
+    present the old certificate, and revoking it then would cut that service off. So this waits out the rest.
+    """
     previous = layout.previous_cert(name)
     if not previous.exists():
         return None
+    if (left := ROTATION_GRACE.total_seconds() - (time.time() - previous.stat().st_mtime)) > 0:
+        time.sleep(left)
     serial = revoke(layout, name, "superseded", cert_path=previous)
     previous.unlink()
     render_allow_lists(layout, policy)
     return serial
-
-
-# An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
-# that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.

@@ -7,13 +7,14 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from pki import PKIError, Policy, init, issue_identity, revoke
+from pki import ROTATION_GRACE, PKIError, Policy, init, issue_identity, retire, revoke, rotate_begin, rotate_finish
 from pki.__main__ import main
 from shared.allowlist import AllowList
 from shared.certs import (
@@ -197,3 +198,14 @@ def test_make_pki_says_when_an_identity_in_use_is_revoked(tmp_path, capsys: pyte
     assert main(["--out", str(out), "init"]) == 0
     warning = capsys.readouterr().err
     assert "service-b's certificate is revoked" in warning and "make rotate NAME=service-b" in warning
+
+
+def test_retire_waits_until_every_service_can_have_switched(tmp_path) -> None:
+    """Retiring right after a rotation would revoke a certificate a service may still present."""
+    layout = Layout(tmp_path)
+    init(layout, POLICY)
+    rotate_begin(layout, POLICY, "service-b")
+    rotate_finish(layout, POLICY, "service-b")
+    start = time.monotonic()
+    assert retire(layout, POLICY, "service-b") is not None
+    assert time.monotonic() - start >= ROTATION_GRACE.total_seconds() - 0.5
