@@ -69,24 +69,37 @@ def load(
     concurrency: int,
     during: str | None,
 ) -> int:
-    """A steady load: `total` requests at least, and for as long as `during` runs; prints how many failed."""
-    context = tls.client_context(material)
+    """A steady load: `total` requests at least, and for as long as `during` runs; prints how many failed.
+
+    Like a long-running service, it takes a renewed certificate as soon as its files change: each worker
+    then opens new connections with it (a renewal by thumbprint unlists the old one shortly after).
+    """
     command = subprocess.Popen(during, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) if during else None
     sent, failures, lock = 0, [], threading.Lock()
 
     def busy() -> bool:
         return sent < total or (command is not None and command.poll() is None)
 
+    def version() -> tuple[int, ...]:
+        return tuple(path.stat().st_mtime_ns for path in material.files())
+
     def worker() -> None:
         nonlocal sent
-        with httpx.Client(transport=sync_transport(context, check), timeout=10) as client:
+        seen, client = version(), httpx.Client(transport=sync_transport(tls.client_context(material), check))
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(lambda: client.close())
             while True:
                 with lock:
                     if not busy():
                         return
                     sent += 1
+                if (now := version()) != seen:  # new certificate, key or CRL: new connections from now on
+                    with contextlib.suppress(MaterialError):  # half-written (key before certificate): next time
+                        fresh = httpx.Client(transport=sync_transport(tls.client_context(material), check))
+                        client.close()
+                        seen, client = now, fresh
                 try:
-                    response = client.get(url, extensions={"sni_hostname": server_name})
+                    response = client.get(url, extensions={"sni_hostname": server_name}, timeout=10)
                     if response.status_code != 200:
                         failures.append(explain_problem(response.status_code, problem_body(response)))
                 except httpx.HTTPError as e:

@@ -17,8 +17,10 @@ from pki.authority import PKIError
 from pki.deploy import deploy
 from pki.identities import init, issue_identity
 from pki.policy import POLICY_FILE, Policy
+from pki.renewal import Renewer
 from pki.revocation import REVOCATION_REASONS, revoke, revoked_in_place
 from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
+from shared import log
 from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
@@ -113,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
 
     p = commands.add_parser(
+        "renew",
+        help="re-issue every identity whose certificate has lived half its life (--watch: for ever)",
+        description="Renew, with a fresh key, each identity whose certificate has lived half its life "
+        "(leaf_lifetime in the policy): by thumbprint with the overlap of a rotation, by SPIFFE ID at once. "
+        "Also re-signs the CRL before it expires. --deploy copies the changes into the Docker volumes.",
+    )
+    p.add_argument("--watch", action="store_true", help="keep looking, every --interval seconds")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks (default 1)")
+    p.add_argument("--deploy", nargs="+", metavar="DEST NAME:UID", help="after each change, deploy as `deploy` does")
+
+    p = commands.add_parser(
         "deploy",
         help="copy what each identity needs into DEST/NAME, owned by its UID (the compose pki job)",
         description="For each NAME:UID, copy into DEST/NAME exactly what that identity needs — its own key "
@@ -185,14 +198,34 @@ def cmd_retire(args: argparse.Namespace, layout: Layout) -> None:
     print(f"{args.name}: old certificate {serial:x} unlisted and revoked" if serial else "nothing to retire")
 
 
-def cmd_deploy(args: argparse.Namespace, layout: Layout) -> None:
+def cmd_renew(args: argparse.Namespace, layout: Layout) -> None:
+    log.configure("renewer")
     policy = Policy.load(args.policy)
-    for spec in args.identities:
+
+    def deploy_all() -> None:
+        if args.deploy:
+            dest, *identities = args.deploy
+            deploy_to(layout, policy, Path(dest), identities)
+
+    renewer = Renewer(layout, policy, on_change=deploy_all)
+    if args.watch:
+        deploy_all()
+        renewer.watch(args.interval)
+    elif not renewer.tick():
+        print("nothing to renew")
+
+
+def cmd_deploy(args: argparse.Namespace, layout: Layout) -> None:
+    deploy_to(layout, Policy.load(args.policy), args.dest, args.identities)
+
+
+def deploy_to(layout: Layout, policy: Policy, dest: Path, identities: list[str]) -> None:
+    for spec in identities:
         name, _, uid = spec.partition(":")
         if not uid.isdigit():
             raise PKIError(f"{spec!r}: give NAME:UID, e.g. service-a:10001")
-        copied = deploy(layout, policy, name, args.dest / name, (int(uid), int(uid)))
-        print(f"deployed {name} to {args.dest / name} for uid {uid}: {', '.join(copied)}")
+        copied = deploy(layout, policy, name, dest / name, (int(uid), int(uid)))
+        print(f"deployed {name} to {dest / name} for uid {uid}: {', '.join(copied)}", flush=True)
 
 
 def cmd_render(args: argparse.Namespace, layout: Layout) -> None:
@@ -208,6 +241,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Layout], None]] = {
     "revoke": cmd_revoke,
     "rotate": cmd_rotate,
     "retire": cmd_retire,
+    "renew": cmd_renew,
     "deploy": cmd_deploy,
     "render": cmd_render,
 }

@@ -158,6 +158,7 @@ class CertificateAuthority(Identity):
         key_type: KeyType | None = None,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
+        lifetime: dt.timedelta = LEAF_VALIDITY,
     ) -> Identity:
         """A leaf certificate for `name` (its Common Name), with the given SANs and extended key usages.
 
@@ -176,7 +177,7 @@ class CertificateAuthority(Identity):
         ekus = [EKU_OIDS[f"{u}Auth"] for u in usages]  # server → serverAuth, client → clientAuth
         digital_signature_only = isinstance(key, ec.EllipticCurvePrivateKey)
         builder = (
-            self._builder(name, key, not_before or start - CLOCK_SKEW, not_after or start + LEAF_VALIDITY)
+            self._builder(name, key, not_before or start - CLOCK_SKEW, not_after or start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

@@ -120,6 +120,7 @@ def issue_identity(
         **sans,
         usages=("client",) if client_only else ("server", "client"),
         key_type=key_type,
+        lifetime=policy.leaf_lifetime,
     )
     identity.write(layout.out, name)
     return identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 from dataclasses import dataclass
@@ -19,6 +20,15 @@ RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previ
 # An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
 # that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.
 IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """ "90d", "1h", "3m", "30s" → a timedelta; ValueError for anything else."""
+    match = re.fullmatch(r"(\d+)([dhms])", text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f'leaf_lifetime = {text!r}: write a whole number and a unit, like "90d", "1h", "3m"')
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match.group(2)]
+    return dt.timedelta(**{unit: int(match.group(1))})
 
 
 def check_identity_name(name: str) -> None:
@@ -41,6 +51,8 @@ class Policy:
     # How allow-lists name callers: "thumbprint" pins one certificate; "spiffe-id" names the identity, so
     # rotation, replicas and short-lived certificates need no allow-list change.
     authorize_by: str = "thumbprint"
+    # How long a leaf certificate lives; the renewer (`python -m pki renew --watch`) re-issues it at half.
+    leaf_lifetime: dt.timedelta = dt.timedelta(days=90)
 
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
@@ -53,10 +65,11 @@ class Policy:
                 allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
                 metrics=tuple(data.get("metrics", ())),
                 authorize_by=data.get("authorize_by", "thumbprint"),
+                leaf_lifetime=parse_duration(data.get("leaf_lifetime", "90d")),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
         if policy.authorize_by not in AUTHORIZE_BY:
             raise PKIError(f"{path}: authorize_by = {policy.authorize_by!r}: use one of {', '.join(AUTHORIZE_BY)}")

@@ -37,7 +37,9 @@ def rotate_begin(layout: Layout, policy: Policy, name: str) -> Identity:
     for kind, value in subject_alt_names(current):
         sans[SAN_KINDS[kind]].append(value)
     usages: list[Usage] = [u for u in ("server", "client") if f"{u}Auth" in extended_key_usages(current)]
-    successor = load_issuer(layout).issue(name, **sans, usages=usages, key_type=key_type(current.public_key()))
+    successor = load_issuer(layout).issue(
+        name, **sans, usages=usages, key_type=key_type(current.public_key()), lifetime=policy.leaf_lifetime
+    )
     successor.write(layout.out / "next", name)
     render_allow_lists(layout, policy)
     return successor

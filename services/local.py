@@ -78,10 +78,8 @@ class ServiceProcess:
         return self
 
     def _relay(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            sys.stdout.write(f"{self.name:<9} | {line.decode(errors='replace')}")
-            sys.stdout.flush()
+        assert self.process is not None
+        relay(self.name, self.process)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until the port accepts connections; raise with the service's own words if it exits instead."""
@@ -113,6 +111,36 @@ class ServiceProcess:
             self._log_file = None
 
 
+def relay(name: str, process: subprocess.Popen[bytes]) -> None:
+    """Print `process`'s output line by line, each prefixed with `name`."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(f"{name:<9} | {line.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+@contextmanager
+def renewing(pki_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m pki renew --watch` beside the services: certificates renewed at half their life."""
+    renewer = subprocess.Popen(
+        [sys.executable, "-m", "pki", "--out", str(pki_dir), "renew", "--watch"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    threading.Thread(target=relay, args=("renewer", renewer), daemon=True).start()
+    try:
+        yield renewer
+    finally:
+        renewer.terminate()
+        try:
+            renewer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            renewer.kill()
+            renewer.wait()
+
+
 @contextmanager
 def running(processes: Sequence[ServiceProcess]) -> Iterator[Sequence[ServiceProcess]]:
     """Start every process (callee first), wait until all listen, and stop them all on the way out."""
@@ -141,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        with running(processes):
+        with running(processes), renewing(args.pki_dir):
             names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes)
             print(f"mesh up: client → {names}. Try: make call. Ctrl-C stops all three.", flush=True)
             while not stop.wait(0.5):
