@@ -168,3 +168,15 @@ def test_revoking_an_identity_reaches_the_containers(stack: Stack) -> None:
         return False
 
     wait_until(refused, timeout=10)
+
+
+def test_the_renewer_runs_beside_the_services_without_a_network(stack: Stack) -> None:
+    container = stack.container("renewer")
+    state = json.loads(
+        subprocess.run(
+            ["docker", "inspect", "--format", "{{json .}}", container], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert state["State"]["Running"]
+    assert state["HostConfig"]["NetworkMode"] == "none"
+    assert "renewal_failed" not in stack.compose("logs", "--no-log-prefix", "renewer").stdout
