@@ -14,6 +14,7 @@ One module per task:
     allowlists   the policy rendered into allow/<service>.txt
     revocation   the revocation record and the CRL rendered from it
     rotation     a new key and certificate without failing a request (begin, finish, retire)
+    renewal      the same, by itself, at half a certificate's life (`renew --watch`)
     deploy       each container's own material, for Docker
     output       atomic, permission-safe writes
 
