@@ -53,7 +53,7 @@ def bench_protocol(config: ServiceConfig, live: LiveTLS) -> tuple[type[asyncio.P
                 context.maximum_version = ssl.TLSVersion.TLSv1_2
     if caller := os.environ.get("BENCH_PLAINTEXT_CALLER"):
         return plaintext_protocol(Path(caller), config.limits), "http"
-    return tls_protocol(live.server, config.limits, live.recheck), "https"
+    return tls_protocol(lambda: live.server, config.limits, live.recheck), "https"
 
 
 def main() -> int:

@@ -91,7 +91,7 @@ def run(protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.
 
 
 def main() -> int:
-    return run(lambda config, live: (tls_protocol(live.server, config.limits, live.recheck), "https"))
+    return run(lambda config, live: (tls_protocol(lambda: live.server, config.limits, live.recheck), "https"))
 
 
 if __name__ == "__main__":

@@ -67,11 +67,26 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     Gauge(
         "mesh_crl_next_update_seconds",
         "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
+        lambda: min(
+            (
+                (crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
+                for crl in live.crls
+                if crl.next_update_utc
+            ),
+            default=None,
+        ),
+    )
+    Gauge(
+        "mesh_certificate_expiry_seconds",
+        "Seconds until this service's own certificate expires (the renewer replaces it at half its life)",
         lambda: (
-            (live.crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
-            if live.crl is not None and live.crl.next_update_utc is not None
+            (live.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+            if live.certificate is not None
             else None
         ),
+    )
+    Gauge(
+        "mesh_trust_generation", "How many times this service has (re)built its TLS contexts", lambda: live.generation
     )
 
     expected_callee = downstream_id(config) if config.downstream_name else None
@@ -111,9 +126,24 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """For health checks: any caller whose certificate passed TLS verification; no allow-list."""
-        return {"status": "ok", "service": config.name}
+    async def healthz() -> dict[str, Any]:
+        """For health checks and rollover gates: any caller whose certificate passed TLS verification.
+
+        Says what is in force: the trust anchors (SHA-256) and this service's own certificate.
+        """
+        own = live.certificate
+        return {
+            "status": "ok",
+            "service": config.name,
+            "trust_anchors": live.anchors,
+            "certificate": {
+                "serial": f"{own.serial_number:x}",
+                "issuer": own.issuer.rfc4514_string(),
+                "not_after": f"{own.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            }
+            if own is not None
+            else None,
+        }
 
     mesh = APIRouter(dependencies=[Depends(guard)])  # every route here is allow-listed
 

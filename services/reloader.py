@@ -3,9 +3,9 @@
 `shared.reload.Watcher` says which files changed; the `Reloader` decides what that means:
 
 - an allow-list: its guard gets a new authorizer (a broken file is refused, the old list stays);
-- the certificate, key, CA or CRL: the live TLS contexts are reloaded (shared.tls.LiveTLS), every open
-  connection of a now-revoked caller is closed, and the pool towards the next hop is replaced, so that a
-  now-revoked callee is checked again too.
+- the certificate, key, CA or CRL: new TLS contexts are built and swapped in (shared.tls.LiveTLS), every
+  open connection of a caller a new handshake would refuse (revoked, or issued by a CA no longer trusted) is
+  closed, and the pool towards the next hop is replaced, so that the callee is checked again too.
 
 Certificates are checked once per connection, which is why the last two steps exist.
 """
@@ -62,8 +62,7 @@ class Reloader:
         except MaterialError as e:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
-        revoked = self.live.revoked()
-        closed = close_where(lambda caller: (caller.issuer, caller.serial) in revoked)
+        closed = close_where(lambda caller: self.live.refusal(caller.issuer, caller.serial) is not None)
         if self.downstream is not None:
-            self.downstream.renew()
+            self.downstream.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})

@@ -58,12 +58,11 @@ class Downstream:
         transport = nativetls.transport(self.context, limits, self.check)
         return httpx.AsyncClient(transport=transport, timeout=self.timeout)
 
-    def renew(self) -> None:
-        """New connections from now on (the TLS material changed); the old pool closes once in-flight calls end.
-
-        The context itself was updated in place; what must go are pooled connections whose handshake
-        happened under the old material — for instance with a callee whose certificate is now revoked.
-        """
+    def renew(self, context: ssl.SSLContext) -> None:
+        """New connections from now on, with `context` (the TLS material changed); the old pool closes once
+        in-flight calls end: its connections were checked under the old material — a callee since revoked,
+        a CA since removed."""
+        self.context = context
         old, self.client = self.client, self._new_client()
 
         async def retire() -> None:

@@ -38,7 +38,7 @@ class TLSTermination:
     """Mixed into a uvicorn HTTP protocol class (see `tls_protocol`): TLS first, then HTTP with a known peer."""
 
     app: Any
-    ssl_context: ssl.SSLContext
+    server_context: Callable[[], ssl.SSLContext]  # the one in force now: rebuilt whenever the files change
     limits: ConnectionLimits
     recheck: Recheck
     _established = False
@@ -61,7 +61,7 @@ class TLSTermination:
         handshake = asyncio.get_running_loop().start_tls(
             transport,
             self,  # type: ignore[arg-type]
-            self.ssl_context,
+            self.server_context(),
             server_side=True,
             ssl_handshake_timeout=self.limits.handshake_timeout + 5,
         )
@@ -121,16 +121,18 @@ class TLSTermination:
             super().connection_lost(exc)  # type: ignore[misc]
 
 
-def tls_protocol(context: ssl.SSLContext, limits: ConnectionLimits, recheck: Recheck) -> type[asyncio.Protocol]:
-    """uvicorn's fastest HTTP/1.1 protocol class, terminating TLS with `context`, within `limits`.
+def tls_protocol(
+    context: Callable[[], ssl.SSLContext], limits: ConnectionLimits, recheck: Recheck
+) -> type[asyncio.Protocol]:
+    """uvicorn's fastest HTTP/1.1 protocol class, terminating TLS with the context `context()` returns now.
 
-    uvicorn.run(app, http=tls_protocol(live.server, config.limits, live.recheck))
+    uvicorn.run(app, http=tls_protocol(lambda: live.server, config.limits, live.recheck))
     """
-    if not isinstance(context, ssl.SSLContext):
+    if not isinstance(context(), ssl.SSLContext):
         raise TypeError("a service speaks TLS only: tls_protocol() needs an ssl.SSLContext")
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
 
-    attributes = {"ssl_context": context, "limits": limits, "recheck": staticmethod(recheck)}
+    attributes = {"server_context": staticmethod(context), "limits": limits, "recheck": staticmethod(recheck)}
     return type("TLSHttpToolsProtocol", (TLSTermination, RequestLimits, HttpToolsProtocol), attributes)
 
 

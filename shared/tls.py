@@ -22,7 +22,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from shared.certs import crl_number, parse_certificates, parse_crl, parse_key
+from shared.certs import crl_number, parse_certificates, parse_crl, parse_key, thumbprint
 from shared.files import MaterialError, read_protected
 
 TLSProfile = Literal["intermediate", "modern"]
@@ -83,8 +83,8 @@ class TLSMaterial:
             if path is not None
         }
 
-    def verify(self, data: dict[str, bytes]) -> x509.CertificateRevocationList | None:
-        """Check what `read()` returned, naming our files in every complaint; return the CRL, if any."""
+    def verify(self, data: dict[str, bytes]) -> list[x509.CertificateRevocationList]:
+        """Check what `read()` returned, naming our files in every complaint; return the CRLs (one per issuer)."""
         parse_certificates(data["ca"], self.ca, "CA file")
         if (self.cert is None) != (self.key is None):
             raise MaterialError("a certificate needs its key and a key its certificate: give both or neither")
@@ -102,9 +102,13 @@ class TLSMaterial:
                 raise MaterialError(f"{self.cert}: certificate is not valid before {leaf.not_valid_before_utc}Z")
             if parse_key(data["key"], self.key).public_key() != leaf.public_key():
                 raise MaterialError(f"{self.key}: this key does not belong to the certificate {self.cert}")
-        if self.crl is not None:
-            return _usable_crl(data["crl"], self.crl, chain[1:])
-        return None
+        if self.crl is None:
+            return []
+        # One CRL per intermediate in play: during a CA rollover, the old one's and the new one's.
+        blocks = [b"-----BEGIN X509 CRL-----" + block for block in data["crl"].split(b"-----BEGIN X509 CRL-----")[1:]]
+        if not blocks:
+            raise MaterialError(f"{self.crl}: not a PEM CRL — regenerate it with `make pki`")
+        return [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
 
     def written_to(self, directory: Path, data: dict[str, bytes]) -> TLSMaterial:
         """`data` as files in `directory` (ours alone, 0700), for OpenSSL, which loads from paths only."""
@@ -184,17 +188,16 @@ def _load(context: ssl.SSLContext, material: TLSMaterial) -> None:
 
 
 class LiveTLS:
-    """A running service's two contexts, kept for its whole life and updated in place when files change.
+    """A running service's TLS contexts, rebuilt from its files whenever they change and swapped in whole.
 
-    uvicorn binds its listening socket to one SSLContext for good, so reloading means loading new files
-    into that same context. OpenSSL can leave a context half-updated when a load fails (say, a key that
-    does not match its certificate), so each file is read once, checked, and loaded into throwaway
-    contexts first; only material that passed goes into the live ones, and new handshakes use it. OpenSSL
-    reads from paths only, so the checked bytes are written to a private temporary directory for the load
-    and deleted right after: no copy of the key outlives it.
+    We run the handshake ourselves (shared.handshake), and it asks for `server` on every new connection; the
+    pool towards the next hop is renewed with `client`. So a rebuilt pair takes effect from the next
+    connection on, whatever changed: a renewed certificate, a revocation, a CA added to ca.crt — or taken out
+    of it, which loading into a live OpenSSL context could never do. A broken file raises and changes nothing.
+    Each file is read once, checked, and written to a private temporary directory only for OpenSSL to load
+    (it reads from paths only), then deleted: no copy of the key outlives it.
 
-    Two things can only grow in a live context. The trust anchor: removing a CA from ca.crt needs a
-    restart. And revocations: a CRL that is older than the one in force, or that drops a revoked
+    Revocations only grow: a CRL older than the one in force for its issuer, or one that drops a revoked
     certificate, is refused — a lost crl.pem must never quietly un-revoke anyone.
     """
 
@@ -208,49 +211,52 @@ class LiveTLS:
     ) -> None:
         self.material = material
         self.require_client_cert = require_client_cert
+        self.outgoing = outgoing
         self.profile = profile
-        data = material.read()
-        self.crl = material.verify(data)
-        with _scratch() as directory:
-            files = material.written_to(directory, data)
-            self.server = server_context(files, require_client_cert=require_client_cert, profile=profile)
-            self.client = client_context(files, profile=profile) if outgoing else None
+        self.crls: list[x509.CertificateRevocationList] = []
+        self.generation = 0
+        self.reload()
 
     def reload(self) -> None:
-        """Check the files as they are now and load them into the live contexts, or raise and change nothing."""
+        """Build new contexts from the files as they are now and swap them in, or raise and change nothing."""
         data = self.material.read()
-        crl = self.material.verify(data)
-        if crl is not None and self.crl is not None:
-            _check_successor(self.crl, crl, self.material.crl)  # type: ignore[arg-type]
+        crls = self.material.verify(data)
+        for crl in crls:
+            for current in self.crls:
+                _check_successor(current, crl, self.material.crl)  # type: ignore[arg-type]
         with _scratch() as directory:
             files = self.material.written_to(directory, data)
-            server_context(files, require_client_cert=self.require_client_cert, profile=self.profile)
-            if self.client is not None:
-                client_context(files, profile=self.profile)
-            for context in (self.server, self.client):
-                if context is not None:
-                    _load(context, files)
-        self.crl = crl
+            server = server_context(files, require_client_cert=self.require_client_cert, profile=self.profile)
+            client = client_context(files, profile=self.profile) if self.outgoing else None
+        anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
+        own = parse_certificates(data["cert"], self.material.cert, "certificate")[0] if "cert" in data else None  # type: ignore[arg-type]
+        self.server, self.client, self.crls = server, client, crls
+        self.anchors = [thumbprint(anchor) for anchor in anchors]  # what we trust, for /healthz and the gates
+        self.certificate = own
+        self.generation += 1
 
     def recheck(self, der: bytes) -> str | None:
         """What a full handshake would now say against this peer certificate (for resumed sessions), or None.
 
-        Only what can change while we run is checked: the clock and the CRL. The chain was verified when the
-        session was made, and trust anchors are never removed from a live context.
+        Only what can change while we run is checked: the clock, the CRL, and whether its issuer is still one
+        we hold a CRL for (a retired CA's leaves have none). The chain was verified when the session was made.
         """
         cert = x509.load_der_x509_certificate(der)
         if dt.datetime.now(dt.UTC) > cert.not_valid_after_utc:
             return "certificate has expired"
-        if (cert.issuer.rfc4514_string(), cert.serial_number) in self.revoked():
+        return self.refusal(cert.issuer.rfc4514_string(), cert.serial_number)
+
+    def refusal(self, issuer: str, serial: int) -> str | None:
+        """Why a peer certificate (issuer, serial) verified earlier would be refused now, or None."""
+        if self.crls and issuer not in {crl.issuer.rfc4514_string() for crl in self.crls}:
+            return "its issuing CA is no longer trusted (no CRL of it is in force)"
+        if (issuer, serial) in self.revoked():
             return "certificate revoked"
         return None
 
     def revoked(self) -> set[tuple[str, int]]:
-        """(issuer, serial) of every certificate the CRL in force revokes."""
-        if self.crl is None:
-            return set()
-        issuer = self.crl.issuer.rfc4514_string()
-        return {(issuer, entry.serial_number) for entry in self.crl}
+        """(issuer, serial) of every certificate the CRLs in force revoke."""
+        return {(crl.issuer.rfc4514_string(), entry.serial_number) for crl in self.crls for entry in crl}
 
 
 @contextmanager

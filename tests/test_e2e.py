@@ -74,7 +74,11 @@ def test_client_gets_three_hops_each_verifying_its_caller(mesh: Mesh) -> None:
 def test_healthz_needs_a_verified_certificate_but_no_allow_list(mesh: Mesh, hostile: dict[str, Credentials]) -> None:
     service = mesh["service-c"]
     response = get(f"{service.url}/healthz", service.name, attacker_context(mesh.layout.ca_cert, hostile["stranger"]))
-    assert response.json() == {"status": "ok", "service": "service-c"}
+    health = response.json()
+    assert (health["status"], health["service"]) == ("ok", "service-c")
+    # What is in force: the trust anchor, and the service's own certificate.
+    assert health["trust_anchors"] == [thumbprint(load_certificates(mesh.layout.ca_cert)[0])]
+    assert health["certificate"]["serial"] == f"{load_certificates(mesh.layout.cert('service-c'))[0].serial_number:x}"
     with pytest.raises(TLS_REFUSALS):
         get(f"{service.url}/healthz", service.name, attacker_context(mesh.layout.ca_cert, None))
 
