@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate retire test lint fmt bench soak renew-soak \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test lint fmt bench soak renew-soak \
         base-image image up down \
         logs ps clean deploy-if-up
 
@@ -61,6 +61,13 @@ rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing 
 	@$(PY) -m pki rotate $(NAME) --wait  # thumbprint mode: every callee re-reads its allow-list first
 	$(PY) -m pki rotate $(NAME) --finish
 	@$(MAKE) --no-print-directory deploy-if-up
+
+rotate-ca: $(VENV)/.installed ## roll the intermediate CA over (ROOT=1: the root too), live, with a gate after each stage
+	$(PY) -m pki rotate-ca $(if $(ROOT),--root) \
+		--service service-a=https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS))) \
+		--service service-b=https://127.0.0.1:$(word 2,$(subst $(comma), ,$(PORTS))) \
+		--service service-c=https://127.0.0.1:$(word 3,$(subst $(comma), ,$(PORTS))) \
+		--after-each-stage "$(MAKE) --no-print-directory deploy-if-up"
 
 retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old certificate and revoke it
 	@test -n "$(NAME)" || { echo "usage: make retire NAME=service-a" >&2; exit 2; }

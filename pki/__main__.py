@@ -19,6 +19,7 @@ from pki.identities import init, issue_identity
 from pki.policy import POLICY_FILE, Policy
 from pki.renewal import Renewer
 from pki.revocation import REVOCATION_REASONS, revoke, revoked_in_place
+from pki.rollover import RollOver, run_command
 from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
 from shared import log
 from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
@@ -126,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy", nargs="+", metavar="DEST NAME:UID", help="after each change, deploy as `deploy` does")
 
     p = commands.add_parser(
+        "rotate-ca",
+        help="roll the intermediate CA over (--root: the root too), live: publish, issue, retire, with gates",
+        description="Stage by stage, each waiting until every --service reports it on /healthz: publish the new "
+        "CA (trust and CRL), issue every identity from it, retire the old. A gate that does not hold stops the "
+        "rollover naming the service and the stage; running the command again continues where it stopped.",
+    )
+    p.add_argument("--root", action="store_true", help="a new root as well as a new intermediate")
+    p.add_argument(
+        "--service", action="append", default=[], metavar="NAME=URL", help="e.g. service-a=https://127.0.0.1:8443"
+    )
+    p.add_argument("--after-each-stage", metavar="COMMAND", help="run after each stage's files are written (deploy)")
+    p.add_argument("--gate-timeout", type=float, default=30.0, help="seconds a gate may take (default 30)")
+
+    p = commands.add_parser(
         "deploy",
         help="copy what each identity needs into DEST/NAME, owned by its UID (the compose pki job)",
         description="For each NAME:UID, copy into DEST/NAME exactly what that identity needs — its own key "
@@ -215,6 +230,19 @@ def cmd_renew(args: argparse.Namespace, layout: Layout) -> None:
         print("nothing to renew")
 
 
+def cmd_rotate_ca(args: argparse.Namespace, layout: Layout) -> None:
+    services = dict(spec.split("=", 1) for spec in args.service)
+    if not services:
+        raise PKIError("name the services to wait for: --service service-a=https://127.0.0.1:8443 …")
+    after = run_command(args.after_each_stage) if args.after_each_stage else (lambda: None)
+    RollOver(layout, Policy.load(args.policy), services, args.root, after, args.gate_timeout, log=_say).run()
+    print(f"the {'root and intermediate' if args.root else 'intermediate'} CA rolled over; the old one is retired")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def cmd_deploy(args: argparse.Namespace, layout: Layout) -> None:
     deploy_to(layout, Policy.load(args.policy), args.dest, args.identities)
 
@@ -242,6 +270,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Layout], None]] = {
     "rotate": cmd_rotate,
     "retire": cmd_retire,
     "renew": cmd_renew,
+    "rotate-ca": cmd_rotate_ca,
     "deploy": cmd_deploy,
     "render": cmd_render,
 }

@@ -16,7 +16,9 @@ __all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 POLICY_FILE = Path(__file__).with_name("policy.toml")
 AUTHORIZE_BY = ("thumbprint", "spiffe-id")
 # These file names belong to the CA itself; an identity may not take them.
-RESERVED_NAMES = frozenset({"ca", "intermediate", "crl", "allow", "next", "previous", "metrics", "revocations"})
+RESERVED_NAMES = frozenset(
+    {"ca", "intermediate", "crl", "allow", "next", "previous", "metrics", "revocations", "rollover"}
+)
 # An identity's name becomes its DNS SAN and the last segment of its SPIFFE ID: one lowercase DNS label, so
 # that no two names can match each other (DNS matching ignores case) and no name can smuggle in a path.
 IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")

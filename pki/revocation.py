@@ -114,7 +114,11 @@ def write_crl(layout: Layout) -> x509.CertificateRevocationList:
     crl = builder.sign(issuing.key, hashes.SHA256())
     record |= {"crl_number": number, "last_update": last_update.isoformat()}
     _write_record(layout, record)
-    write_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    # During a CA rollover the other intermediate's CRL travels along: peers need one for each issuer in play.
+    other = layout.rollover / "crl.pem"
+    write_file(
+        layout.crl, crl.public_bytes(serialization.Encoding.PEM) + (other.read_bytes() if other.exists() else b"")
+    )
     return crl
 
 

@@ -136,6 +136,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             "status": "ok",
             "service": config.name,
             "trust_anchors": live.anchors,
+            "issuers": sorted(crl.issuer.rfc4514_string() for crl in live.crls),  # the CAs whose leaves count
             "certificate": {
                 "serial": f"{own.serial_number:x}",
                 "issuer": own.issuer.rfc4514_string(),

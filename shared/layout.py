@@ -76,6 +76,11 @@ class Layout:
         """Who may read /metrics, on every service."""
         return self.out / "allow" / "metrics.txt"
 
+    @property
+    def rollover(self) -> Path:
+        """A CA rollover under way: the new CA (then the old one) and the other intermediate's CRL."""
+        return self.out / "rollover"
+
     def next_cert(self, name: str) -> Path:
         """During a rotation: the new certificate, listed on allow-lists but not yet presented."""
         return self.out / "next" / f"{name}.crt"

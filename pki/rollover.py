@@ -1,0 +1,190 @@
+"""Rolling the CA over, live: a new intermediate (and with `root=True` a new root), in three staged steps,
+each waiting at a gate until every service reports it — the order whose violation caused the outages meshes
+are known for (a root removed before every peer trusted its successor).
+
+    publish  — the new CA joins what every peer trusts: the new root into ca.crt (root rollover), the new
+               intermediate's CRL into crl.pem. Gate: every service reports the new anchors and issuers.
+    issue    — the new intermediate signs from now on, and every identity is renewed under it (as the
+               renewer renews: by thumbprint with a rotation's overlap). Gate: every service presents a
+               certificate from the new intermediate.
+    retire   — the old CA leaves: the old root out of ca.crt, the old intermediate's CRL out of crl.pem (with
+               leaf-only CRL checking, a CA without a CRL in force has no valid leaves), its key deleted.
+               Gate: every service reports only the new.
+
+A gate that does not hold within its time stops the rollover, naming the service and the stage; what was
+published stays, and the mesh keeps working in that stage (`rotate-ca` then continues where it stopped).
+
+    RollOver(layout, policy, services={"service-a": "https://127.0.0.1:8443"}, root=True).run()
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from pki.allowlists import render_allow_lists
+from pki.authority import CertificateAuthority, PKIError, load_issuer, now
+from pki.output import write_file
+from pki.policy import Policy
+from pki.renewal import Renewer
+from pki.revocation import CRL_VALIDITY, write_crl
+from pki.rotation import ROTATION_GRACE
+from shared.certs import load_certificates, thumbprint
+from shared.layout import Layout
+from shared.tls import TLSMaterial, client_context
+
+__all__ = ["RollOver"]
+
+STAGES = ("publish", "issue", "retire")
+
+
+@dataclass
+class RollOver:
+    layout: Layout
+    policy: Policy
+    services: dict[str, str]  # name → base URL, as this machine reaches them
+    root: bool = False
+    after_each_stage: Callable[[], None] = lambda: None  # e.g. copy the files into the Docker volumes
+    gate_timeout: float = 30.0
+    log: Callable[[str], None] = field(default=print)
+
+    @property
+    def _stage_file(self) -> Any:
+        return self.layout.rollover / "stage"
+
+    def run(self) -> None:
+        """Every stage not yet done, each followed by its gate."""
+        done = self._stage_file.read_text().split() if self._stage_file.exists() else []
+        if (done and done[0] == "root" and not self.root) or (self.root and done and done[0] != "root"):
+            raise PKIError("a rollover of the other kind is under way: finish it first (with or without ROOT=1)")
+        for stage in STAGES:
+            if stage in done:
+                continue
+            started = time.monotonic()
+            getattr(self, stage)()
+            self.after_each_stage()
+            self._gate(stage)
+            if stage != "retire":
+                done = done or ["root" if self.root else "intermediate"]
+                write_file(self._stage_file, " ".join([*done, stage]).encode())
+            self.log(f"stage {stage}: done in {time.monotonic() - started:.1f} s, every service reports it")
+
+    # ── the stages ────────────────────────────────────────────────────────────────────────────────────────
+
+    def publish(self) -> None:
+        old_root = CertificateAuthority.load(self.layout.ca_cert, self.layout.ca_key)
+        suffix = f" {now():%Y%m%d%H%M%S}"  # a new name: peers tell the CAs apart by it
+        new_root = CertificateAuthority.root("mtls-mesh Root CA" + suffix) if self.root else old_root
+        new_issuer = new_root.intermediate("mtls-mesh Intermediate CA" + suffix)
+        out = self.layout.rollover
+        write_file(out / "intermediate.key", new_issuer.key_pem(), private=True)
+        write_file(out / "intermediate.crt", new_issuer.cert_pem())
+        if self.root:
+            write_file(out / "ca.key", new_root.key_pem(), private=True)
+            write_file(out / "ca.crt", new_root.cert_pem())
+            write_file(self.layout.ca_cert, old_root.cert_pem() + new_root.cert_pem())
+        write_file(out / "crl.pem", _empty_crl(new_issuer))
+        write_crl(self.layout)  # the current CRL, with the new intermediate's appended
+
+    def issue(self) -> None:
+        out, layout = self.layout.rollover, self.layout
+        old_crl = layout.crl.read_bytes().split(b"-----BEGIN X509 CRL-----")[1]
+        old_cert, old_key = layout.intermediate_cert.read_bytes(), layout.intermediate_key.read_bytes()
+        write_file(layout.intermediate_key, (out / "intermediate.key").read_bytes(), private=True)
+        write_file(layout.intermediate_cert, (out / "intermediate.crt").read_bytes())
+        write_file(out / "intermediate.key", old_key, private=True)  # now the *old* one, until retired
+        write_file(out / "intermediate.crt", old_cert)
+        write_file(out / "crl.pem", b"-----BEGIN X509 CRL-----" + old_crl)
+        write_crl(layout)  # the new intermediate's CRL, with the old one's appended
+        renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
+        renewer.renew([*self.policy.services, *self.policy.clients])
+        time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
+        for name in renewer.replaced:
+            layout.previous_cert(name).unlink(missing_ok=True)
+        render_allow_lists(layout, self.policy)
+
+    def retire(self) -> None:
+        out, layout = self.layout.rollover, self.layout
+        if self.root:
+            write_file(layout.ca_key, (out / "ca.key").read_bytes(), private=True)
+            write_file(layout.ca_cert, (out / "ca.crt").read_bytes())
+        (out / "crl.pem").unlink()
+        write_crl(layout)  # the new intermediate's CRL alone
+        shutil.rmtree(out)  # the old intermediate's key, and the rest of the rollover's state
+
+    # ── the gates ─────────────────────────────────────────────────────────────────────────────────────────
+
+    def _gate(self, stage: str) -> None:
+        """Wait until every service's /healthz shows `stage` in force; or stop, naming who does not."""
+        expect = self._expectation(stage)
+        deadline = time.monotonic() + self.gate_timeout
+        pending = dict(self.services)
+        last: dict[str, str] = {}
+        while pending:
+            for name, url in list(pending.items()):
+                try:
+                    health = self._health(name, url)
+                except (httpx.HTTPError, ssl.SSLError, OSError) as e:
+                    last[name] = f"cannot be reached ({type(e).__name__})"
+                    continue
+                if expect(health):
+                    del pending[name]
+                else:
+                    last[name] = (
+                        f"reports {health.get('trust_anchors')}, {health.get('issuers')}, {health.get('certificate')}"
+                    )
+            if pending and time.monotonic() > deadline:
+                name = next(iter(pending))
+                raise PKIError(
+                    f"rollover stopped at stage {stage!r}: {name} {last.get(name, 'did not answer')} within "
+                    f"{self.gate_timeout:g} s. What this stage published stays, and the mesh works with it; fix "
+                    f"{name} and run `make rotate-ca{' ROOT=1' if self.root else ''}` again to continue."
+                )
+            if pending:
+                time.sleep(0.25)
+
+    def _expectation(self, stage: str) -> Callable[[dict[str, Any]], bool]:
+        anchors = sorted(thumbprint(c) for c in load_certificates(self.layout.ca_cert))
+        issuers = sorted(
+            x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + block).issuer.rfc4514_string()
+            for block in self.layout.crl.read_bytes().split(b"-----BEGIN X509 CRL-----")[1:]
+        )
+        current = load_issuer(self.layout).cert.subject.rfc4514_string()
+        if stage == "issue":
+            return lambda h: (h.get("certificate") or {}).get("issuer") == current
+        return lambda h: sorted(h.get("trust_anchors", [])) == anchors and sorted(h.get("issuers", [])) == issuers
+
+    def _health(self, name: str, url: str) -> dict[str, Any]:
+        material = self.layout.material("client")
+        context = client_context(TLSMaterial(material.ca, material.cert, material.key, None))
+        with httpx.Client(verify=context, timeout=5) as client:
+            return client.get(url.rstrip("/") + "/healthz", extensions={"sni_hostname": name}).json()
+
+
+def _empty_crl(issuer: CertificateAuthority) -> bytes:
+    """A first CRL for a new intermediate: no entries yet, but peers need one to accept its leaves."""
+    start = now()
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(start)
+        .next_update(start + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
+        .sign(issuer.key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def run_command(command: str) -> Callable[[], None]:
+    """`after_each_stage` for a shell command (make deploy-if-up), which must succeed."""
+    return lambda: subprocess.run(command, shell=True, check=True)
