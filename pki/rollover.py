@@ -107,6 +107,7 @@ class RollOver:
         write_crl(layout)  # the new intermediate's CRL, with the old one's appended
         renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
         renewer.renew([*self.policy.services, *self.policy.clients])
+        self.after_each_stage()  # the switch reaches every peer before anything is unlisted
         time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
         for name in renewer.replaced:
             layout.previous_cert(name).unlink(missing_ok=True)
