@@ -222,7 +222,7 @@ def cmd_renew(args: argparse.Namespace, layout: Layout) -> None:
             dest, *identities = args.deploy
             deploy_to(layout, policy, Path(dest), identities)
 
-    renewer = Renewer(layout, policy, on_change=deploy_all)
+    renewer = Renewer(layout, policy, on_change=deploy_all, reread=lambda: Policy.load(args.policy))
     if args.watch:
         deploy_all()
         renewer.watch(args.interval)

@@ -65,12 +65,16 @@ class Renewer:
         policy: Policy,
         on_change: Callable[[], None] = lambda: None,
         wait: Callable[[float], None] = time.sleep,
+        reread: Callable[[], Policy] | None = None,
     ) -> None:
         self.layout, self.policy, self.on_change, self.wait = layout, policy, on_change, wait
+        self.reread = reread  # the policy file, read again at every tick: a new leaf_lifetime applies at once
         self.replaced: dict[str, float] = {}  # name → when its predecessor stopped being presented
 
     def tick(self) -> bool:
         """One look: renew what is due, unlist old predecessors, re-sign the CRL. True if anything changed."""
+        if self.reread is not None:
+            self.policy = self.reread()
         changed = False
         if names := due(self.layout, self.policy):
             self.renew(names)
