@@ -98,7 +98,8 @@ class Walkthrough:
             "MESH_PORT_C": str(ports[2]),
             "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ['PATH']}",
             "VIRTUAL_ENV": str(workdir / ".venv"),
-            "COMPOSE_PROJECT_NAME": "mtls-mesh-walkthrough",
+            # Its own compose project per target: a local run must never deploy into a Docker run's stack.
+            "COMPOSE_PROJECT_NAME": f"mtls-mesh-walkthrough-{target}",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         self.env.pop("MESH_PKI_DIR", None)

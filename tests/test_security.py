@@ -122,7 +122,7 @@ def test_an_expired_certificate_cannot_resume(fresh_layout: Layout, tmp_path: Pa
         "short-lived",
         usages=["client"],
         uris=[POLICY.spiffe_id("short-lived")],
-        not_after=now + dt.timedelta(seconds=3),
+        not_after=now + dt.timedelta(seconds=8),
     )
     cert, key = short.write(tmp_path, "short-lived")
     with one_service(layout, tmp_path) as service:
@@ -130,7 +130,7 @@ def test_an_expired_certificate_cannot_resume(fresh_layout: Layout, tmp_path: Pa
         context.maximum_version = ssl.TLSVersion.TLSv1_2
         status, session = raw_request(service.port, context)
         assert status == 200
-        wait_until(lambda: dt.datetime.now(dt.UTC) > short.cert.not_valid_after_utc, timeout=6)
+        wait_until(lambda: dt.datetime.now(dt.UTC) > short.cert.not_valid_after_utc, timeout=12)
         assert raw_request(service.port, context)[0] is None
         assert raw_request(service.port, context, session=session)[0] is None
 
