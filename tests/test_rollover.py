@@ -4,6 +4,7 @@ authorization modes. Afterwards the old CA's certificates are refused by every s
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,12 @@ def test_a_rollover_under_load_fails_no_request(tmp_path: Path, mode: str, root:
     processes = start_services(envs, tmp_path)
     with running(processes):
         pids = [p.process.pid for p in processes]  # type: ignore[union-attr]
+        # A keep-alive connection made with the old CA's identity, before the rollover: it must not outlive it.
+        held = attacker_context(layout.ca_cert, stale).wrap_socket(
+            socket.create_connection(("127.0.0.1", int(envs[0]["MESH_PORT"])), timeout=30), server_hostname="service-a"
+        )
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: service-a\r\n\r\n")
+        assert held.recv(12) == b"HTTP/1.1 200"
         command = " ".join(rotate_ca(layout, policy, envs, *(["--root"] if root else [])))
         load = subprocess.run(
             [sys.executable, "-m", "client", f"https://127.0.0.1:{envs[0]['MESH_PORT']}/chain",
@@ -69,6 +76,10 @@ def test_a_rollover_under_load_fails_no_request(tmp_path: Path, mode: str, root:
         assert [p.process.pid for p in processes] == pids  # type: ignore[union-attr]
         new_anchor = thumbprint(load_certificates(layout.ca_cert)[0])
         assert (new_anchor != old_anchor) == root
+        held.settimeout(5)  # the server must have closed it already: a read that times out fails the test
+        while held.recv(65536):  # what is left of the first answer, then b"": closed
+            pass
+        held.close()
         for env in envs:
             url, name = f"https://127.0.0.1:{env['MESH_PORT']}", env["MESH_NAME"]
             client = Credentials(layout.cert("client"), layout.key("client"))

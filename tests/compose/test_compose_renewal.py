@@ -1,5 +1,5 @@
-"""Renewal in the Docker mesh: the renewer container re-issues 20-second certificates and deploys them into the
-identities' volumes while the chain is under load from the host; no request fails."""
+"""Renewal in the Docker mesh, in both modes: the renewer container re-issues 20-second certificates and deploys
+them into the identities' volumes while the chain is under load from the host; no request fails."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ pytestmark = pytest.mark.compose
 SECONDS = 45
 
 
-@pytest.fixture(scope="module")
-def renewing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("compose-renewal")
+@pytest.fixture(scope="module", params=["thumbprint", "spiffe-id"])
+def renewing_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp(f"compose-renewal-{request.param}")
     policy = tmp / "policy.toml"
-    policy.write_text((ROOT / "pki" / "policy.toml").read_text().replace('"90d"', '"20s"'))
+    text = (ROOT / "pki" / "policy.toml").read_text().replace('"90d"', '"20s"')
+    policy.write_text(text.replace('"thumbprint"', f'"{request.param}"'))
     with running_stack(tmp, policy) as stack:
         yield stack
 
