@@ -51,5 +51,5 @@ def close_where(should_close: Callable[[CallerIdentity], bool]) -> int:
         if caller is not None and should_close(caller)
     ]
     for transport in doomed:
-        transport.close()
+        transport.abort()  # at once: a peer we no longer trust gets no more answers on it
     return len(doomed)

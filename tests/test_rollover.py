@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -62,8 +64,20 @@ def test_a_rollover_under_load_fails_no_request(tmp_path: Path, mode: str, root:
         held = attacker_context(layout.ca_cert, stale).wrap_socket(
             socket.create_connection(("127.0.0.1", int(envs[0]["MESH_PORT"])), timeout=30), server_hostname="service-a"
         )
-        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: service-a\r\n\r\n")
-        assert held.recv(12) == b"HTTP/1.1 200"
+        closed, stop = threading.Event(), threading.Event()
+
+        def keep_busy() -> None:  # a request every 0.3 s: never idle long enough for a keep-alive timeout
+            try:
+                while not stop.is_set():
+                    held.sendall(b"GET /healthz HTTP/1.1\r\nHost: service-a\r\n\r\n")
+                    if not held.recv(65536):
+                        break
+                    time.sleep(0.3)
+            except OSError:
+                pass
+            closed.set()
+
+        threading.Thread(target=keep_busy, daemon=True).start()
         command = " ".join(rotate_ca(layout, policy, envs, *(["--root"] if root else [])))
         load = subprocess.run(
             [sys.executable, "-m", "client", f"https://127.0.0.1:{envs[0]['MESH_PORT']}/chain",
@@ -76,9 +90,8 @@ def test_a_rollover_under_load_fails_no_request(tmp_path: Path, mode: str, root:
         assert [p.process.pid for p in processes] == pids  # type: ignore[union-attr]
         new_anchor = thumbprint(load_certificates(layout.ca_cert)[0])
         assert (new_anchor != old_anchor) == root
-        held.settimeout(5)  # the server must have closed it already: a read that times out fails the test
-        while held.recv(65536):  # what is left of the first answer, then b"": closed
-            pass
+        assert closed.wait(5), "a connection made under the retired CA is still open"
+        stop.set()
         held.close()
         for env in envs:
             url, name = f"https://127.0.0.1:{env['MESH_PORT']}", env["MESH_NAME"]
