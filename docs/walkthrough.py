@@ -102,7 +102,10 @@ class Walkthrough:
             "COMPOSE_PROJECT_NAME": f"mtls-mesh-walkthrough-{target}",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        self.env.pop("MESH_PKI_DIR", None)
+        # As in a reader's terminal: no PKI directory of a test run, and no enclosing make (under `make test`,
+        # MAKELEVEL would make every make in the document print "Entering directory" lines).
+        for inherited in ("MESH_PKI_DIR", "MAKELEVEL", "MAKEFLAGS", "MFLAGS"):
+            self.env.pop(inherited, None)
         self.mesh: list[subprocess.Popen[bytes] | None] = []  # the local mesh (start-mesh)
         self.background: list[subprocess.Popen[bytes] | None] = []  # anything else (background: …)
 
