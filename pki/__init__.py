@@ -15,6 +15,7 @@ One module per task:
     revocation   the revocation record and the CRL rendered from it
     rotation     a new key and certificate without failing a request (begin, finish, retire)
     renewal      the same, by itself, at half a certificate's life (`renew --watch`)
+    rollover     a new CA, live: publish, issue, retire, each behind a gate (`rotate-ca`)
     deploy       each container's own material, for Docker
     output       atomic, permission-safe writes
 
