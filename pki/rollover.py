@@ -38,7 +38,7 @@ from pki.policy import Policy
 from pki.renewal import Renewer
 from pki.revocation import CRL_VALIDITY, write_crl
 from pki.rotation import ROTATION_GRACE
-from shared.certs import load_certificates, thumbprint
+from shared.certs import crl_blocks, load_certificates, thumbprint
 from shared.layout import Layout
 from shared.tls import TLSMaterial, client_context
 
@@ -97,13 +97,13 @@ class RollOver:
 
     def issue(self) -> None:
         out, layout = self.layout.rollover, self.layout
-        old_crl = layout.crl.read_bytes().split(b"-----BEGIN X509 CRL-----")[1]
+        old_crl = crl_blocks(layout.crl.read_bytes())[0]  # write_crl puts the current issuer's first
         old_cert, old_key = layout.intermediate_cert.read_bytes(), layout.intermediate_key.read_bytes()
         write_file(layout.intermediate_key, (out / "intermediate.key").read_bytes(), private=True)
         write_file(layout.intermediate_cert, (out / "intermediate.crt").read_bytes())
         write_file(out / "intermediate.key", old_key, private=True)  # now the *old* one, until retired
         write_file(out / "intermediate.crt", old_cert)
-        write_file(out / "crl.pem", b"-----BEGIN X509 CRL-----" + old_crl)
+        write_file(out / "crl.pem", old_crl)
         write_crl(layout)  # the new intermediate's CRL, with the old one's appended
         renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
         renewer.renew([*self.policy.services, *self.policy.clients])
@@ -156,8 +156,7 @@ class RollOver:
     def _expectation(self, stage: str) -> Callable[[dict[str, Any]], bool]:
         anchors = sorted(thumbprint(c) for c in load_certificates(self.layout.ca_cert))
         issuers = sorted(
-            x509.load_pem_x509_crl(b"-----BEGIN X509 CRL-----" + block).issuer.rfc4514_string()
-            for block in self.layout.crl.read_bytes().split(b"-----BEGIN X509 CRL-----")[1:]
+            x509.load_pem_x509_crl(block).issuer.rfc4514_string() for block in crl_blocks(self.layout.crl.read_bytes())
         )
         current = load_issuer(self.layout).cert.subject.rfc4514_string()
         if stage == "issue":

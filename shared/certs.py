@@ -29,6 +29,7 @@ __all__ = [
     "KeyType",
     "MaterialError",
     "PrivateKey",
+    "crl_blocks",
     "crl_number",
     "extended_key_usages",
     "is_ca",
@@ -94,6 +95,12 @@ def parse_key(data: bytes, path: Path) -> PrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise MaterialError(f"{path}: only ECDSA and RSA keys are supported")
     return key
+
+
+def crl_blocks(data: bytes) -> list[bytes]:
+    """Each PEM CRL in `data`, in order: a crl.pem holds one per intermediate in play (two during a rollover)."""
+    marker = b"-----BEGIN X509 CRL-----"
+    return [marker + block for block in data.split(marker)[1:]]
 
 
 def parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:

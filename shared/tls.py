@@ -22,7 +22,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from shared.certs import crl_number, parse_certificates, parse_crl, parse_key, thumbprint
+from shared.certs import crl_blocks, crl_number, parse_certificates, parse_crl, parse_key, thumbprint
 from shared.files import MaterialError, read_protected
 
 TLSProfile = Literal["intermediate", "modern"]
@@ -105,7 +105,7 @@ class TLSMaterial:
         if self.crl is None:
             return []
         # One CRL per intermediate in play: during a CA rollover, the old one's and the new one's.
-        blocks = [b"-----BEGIN X509 CRL-----" + block for block in data["crl"].split(b"-----BEGIN X509 CRL-----")[1:]]
+        blocks = crl_blocks(data["crl"])
         if not blocks:
             raise MaterialError(f"{self.crl}: not a PEM CRL — regenerate it with `make pki`")
         return [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
