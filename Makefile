@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PORTS  ?= 8443,8444,8445
+PORTS  ?= 8443,8444,8445,8446
 PYTEST_ARGS ?=
 comma  := ,
 # sslyze, the TLS scanner the tests run against the services, pins an older `cryptography`; it gets a
@@ -40,7 +40,7 @@ pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps w
 pki-force: $(VENV)/.installed ## throw pki/out/ away and make a new CA and identities
 	$(PY) -m pki init --force
 
-run: pki ## run A, B, C on 127.0.0.1 (PORTS=8443,8444,8445); Ctrl-C stops all three
+run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445,8446); Ctrl-C stops all
 	$(PY) -m services.local --ports $(PORTS)
 
 call: $(VENV)/.installed ## call service-a as the client (while `make run` is going)
@@ -67,6 +67,7 @@ rotate-ca: $(VENV)/.installed ## roll the intermediate CA over (ROOT=1: the root
 		--service service-a=https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS))) \
 		--service service-b=https://127.0.0.1:$(word 2,$(subst $(comma), ,$(PORTS))) \
 		--service service-c=https://127.0.0.1:$(word 3,$(subst $(comma), ,$(PORTS))) \
+		--service token-service=https://127.0.0.1:$(word 4,$(subst $(comma), ,$(PORTS))) \
 		--after-each-stage "$(MAKE) --no-print-directory deploy-if-up"
 
 retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old certificate and revoke it

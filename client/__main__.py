@@ -3,6 +3,7 @@
     python -m client                                   # client → service-a → service-b → service-c
     python -m client https://127.0.0.1:8444/chain --server-name service-b    # skip a hop: refused
     python -m client --no-cert                         # no certificate: refused during the handshake
+    python -m client --user alice                      # on behalf of alice: a user token, bound to our certificate
 
 Exit status 0 when the call succeeded, 1 when it was refused or failed (the reason is printed).
 """
@@ -32,9 +33,14 @@ from shared.downstream import explain_transport_error
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
 from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
+from shared.tokens import USER_GRANT
+
+TOKEN_SERVICE = "token-service"
 
 # service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"
+# The token service under `make run`; MESH_TOKEN_URL moves it.
+DEFAULT_TOKEN_URL = os.environ.get("MESH_TOKEN_URL") or "https://127.0.0.1:8446"
 
 
 @dataclass
@@ -45,12 +51,19 @@ class Outcome:
     body: Any = None
 
 
-def call(url: str, server_name: str, material: tls.TLSMaterial, check: CalleeCheck, timeout: float = 10.0) -> Outcome:
+def call(
+    url: str,
+    server_name: str,
+    material: tls.TLSMaterial,
+    check: CalleeCheck,
+    timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
+) -> Outcome:
     """One request, with a fresh connection; turns every kind of failure into a sentence."""
     context = tls.client_context(material)
     try:
         with httpx.Client(transport=sync_transport(context, check), timeout=timeout) as client:
-            response = client.get(url, extensions={"sni_hostname": server_name})
+            response = client.get(url, headers=headers, extensions={"sni_hostname": server_name})
     except httpx.HTTPError as e:
         return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, timeout, url)}")
     body = problem_body(response)
@@ -58,6 +71,28 @@ def call(url: str, server_name: str, material: tls.TLSMaterial, check: CalleeChe
         text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
         return Outcome(True, text, 200, body)
     return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
+
+
+def user_token(token_url: str, material: tls.TLSMaterial, user: str, audience: str, timeout: float = 10.0) -> str:
+    """As an edge: ask the token service for a token on behalf of `user`, for `audience`, bound to our
+    certificate (the one on this connection). How the edge authenticated its user is out of scope here.
+    Raises CannotAct with the token service's reason."""
+    check = callee_check(authorize_id(default_server_id(material, TOKEN_SERVICE)))
+    form = {"grant_type": USER_GRANT, "user": user, "audience": audience}
+    try:
+        with httpx.Client(transport=sync_transport(tls.client_context(material), check), timeout=timeout) as client:
+            response = client.post(token_url + "/token", data=form, extensions={"sni_hostname": TOKEN_SERVICE})
+    except httpx.HTTPError as e:
+        raise CannotAct(f"no user token: {explain_transport_error(e, TOKEN_SERVICE, timeout, token_url)}") from None
+    body = problem_body(response)
+    if response.status_code != 200 or not isinstance(body, dict) or "access_token" not in body:
+        said = f"{body.get('error')}: {body.get('error_description')}" if isinstance(body, dict) else body
+        raise CannotAct(f"no user token: {TOKEN_SERVICE} answered {response.status_code}: {said}")
+    return str(body["access_token"])
+
+
+class CannotAct(Exception):
+    """What the client could not do, as a sentence."""
 
 
 def load(
@@ -133,6 +168,8 @@ def explain_problem(status: int, body: Any) -> str:
     service = problem.get("service", "the service")
     if status == 401:
         return f"401 from {service}: {problem.get('detail', 'a client certificate is required')}"
+    if status == 403 and problem.get("reason") and "caller" not in problem:  # the user, not the certificate
+        return f"403 from {service}: {problem.get('detail')}"
     if status == 403:
         caller = problem.get("caller") or {}
         return (
@@ -159,6 +196,9 @@ def hop_table(hops: list[dict[str, Any]]) -> str:
         # A pinned thumbprint is the default; a caller admitted by its name says so.
         by = " (admitted by its SPIFFE ID)" if hop.get("admitted_by") == "spiffe-id" else ""
         lines.append(f"{'':<15} sha256 {caller['sha256']}{by}")
+        if user := hop.get("on_behalf_of"):  # the token this hop checked: whose, and through whom
+            actors = " ← ".join(actor.rsplit("/", 1)[-1] for actor in user["actors"])
+            lines.append(f"{'':<15} on behalf of {user['sub']}, held by {actors}")
     return "\n".join(lines)
 
 
@@ -202,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca", type=Path, help="the CA we trust (default: <pki-dir>/ca.crt)")
     parser.add_argument("--crl", type=Path, help="revocation list to check the server against (<pki-dir>/crl.pem)")
     parser.add_argument("--no-cert", action="store_true", help="present no certificate at all")
+    parser.add_argument(
+        "--user",
+        help="call on behalf of USER: first get a user token from the token service (we are an edge), "
+        "bound to our certificate, and send it along",
+    )
+    parser.add_argument(
+        "--token", help="send this token as `Authorization: Bearer TOKEN` (a token you got elsewhere, or a forged one)"
+    )
+    parser.add_argument(
+        "--token-url", default=DEFAULT_TOKEN_URL, help=f"the token service (default: {DEFAULT_TOKEN_URL})"
+    )
     parser.add_argument("--json", action="store_true", help="print the response body as JSON")
     parser.add_argument("--load", type=int, metavar="N", help="send N requests (keep-alive) and count failures")
     parser.add_argument("--concurrency", type=int, default=8, help="with --load: parallel connections (default 8)")
@@ -227,10 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.load:
             return load(args.url, server_name, material, check, args.load, args.concurrency, args.during)
-        outcome = call(args.url, server_name, material, check)
+        token = user_token(args.token_url, material, args.user, server_name) if args.user else args.token
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        outcome = call(args.url, server_name, material, check, headers=headers)
     except MaterialError as e:
         print(f"client: {e}", file=sys.stderr)
         return 2
+    except CannotAct as e:
+        print(e)
+        return 1
     if args.json and outcome.body is not None:
         print(json.dumps(outcome.body, indent=2))
     else:

@@ -44,7 +44,7 @@ def main() -> int:
             .write(Path(scratch))
         )
         forged_cert, forged_key = self_signed("service-a", dns=["service-a"]).write(Path(scratch), "self-signed")
-        a, b, c = DEFAULT_PORTS
+        a, b, c, _ = DEFAULT_PORTS
         client = (layout.cert("client"), layout.key("client"))
         scenes = [
             Scene(
@@ -102,11 +102,11 @@ def main() -> int:
         ]
         processes = [
             ServiceProcess(env, Path(scratch) / f"{env['MESH_NAME']}.log")
-            for env in chain_environments(DEFAULT_PORTS, layout.out)
+            for env in chain_environments(DEFAULT_PORTS[:3], layout.out)
         ]
         try:
             with running(processes):
-                print(f"mesh up: {' → '.join(f'{n} :{p}' for n, p in zip(CHAIN, DEFAULT_PORTS, strict=True))}\n")
+                print(f"mesh up: {' → '.join(f'{n} :{p}' for n, p in zip(CHAIN, DEFAULT_PORTS[:3], strict=True))}\n")
                 failures = sum(not play(scene, layout) for scene in scenes)
         except RuntimeError as e:
             print(f"demo: could not start the mesh: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
-"""Rendering the policy into allow-lists: one file per service, one caller's thumbprint per line."""
+"""Rendering the policy into what the services read: allow-lists (one caller per line) and the token policy."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from pki.policy import Policy
 from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
 
-__all__ = ["render_allow_lists"]
+__all__ = ["render_allow_lists", "render_token_policy"]
 
 
 def render_allow_lists(layout: Layout, policy: Policy) -> None:
@@ -21,6 +22,20 @@ def render_allow_lists(layout: Layout, policy: Policy) -> None:
         _render(layout, policy, layout.allow_list(callee), header, policy.allow.get(callee, ()))
     header = "Who may read GET /metrics on every service."
     _render(layout, policy, layout.metrics_allow_list, header, policy.metrics)
+    render_token_policy(layout, policy)
+
+
+def render_token_policy(layout: Layout, policy: Policy) -> None:
+    """tokens.json: what the token service may grant. Names only — it changes with the policy, never on renewal."""
+    document = {
+        "comment": "Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
+        "trust_domain": policy.trust_domain,
+        "lifetime_seconds": int(policy.token_lifetime.total_seconds()),
+        "edges": list(policy.edges),
+        "users": {user: list(scopes) for user, scopes in policy.users.items()},
+        "may_call": {caller: list(callees) for caller, callees in policy.may_call().items()},
+    }
+    write_file(layout.tokens_policy, (json.dumps(document, indent=2) + "\n").encode())
 
 
 def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: Iterable[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pki.authority import PKIError
 from pki.output import write_file
-from pki.policy import Policy
+from pki.policy import TOKEN_SERVICE, Policy
 from shared.layout import Layout
 
 __all__ = ["deploy"]
@@ -17,9 +17,9 @@ def deploy(layout: Layout, policy: Policy, name: str, dest: Path, owner: tuple[i
     """Copy into `dest` what identity `name` needs and nothing else, owned by the user it runs as.
 
     Its own key and certificate, the trust anchor, the CRL, and — for a service — its allow-list and the
-    metrics allow-list. No other identity's key: a compromised container must yield only its own. Anything
-    else found in `dest` is removed. Keys stay 0600, which is why they must belong to `owner`. Returns the
-    files copied, relative to `dest`.
+    metrics allow-list; for the token service, the token policy too. No other identity's key: a compromised
+    container must yield only its own. Anything else found in `dest` is removed. Keys stay 0600, which is why
+    they must belong to `owner`. Returns the files copied, relative to `dest`.
 
         deploy(Layout(), Policy.load(), "service-b", Path("/deploy/service-b"), (10002, 10002))
     """
@@ -28,6 +28,8 @@ def deploy(layout: Layout, policy: Policy, name: str, dest: Path, owner: tuple[i
     wanted = [layout.ca_cert, layout.crl, layout.cert(name), layout.key(name)]
     if name in policy.services:
         wanted += [layout.allow_list(name), layout.metrics_allow_list]
+    if name == TOKEN_SERVICE:
+        wanted.append(layout.tokens_policy)
     relative = {source.relative_to(layout.out): source for source in wanted}
     for existing in list(dest.rglob("*")):
         if not existing.is_dir() and existing.relative_to(dest) not in relative:

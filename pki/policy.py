@@ -5,15 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pki.authority import PKIError
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 
-__all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
+__all__ = ["POLICY_FILE", "TOKEN_SERVICE", "Policy", "check_identity_name"]
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
+TOKEN_SERVICE = "token-service"  # the identity that signs user tokens: no token is ever minted for it
 AUTHORIZE_BY = ("thumbprint", "spiffe-id")
 # These file names belong to the CA itself; an identity may not take them.
 RESERVED_NAMES = frozenset(
@@ -55,11 +56,16 @@ class Policy:
     authorize_by: str = "thumbprint"
     # How long a leaf certificate lives; the renewer (`python -m pki renew --watch`) re-issues it at half.
     leaf_lifetime: dt.timedelta = dt.timedelta(days=90)
+    # User tokens ([tokens]): who may ask for one in a user's name, each user's scopes, how long a token lives.
+    edges: tuple[str, ...] = ()
+    users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    token_lifetime: dt.timedelta = dt.timedelta(minutes=5)
 
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
         try:
             data = tomllib.loads(path.read_text())
+            tokens = data.get("tokens", {})
             policy = cls(
                 trust_domain=data["trust_domain"],
                 services=tuple(data["services"]),
@@ -68,6 +74,9 @@ class Policy:
                 metrics=tuple(data.get("metrics", ())),
                 authorize_by=data.get("authorize_by", "thumbprint"),
                 leaf_lifetime=parse_duration(data.get("leaf_lifetime", "90d")),
+                edges=tuple(tokens.get("edges", ())),
+                users={user: tuple(scopes) for user, scopes in tokens.get("users", {}).items()},
+                token_lifetime=parse_duration(tokens.get("lifetime", "5m")),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
@@ -81,7 +90,7 @@ class Policy:
             raise PKIError(f"{path}: trust_domain = {policy.trust_domain!r} cannot make SPIFFE IDs: {e}") from None
         known = set(policy.services) | set(policy.clients)
         named = [name for callee, callers in policy.allow.items() for name in (callee, *callers)]
-        for name in [*named, *policy.metrics]:
+        for name in [*named, *policy.metrics, *policy.edges]:
             if name not in known:
                 raise PKIError(f"{path}: {name!r} is named in the policy but is neither in services nor in clients")
         for name in sorted(known):
@@ -89,7 +98,23 @@ class Policy:
                 check_identity_name(name)
             except PKIError as e:
                 raise PKIError(f"{path}: {e}") from None
+        for user, scopes in policy.users.items():
+            if not IDENTITY_NAME.fullmatch(user):
+                raise PKIError(f"{path}: user {user!r}: use lowercase letters, digits and '-', such as 'alice'")
+            if unknown := [scope for scope in scopes if scope not in policy.services]:
+                raise PKIError(
+                    f"{path}: user {user!r} may reach {unknown[0]!r}, which is not a service: "
+                    "a user's scopes name the services a request on their behalf may reach"
+                )
         return policy
+
+    def may_call(self) -> dict[str, tuple[str, ...]]:
+        """caller → the services it may call: [allow] read the other way round (what a token may be minted for)."""
+        callees: dict[str, list[str]] = {}
+        for callee, callers in self.allow.items():
+            for caller in callers if callee != TOKEN_SERVICE else ():
+                callees.setdefault(caller, []).append(callee)
+        return {caller: tuple(sorted(names)) for caller, names in sorted(callees.items())}
 
     def spiffe_id(self, name: str) -> str:
         return f"spiffe://{self.trust_domain}/{name}"

@@ -21,6 +21,8 @@ from shared import log, tls
 from shared.files import MaterialError
 from shared.handshake import tls_protocol
 
+AppFactory = Callable[[ServiceConfig, tls.LiveTLS], FastAPI]
+
 # Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.downstream.KEEPALIVE_EXPIRY.
 KEEP_ALIVE_SECONDS = 5
 
@@ -29,17 +31,17 @@ class CannotStart(Exception):
     """One line for stderr: what is wrong and what to do."""
 
 
-def build(config: ServiceConfig) -> tuple[tls.LiveTLS, FastAPI]:
-    """The service's TLS contexts and app, or CannotStart."""
+def build(config: ServiceConfig, create: AppFactory = create_app) -> tuple[tls.LiveTLS, FastAPI]:
+    """The service's TLS contexts and app (`create`: a service of the chain, or the token service), or CannotStart."""
     log.configure(config.name, config.log_level)
     try:
         live = tls.LiveTLS(
             config.tls,
             require_client_cert=config.client_cert == "required",
-            outgoing=bool(config.downstream_url),
+            outgoing=bool(config.downstream_url or config.token_service_url),
             profile=config.tls_profile,
         )
-        return live, create_app(config, live)
+        return live, create(config, live)
     except MaterialError as e:
         raise CannotStart(f"{config.name}: cannot start: {e}") from None
 
@@ -77,11 +79,14 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
     )
 
 
-def run(protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.Protocol], str]]) -> int:
+def run(
+    protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.Protocol], str]],
+    create: AppFactory = create_app,
+) -> int:
     """Configure, check and serve; `protocol_for` picks the HTTP protocol class and the scheme it speaks."""
     try:
         config = load_config()
-        live, app = build(config)
+        live, app = build(config, create)
     except CannotStart as e:
         print(e, file=sys.stderr)
         return 2
@@ -90,8 +95,8 @@ def run(protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.
     return 0
 
 
-def main() -> int:
-    return run(lambda config, live: (tls_protocol(lambda: live.server, config.limits, live.recheck), "https"))
+def main(create: AppFactory = create_app) -> int:
+    return run(lambda config, live: (tls_protocol(lambda: live.server, config.limits, live.recheck), "https"), create)
 
 
 if __name__ == "__main__":

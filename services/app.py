@@ -1,10 +1,14 @@
-"""The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`."""
+"""The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`.
+
+`base_app` is what every service of the mesh shares with the token service (services/token_service.py).
+"""
 
 import asyncio
 import datetime as dt
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -23,10 +27,13 @@ from shared.guard import Guard
 from shared.identity import CallerIdentity
 from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
+from shared.onbehalf import OnBehalfOf
 from shared.peer import VerifiedPeer
 from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
 from shared.reload import Watcher
 from shared.spiffe import InvalidSpiffeId, SpiffeId
+from shared.token_client import TokenClient
+from shared.tokens import UserToken
 from shared.trace import TraceMiddleware
 
 # The decision codes of shared.authz, as the hop table says them.
@@ -45,13 +52,18 @@ def downstream_id(config: ServiceConfig) -> SpiffeId:
             return SpiffeId.parse(config.downstream_id)
         except InvalidSpiffeId as e:
             raise MaterialError(f"MESH_DOWNSTREAM_ID={config.downstream_id!r} is not a SPIFFE ID: {e}") from None
+    return peer_id(config, str(config.downstream_name))
+
+
+def peer_id(config: ServiceConfig, name: str) -> SpiffeId:
+    """spiffe://<our own trust domain>/<name>: the SPIFFE ID a peer of ours called `name` presents."""
     own = CallerIdentity.from_certificate(load_certificates(config.files.cert)[0])
     if own.spiffe_id is None:
         raise MaterialError(
             f"{config.files.cert}: no SPIFFE ID to take the trust domain from ({own.svid_problem}) — "
             "set MESH_DOWNSTREAM_ID to the SPIFFE ID the next hop must present"
         )
-    return SpiffeId(SpiffeId.parse(own.spiffe_id).trust_domain, f"/{config.downstream_name}")
+    return SpiffeId(SpiffeId.parse(own.spiffe_id).trust_domain, f"/{name}")
 
 
 def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
@@ -61,41 +73,18 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     """
     files = config.files
     guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
-    metrics_guard = Guard(config.name, service_policy(AllowList.load(files.metrics_allow_list)), "metrics")
     Caller = Annotated[CallerIdentity, Depends(guard)]
-    # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
-    Gauge(
-        "mesh_crl_next_update_seconds",
-        "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
-        lambda: min(
-            (
-                (crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
-                for crl in live.crls
-                if crl.next_update_utc
-            ),
-            default=None,
-        ),
-    )
-    Gauge(
-        "mesh_certificate_expiry_seconds",
-        "Seconds until this service's own certificate expires (the renewer replaces it at half its life)",
-        lambda: (
-            (live.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
-            if live.certificate is not None
-            else None
-        ),
-    )
-    Gauge(
-        "mesh_trust_generation", "How many times this service has (re)built its TLS contexts", lambda: live.generation
-    )
-
     expected_callee = downstream_id(config) if config.downstream_name else None
+    token_service_id = peer_id(config, config.token_service_name) if config.token_service_url else None
+    on_behalf = OnBehalfOf(config.name, None, config.require_user_token)  # its TokenClient comes with the start
+    User = Annotated[UserToken | None, Depends(on_behalf)]
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        downstream = None
+    def start(app: FastAPI) -> list[Downstream]:
+        """The connections this service makes, once its event loop runs: to the next hop, to the token service."""
+        callees = []
+        app.state.downstream = None
         if config.downstream_url and config.downstream_name and live.client is not None:
-            downstream = Downstream(
+            app.state.downstream = Downstream(
                 config.name,
                 config.downstream_name,
                 config.downstream_url,
@@ -104,18 +93,87 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 config.downstream_keepalive,
                 expected_callee,
             )
-        app.state.downstream = downstream
-        guards = {files.allow_list: guard, files.metrics_allow_list: metrics_guard}
-        reloader = Reloader(live, guards, service_policy, downstream)
-        watcher = Watcher([*live.material.files(), *guards], reloader, config.reload_interval)
+            callees.append(app.state.downstream)
+        if config.token_service_url and token_service_id and live.client is not None:
+            to_tokens = Downstream(
+                config.name,
+                config.token_service_name,
+                config.token_service_url,
+                live.client,
+                config.downstream_timeout,
+                expected_id=token_service_id,
+            )
+            on_behalf.tokens = TokenClient(to_tokens, str(token_service_id), lambda: live.generation)
+            callees.append(to_tokens)
+        return callees
+
+    app = base_app(config, live, {files.allow_list: guard}, start)
+    # Every route here is allow-listed, then has its user token checked (required or not, a token sent is checked).
+    mesh = APIRouter(dependencies=[Depends(guard), Depends(on_behalf)])
+
+    @mesh.get("/chain")
+    async def chain(request: Request, caller: Caller, user: User) -> dict[str, Any]:
+        """This hop — who called us, over what, on whose behalf — followed by the hops of everyone downstream."""
+        span = trace.current.get()
+        peer = VerifiedPeer.of(request.scope)
+        hop = {
+            "service": config.name,
+            "caller": caller.summary(),
+            "admitted_by": ADMITTED_BY.get(request.state.admitted_by, request.state.admitted_by),
+            "tls": {"version": peer.tls_version, "cipher": peer.cipher},
+            "on_behalf_of": user.summary() if user else None,
+            "trace_id": span.trace_id if span else None,
+        }
+        downstream: Downstream | None = request.app.state.downstream
+        if downstream is None:
+            return {"hops": [hop]}
+        headers = {}
+        if user is not None and on_behalf.tokens is not None:  # on behalf of the same user, held by us now
+            headers["Authorization"] = f"Bearer {await on_behalf.tokens.exchange(user, downstream.name)}"
+        return {"hops": [hop, *(await downstream.get_json("/chain", headers))["hops"]]}
+
+    app.include_router(mesh)
+    return app
+
+
+def base_app(
+    config: ServiceConfig,
+    live: tls.LiveTLS,
+    guards: dict[Path, Guard],
+    start: Callable[[FastAPI], list[Downstream]],
+    on_change: Callable[[set[Path]], None] | None = None,
+    watch: tuple[Path, ...] = (),
+) -> FastAPI:
+    """What every service of the mesh has, the token service included: error documents, trace ids, a body
+    limit, /healthz, /metrics for the identities of allow/metrics.txt, the gauges, and the live reload of its
+    TLS material and of the allow-lists in `guards` (plus `watch`, handed to `on_change`).
+
+    `start(app)` runs once the event loop does, and returns the connections the service makes (closed at the
+    end, renewed when the TLS material changes).
+    """
+    metrics_guard = Guard(config.name, service_policy(AllowList.load(config.files.metrics_allow_list)), "metrics")
+    guards = {**guards, config.files.metrics_allow_list: metrics_guard}
+    _gauges(live)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        callees = start(app)
+        reloader = Reloader(live, guards, service_policy, callees)
+
+        def changed(paths: set[Path]) -> None:
+            reloader(paths)
+            if on_change is not None and paths & set(watch):
+                on_change(paths & set(watch))
+
+        watcher = Watcher([*live.material.files(), *guards, *watch], changed, config.reload_interval)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
         yield
         watching.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
-        if downstream is not None:
-            await downstream.aclose()
+        for callee in callees:
+            await callee.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
     app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -146,28 +204,37 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
             else None,
         }
 
-    mesh = APIRouter(dependencies=[Depends(guard)])  # every route here is allow-listed
-
-    @mesh.get("/chain")
-    async def chain(request: Request, caller: Caller) -> dict[str, Any]:
-        """This hop — who called us, over what — followed by the hops of everyone downstream."""
-        span = trace.current.get()
-        peer = VerifiedPeer.of(request.scope)
-        hop = {
-            "service": config.name,
-            "caller": caller.summary(),
-            "admitted_by": ADMITTED_BY.get(request.state.admitted_by, request.state.admitted_by),
-            "tls": {"version": peer.tls_version, "cipher": peer.cipher},
-            "trace_id": span.trace_id if span else None,
-        }
-        downstream: Downstream | None = request.app.state.downstream
-        rest = (await downstream.get_json("/chain"))["hops"] if downstream else []
-        return {"hops": [hop, *rest]}
-
     @app.get("/metrics", dependencies=[Depends(metrics_guard)])
     async def metrics() -> PlainTextResponse:
         """Prometheus text: decisions and TLS refusals. Only for the identities in allow/metrics.txt."""
         return PlainTextResponse(exposition(service=config.name), media_type="text/plain; version=0.0.4")
 
-    app.include_router(mesh)
     return app
+
+
+def _gauges(live: tls.LiveTLS) -> None:
+    # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
+    Gauge(
+        "mesh_crl_next_update_seconds",
+        "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
+        lambda: min(
+            (
+                (crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
+                for crl in live.crls
+                if crl.next_update_utc
+            ),
+            default=None,
+        ),
+    )
+    Gauge(
+        "mesh_certificate_expiry_seconds",
+        "Seconds until this service's own certificate expires (the renewer replaces it at half its life)",
+        lambda: (
+            (live.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+            if live.certificate is not None
+            else None
+        ),
+    )
+    Gauge(
+        "mesh_trust_generation", "How many times this service has (re)built its TLS contexts", lambda: live.generation
+    )

@@ -54,6 +54,15 @@ class ServiceConfig(BaseSettings):
     # Reuse connections to the next hop (one handshake, many requests). `false` makes every call a new
     # connection and a full mutual handshake: only useful to measure what keep-alive saves (make bench).
     downstream_keepalive: bool = True
+    # User tokens (walkthrough chapter 13): where the token service is, and the name it must prove. With it, a
+    # request that carries a token has it checked and exchanged for the next hop; `require_user_token` refuses
+    # every request without one (401), so that a caller's certificate alone no longer suffices.
+    token_service_url: str | None = None  # e.g. https://127.0.0.1:8446
+    token_service_name: str = "token-service"
+    require_user_token: bool = False
+    # The token service itself: how often it starts signing with a new key (the old one stays published
+    # until the tokens it signed have expired).
+    signing_key_lifetime: float = 3600.0
     log_level: str = "info"
     # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
     max_body_bytes: int = 64 * 1024
@@ -74,6 +83,11 @@ class ServiceConfig(BaseSettings):
             raise ValueError(
                 "MESH_DOWNSTREAM_URL and MESH_DOWNSTREAM_NAME go together: where to call, and who must answer"
             )
+        if self.require_user_token and not self.token_service_url:
+            raise ValueError(
+                "MESH_REQUIRE_USER_TOKEN=true needs MESH_TOKEN_SERVICE_URL: without the token service's keys "
+                "no token can be checked"
+            )
         return self
 
     @property
@@ -87,6 +101,7 @@ class ServiceConfig(BaseSettings):
             crl=self.crl or layout.crl,
             allow_list=self.allow_list or layout.allow_list(self.name),
             metrics_allow_list=self.metrics_allow_list or layout.metrics_allow_list,
+            tokens_policy=layout.tokens_policy,
         )
 
     @property
@@ -114,3 +129,4 @@ class ServiceFiles:
     crl: Path
     allow_list: Path
     metrics_allow_list: Path
+    tokens_policy: Path  # read by the token service only

@@ -1,6 +1,7 @@
-"""`python -m services.local`: the chain A → B → C as three uvicorn processes on 127.0.0.1 (`make run`).
+"""`python -m services.local`: the chain A → B → C, and the token service, as uvicorn processes on 127.0.0.1
+(`make run`).
 
-Each process is `python -m services` with its own `MESH_*` environment: the services differ by
+Each service is `python -m services` with its own `MESH_*` environment: the services differ by
 configuration only. The tests and `make demo` start the chain with the same code.
 """
 
@@ -22,7 +23,8 @@ from typing import IO
 from shared.layout import DEFAULT_OUT
 
 CHAIN = ("service-a", "service-b", "service-c")
-DEFAULT_PORTS = (8443, 8444, 8445)
+TOKEN_SERVICE = "token-service"
+DEFAULT_PORTS = (8443, 8444, 8445, 8446)  # A, B, C, the token service
 
 
 def free_ports(count: int) -> list[int]:
@@ -37,12 +39,18 @@ def free_ports(count: int) -> list[int]:
 
 
 def chain_environments(
-    ports: Sequence[int], pki_dir: Path = DEFAULT_OUT, names: Sequence[str] = CHAIN, **extra: str
+    ports: Sequence[int],
+    pki_dir: Path = DEFAULT_OUT,
+    names: Sequence[str] = CHAIN,
+    token_port: int | None = None,
+    **extra: str,
 ) -> list[dict[str, str]]:
-    """One `MESH_*` environment per service; each calls the next one in `names`, the last calls nobody."""
+    """One `MESH_*` environment per service; each calls the next one in `names`, the last calls nobody.
+    With `token_port`, each also knows the token service there (see `token_environment`)."""
     environments = []
+    tokens = {"MESH_TOKEN_SERVICE_URL": f"https://127.0.0.1:{token_port}"} if token_port else {}
     for i, (name, port) in enumerate(zip(names, ports, strict=True)):
-        env = {"MESH_NAME": name, "MESH_PORT": str(port), "MESH_PKI_DIR": str(pki_dir), **extra}
+        env = {"MESH_NAME": name, "MESH_PORT": str(port), "MESH_PKI_DIR": str(pki_dir), **tokens, **extra}
         if i + 1 < len(names):
             env |= {
                 "MESH_DOWNSTREAM_URL": f"https://127.0.0.1:{ports[i + 1]}",
@@ -50,6 +58,11 @@ def chain_environments(
             }
         environments.append(env)
     return environments
+
+
+def token_environment(port: int, pki_dir: Path = DEFAULT_OUT, **extra: str) -> dict[str, str]:
+    """The token service's `MESH_*` environment: a service like the others, run as `services.token_service`."""
+    return {"MESH_NAME": TOKEN_SERVICE, "MESH_PORT": str(port), "MESH_PKI_DIR": str(pki_dir), **extra}
 
 
 class ServiceProcess:
@@ -158,20 +171,28 @@ def running(processes: Sequence[ServiceProcess]) -> Iterator[Sequence[ServicePro
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.local", description=__doc__)
     parser.add_argument(
-        "--ports", default=",".join(map(str, DEFAULT_PORTS)), help="ports of A,B,C (default: 8443,8444,8445)"
+        "--ports",
+        default=",".join(map(str, DEFAULT_PORTS)),
+        help="ports of A,B,C and the token service (default: 8443,8444,8445,8446)",
     )
     parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="PKI directory (default: pki/out)")
     args = parser.parse_args(argv)
     ports = [int(p) for p in args.ports.split(",")]
-    processes = [ServiceProcess(env) for env in chain_environments(ports, args.pki_dir)]
+    if len(ports) != 4:
+        parser.error(f"--ports {args.ports}: give four ports, for A, B, C and the token service")
+    # MESH_REQUIRE_USER_TOKEN and any other MESH_* setting in our environment reach every service.
+    processes = [ServiceProcess(env) for env in chain_environments(ports[:3], args.pki_dir, token_port=ports[3])] + [
+        ServiceProcess(token_environment(ports[3], args.pki_dir), module="services.token_service")
+    ]
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
         with running(processes), renewing(args.pki_dir):
-            names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes)
-            print(f"mesh up: client → {names}. Try: make call. Ctrl-C stops all three.", flush=True)
+            names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes[:3])
+            tokens = f"{processes[3].name} (127.0.0.1:{processes[3].port})"
+            print(f"mesh up: client → {names}; {tokens}. Try: make call. Ctrl-C stops all four.", flush=True)
             while not stop.wait(0.5):
                 if exited := [p for p in processes if p.process and p.process.poll() is not None]:
                     print(f"{exited[0].name} exited; stopping the mesh", file=sys.stderr)

@@ -5,7 +5,7 @@
 - an allow-list: its guard gets a new authorizer (a broken file is refused, the old list stays);
 - the certificate, key, CA or CRL: new TLS contexts are built and swapped in (shared.tls.LiveTLS), every
   open connection of a caller a new handshake would refuse (revoked, or issued by a CA no longer trusted) is
-  closed, and the pool towards the next hop is replaced, so that the callee is checked again too.
+  closed, and the pools towards the next hop and the token service are replaced, so that they are checked again too.
 
 Certificates are checked once per connection, which is why the last two steps exist.
 """
@@ -41,9 +41,9 @@ class Reloader:
         live: LiveTLS,
         guards: dict[Path, Guard],
         policy: Callable[[AllowList], Authorizer],
-        downstream: Downstream | None = None,
+        callees: list[Downstream] | None = None,
     ) -> None:
-        self.live, self.guards, self.policy, self.downstream = live, guards, policy, downstream
+        self.live, self.guards, self.policy, self.callees = live, guards, policy, callees or []
         self.tls_files = set(live.material.files())
 
     def __call__(self, changed: set[Path]) -> None:
@@ -63,6 +63,7 @@ class Reloader:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
         closed = close_where(lambda caller: self.live.refusal(caller.issuer, caller.serial) is not None)
-        if self.downstream is not None:
-            self.downstream.renew(self.live.client)
+        for callee in self.callees:  # the next hop, the token service
+            if self.live.client is not None:
+                callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})

@@ -75,26 +75,10 @@ class Downstream:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def get_json(self, path: str) -> Any:
+    async def get_json(self, path: str, headers: dict[str, str] | None = None) -> Any:
         """GET `path` on the callee and return its JSON; any failure becomes a 502 (504 on timeout) naming this hop."""
         hop = f"{self.caller} → {self.name}"
-        span = trace.current.get()
-        headers = {"traceparent": span.child().traceparent()} if span else {}
-        try:
-            response = await self.client.get(
-                self.url + path,
-                headers=headers,
-                # The TLS server name, and so the name the callee's certificate must carry, is the service's
-                # name, whatever address we dial. Locally every leaf also carries 127.0.0.1 and localhost,
-                # so checking the dialled address alone could not tell service-b from service-c.
-                extensions={"sni_hostname": self.name},
-            )
-        except httpx.HTTPError as e:
-            # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
-            # keeps the address and httpx's own words for the operator.
-            reason = explain_transport_error(e, self.name, self.timeout)
-            log.warning("downstream_error", extra={"hop": hop, "url": self.url, "error": f"{type(e).__name__}: {e}"})
-            raise self._failed(hop, reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
+        response = await self.send("GET", path, headers=headers)
         if response.status_code == 200:
             return response.json()
         problem = _problem_body(response)
@@ -114,9 +98,35 @@ class Downstream:
             )
         else:
             reason = f"{self.name} answered HTTP {response.status_code}"
-        raise self._failed(hop, reason)
+        raise self.failure(hop, reason)
 
-    def _failed(self, hop: str, reason: str, status: int = 502) -> Problem:
+    async def send(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, data: dict[str, str] | None = None
+    ) -> httpx.Response:
+        """One request to the callee, with the trace passed on; a failure to get any answer becomes a 502 (504
+        on timeout) naming this hop. What an answer means is the caller's to decide."""
+        hop = f"{self.caller} → {self.name}"
+        span = trace.current.get()
+        headers = {**(headers or {}), **({"traceparent": span.child().traceparent()} if span else {})}
+        try:
+            return await self.client.request(
+                method,
+                self.url + path,
+                headers=headers,
+                data=data,
+                # The TLS server name, and so the name the callee's certificate must carry, is the service's
+                # name, whatever address we dial. Locally every leaf also carries 127.0.0.1 and localhost,
+                # so checking the dialled address alone could not tell service-b from service-c.
+                extensions={"sni_hostname": self.name},
+            )
+        except httpx.HTTPError as e:
+            # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
+            # keeps the address and httpx's own words for the operator.
+            reason = explain_transport_error(e, self.name, self.timeout)
+            log.warning("downstream_error", extra={"hop": hop, "url": self.url, "error": f"{type(e).__name__}: {e}"})
+            raise self.failure(hop, reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
+
+    def failure(self, hop: str, reason: str, status: int = 502) -> Problem:
         log.warning("downstream_failed", extra={"hop": hop, "reason": reason})
         return Problem(
             status,

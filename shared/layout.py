@@ -6,6 +6,7 @@
     pki/out/crl.pem                  the intermediate's revocation list
     pki/out/revocations.json         the CA's record of revocations, which crl.pem is rendered from
     pki/out/allow/<service>.txt      who may call <service>; allow/metrics.txt: who may read /metrics
+    pki/out/tokens.json              the token service's policy: edges, users and their scopes, who calls whom
     pki/out/next/, previous/         a rotation in progress: the successor, then the predecessor
 
 `MESH_PKI_DIR` moves the whole layout (the containers use /pki)::
@@ -75,6 +76,11 @@ class Layout:
     def metrics_allow_list(self) -> Path:
         """Who may read /metrics, on every service."""
         return self.out / "allow" / "metrics.txt"
+
+    @property
+    def tokens_policy(self) -> Path:
+        """What the token service may grant, rendered from policy.toml's [tokens] and [allow]."""
+        return self.out / "tokens.json"
 
     @property
     def rollover(self) -> Path:

@@ -19,9 +19,12 @@ PROBLEM_TYPES = "urn:mtls-mesh:problem:"
 class Problem(Exception):
     """Raise it anywhere in a request; the handler below turns it into `application/problem+json`."""
 
-    def __init__(self, status: int, kind: str, title: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, kind: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status, self.kind, self.title, self.detail, self.extra = status, kind, title, detail, extra
+        self.headers = headers or {}  # e.g. WWW-Authenticate on a 401
 
     def body(self) -> dict[str, Any]:
         return {
@@ -35,7 +38,9 @@ class Problem(Exception):
 
 async def problem_response(request: Request, problem: Exception) -> JSONResponse:
     assert isinstance(problem, Problem)
-    return JSONResponse(problem.body(), status_code=problem.status, media_type="application/problem+json")
+    return JSONResponse(
+        problem.body(), status_code=problem.status, media_type="application/problem+json", headers=problem.headers
+    )
 
 
 async def http_error_response(request: Request, error: Exception) -> JSONResponse:

@@ -1,0 +1,63 @@
+"""The token service's signing keys: one signs, and the keys it replaced stay published until their last token
+has expired — so a key roll never fails a request.
+
+    keys = SigningKeys(roll_every=3600, token_lifetime=300)
+    keys.current()        # the ES256 key to sign with (a new one once the current is `roll_every` old)
+    keys.jwks()           # {"keys": [...]}: the public halves, for GET /jwks
+    keys.key_set()        # the same keys, to check a token it is given back (RFC 8693's subject token)
+
+Keys live in memory only and are never written anywhere: a restarted token service starts with a new key,
+and tokens signed before the restart stop verifying (their holders ask again; they live minutes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from joserfc.jwk import ECKey, KeySet
+
+from shared.tokens import ALGORITHM, LEEWAY_SECONDS
+
+__all__ = ["SigningKeys"]
+
+
+class SigningKeys:
+    def __init__(self, roll_every: float, token_lifetime: float, clock: Callable[[], float] = time.time) -> None:
+        self.roll_every, self.token_lifetime, self.clock = roll_every, token_lifetime, clock
+        self._current, self._since = self._new_key(), clock()
+        self._retired: list[tuple[ECKey, float]] = []  # (key, when it stopped signing)
+
+    def current(self) -> ECKey:
+        if self.clock() - self._since >= self.roll_every:
+            self.roll()
+        return self._current
+
+    def roll(self) -> ECKey:
+        """A new key signs from now on; the old one stays published while tokens it signed can still be valid."""
+        now = self.clock()
+        self._retired.append((self._current, now))
+        self._current, self._since = self._new_key(), now
+        return self._current
+
+    def published(self) -> list[ECKey]:
+        """The current key, then those it replaced whose tokens may still be valid, newest first."""
+        now = self.clock()
+        # A token lives at most token_lifetime, and verifiers allow LEEWAY_SECONDS of clock difference.
+        keep = self.token_lifetime + LEEWAY_SECONDS
+        self._retired = [(key, retired) for key, retired in self._retired if now - retired <= keep]
+        return [self.current(), *(key for key, _ in reversed(self._retired))]
+
+    def key_set(self) -> KeySet:
+        """What a token this service signed is checked against — here as at every service."""
+        return KeySet(self.published())
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [{**key.as_dict(private=False), "use": "sig", "alg": ALGORITHM} for key in self.published()]}
+
+    @staticmethod
+    def _new_key() -> ECKey:
+        key = ECKey.generate_key("P-256")
+        # kid: the key's RFC 7638 thumbprint, so a kid can never name two different keys.
+        return ECKey.import_key(key.as_dict(private=True), {"kid": key.thumbprint(), "use": "sig", "alg": ALGORITHM})
