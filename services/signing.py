@@ -1,12 +1,15 @@
-"""The token service's signing keys: one signs, and the keys it replaced stay published until their last token
-has expired — so a key roll never fails a request.
+"""The token service's signing keys, rolled without failing a request: the next key is published a whole
+key lifetime before it signs anything, and a replaced key stays published until its last token has expired.
 
     keys = SigningKeys(roll_every=3600, token_lifetime=300)
-    keys.current()        # the ES256 key to sign with (a new one once the current is `roll_every` old)
-    keys.jwks()           # {"keys": [...]}: the public halves, for GET /jwks
+    keys.current()        # the ES256 key to sign with (the next one takes over once this is `roll_every` old)
+    keys.jwks()           # {"keys": [...]}: the public halves of the next, current and replaced keys, for GET /jwks
     keys.key_set()        # the same keys, to check a token it is given back (RFC 8693's subject token)
 
-Keys live in memory only and are never written anywhere: a restarted token service starts with a new key,
+Verifiers (shared.token_client) fetch the set at least every minute and whenever a token names a key they do
+not have; with `roll_every` above that minute, every verifier holds a key before the first token it signs.
+
+Keys live in memory only and are never written anywhere: a restarted token service starts with new keys,
 and tokens signed before the restart stop verifying (their holders ask again; they live minutes).
 """
 
@@ -26,7 +29,7 @@ __all__ = ["SigningKeys"]
 class SigningKeys:
     def __init__(self, roll_every: float, token_lifetime: float, clock: Callable[[], float] = time.time) -> None:
         self.roll_every, self.token_lifetime, self.clock = roll_every, token_lifetime, clock
-        self._current, self._since = self._new_key(), clock()
+        self._current, self._next, self._since = self._new_key(), self._new_key(), clock()
         self._retired: list[tuple[ECKey, float]] = []  # (key, when it stopped signing)
 
     def current(self) -> ECKey:
@@ -35,22 +38,23 @@ class SigningKeys:
         return self._current
 
     def roll(self) -> ECKey:
-        """A new key signs from now on; the old one stays published while tokens it signed can still be valid."""
+        """The next key signs from now on, a new next key is published, and the old one stays published while
+        tokens it signed can still be valid."""
         now = self.clock()
         self._retired.append((self._current, now))
-        self._current, self._since = self._new_key(), now
+        self._current, self._next, self._since = self._next, self._new_key(), now
         return self._current
 
     def published(self) -> list[ECKey]:
-        """The current key, then those it replaced whose tokens may still be valid, newest first."""
+        """The current key, the next one, then those replaced whose tokens may still be valid, newest first."""
         now = self.clock()
+        current = self.current()
         # A token lives at most token_lifetime, and verifiers allow LEEWAY_SECONDS of clock difference.
         keep = self.token_lifetime + LEEWAY_SECONDS
         self._retired = [(key, retired) for key, retired in self._retired if now - retired <= keep]
-        return [self.current(), *(key for key, _ in reversed(self._retired))]
+        return [current, self._next, *(key for key, _ in reversed(self._retired))]
 
     def key_set(self) -> KeySet:
-        """What a token this service signed is checked against — here as at every service."""
         return KeySet(self.published())
 
     def jwks(self) -> dict[str, Any]:

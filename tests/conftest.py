@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import Iterator
 
 import pytest
 
 from pki import CertificateAuthority, Identity, Policy, init, load_issuer, self_signed
-from services.local import CHAIN, chain_environments, free_ports, running
+from pki.output import write_file
+from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running, token_environment
 from shared.layout import Layout
-from tests.support import Credentials, Mesh, Service, start_services
+from tests.support import Credentials, Mesh, Service, signing_key, start_services
 
 POLICY = Policy.load()
 
@@ -75,3 +77,24 @@ def mesh(layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
     processes = start_services(chain_environments(free_ports(len(CHAIN)), layout.out), logs)
     with running(processes):
         yield Mesh([Service(p) for p in processes], layout)
+
+
+@pytest.fixture(scope="session")
+def token_mesh(layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A → B → C with MESH_REQUIRE_USER_TOKEN=true, and the token service — whose first signing key the tests
+    know (tests/rigged_token_service.py), so that they can forge tokens that break exactly one rule."""
+    logs = tmp_path_factory.mktemp("token-logs")
+    key = signing_key()
+    key_file = logs / "signing-key.jwk"
+    write_file(key_file, json.dumps(key.as_dict(private=True)).encode(), private=True)
+    *ports, token_port = free_ports(len(CHAIN) + 1)
+    envs = chain_environments(ports, layout.out, token_port=token_port, MESH_REQUIRE_USER_TOKEN="true")
+    environment = token_environment(token_port, layout.out, MESH_TEST_SIGNING_KEY=str(key_file))
+    processes = [
+        *start_services(envs, logs),
+        ServiceProcess(environment, logs / f"token-service-{token_port}.log", module="tests.rigged_token_service"),
+    ]
+    with running(processes):
+        mesh = Mesh([Service(p) for p in processes], layout)
+        mesh.signing_key = key  # type: ignore[attr-defined]
+        yield mesh

@@ -5,6 +5,7 @@ Fixtures live in conftest.py; everything a test imports lives here.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import ssl
@@ -19,11 +20,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from joserfc.jwk import ECKey
 
 from pki import Identity, load_issuer
 from services.local import ServiceProcess, free_ports
+from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.tokens import x5t_s256
 
 __all__ = [
     "TLS_REFUSALS",
@@ -32,10 +37,16 @@ __all__ = [
     "Service",
     "attacker_context",
     "authorize_by",
+    "forge",
     "free_ports",
     "get",
+    "get_as",
+    "identity_of",
     "leaf",
+    "post_token",
+    "signing_key",
     "start_services",
+    "token_claims",
     "wait_until",
     "write_leaf",
 ]
@@ -175,3 +186,62 @@ def authorize_by(layout: Layout) -> str:
     from shared.allowlist import AllowList
 
     return "spiffe-id" if AllowList.load(layout.allow_list("service-a")).ids else "thumbprint"
+
+
+# ── user tokens ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def signing_key(kid: str | None = None) -> ECKey:
+    """An ES256 key as the token service makes them (kid: its RFC 7638 thumbprint, unless given)."""
+    key = ECKey.generate_key("P-256")
+    return ECKey.import_key(key.as_dict(private=True), {"kid": kid or key.thumbprint(), "alg": "ES256"})
+
+
+def forge(key: ECKey | None, header: dict[str, Any], claims: dict[str, Any], *, signature: bytes | None = None) -> str:
+    """A compact JWS signed by hand with `key` (ES256), bypassing every check a JOSE library would make on the
+    way out — an attacker's token. `signature` replaces the signature (e.g. an HMAC over the same input)."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    if signature is None and key is not None:
+        der = key.private_key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr]
+        r, s = decode_dss_signature(der)
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    return f"{signing_input}.{b64(signature or b'')}"
+
+
+def token_claims(holder: CallerIdentity, audience: str, **overrides: Any) -> dict[str, Any]:
+    """The claims the token service would sign for `holder` (alice, every scope), changed by `overrides`."""
+    now = int(time.time())
+    claims = {
+        "iss": "spiffe://mesh.internal/token-service",
+        "sub": "alice",
+        "aud": audience,
+        "scope": "service-a service-b service-c",
+        "client_id": holder.spiffe_id,
+        "cnf": {"x5t#S256": x5t_s256(holder)},
+        "act": {"sub": holder.spiffe_id},
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "jti": "test",
+    }
+    return {**claims, **overrides}
+
+
+def identity_of(creds: Credentials) -> CallerIdentity:
+    return CallerIdentity.from_certificate(x509.load_pem_x509_certificate(creds.cert.read_bytes()))
+
+
+def post_token(url: str, context: ssl.SSLContext, form: dict[str, str]) -> httpx.Response:
+    """POST /token on the token service at `url`, over mTLS with `context` (an attacker's, or an identity's)."""
+    with httpx.Client(verify=context, timeout=10) as client:
+        return client.post(url + "/token", data=form, extensions={"sni_hostname": "token-service"})
+
+
+def get_as(url: str, server_name: str, context: ssl.SSLContext, token: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(verify=context, timeout=10) as client:
+        return client.get(url, headers=headers, extensions={"sni_hostname": server_name})

@@ -1,0 +1,280 @@
+"""User tokens, rule by rule: `shared.tokens.verify`/`check_holder`, the token policy, and the signing keys.
+
+Every forged token here is signed by hand (tests.support.forge), the way an attacker would, so that no JOSE
+library's own checks on the way out stand between the attack and the rule under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from pathlib import Path
+
+import pytest
+from joserfc.jwk import KeySet
+
+from pki import Policy
+from services.signing import SigningKeys
+from services.token_policy import GrantRefused, TokenPolicy
+from shared.layout import Layout
+from shared.tokens import LEEWAY_SECONDS, TokenRefused, UserToken, check_holder, mint, verify, x5t_s256
+from tests.support import forge, identity_of, signing_key, token_claims
+
+ISSUER = "spiffe://mesh.internal/token-service"
+
+
+@pytest.fixture(scope="module")
+def key():  # type: ignore[no-untyped-def]
+    return signing_key()
+
+
+@pytest.fixture(scope="module")
+def holder(layout: Layout):  # type: ignore[no-untyped-def]
+    from tests.support import Credentials
+
+    return identity_of(Credentials(layout.cert("service-a"), layout.key("service-a")))
+
+
+def header(key, **overrides):  # type: ignore[no-untyped-def]
+    return {"alg": "ES256", "typ": "at+jwt", "kid": key.kid, **overrides}
+
+
+def refusal(raw: str, keys: KeySet, audience: str = "service-b") -> str:
+    with pytest.raises(TokenRefused) as refused:
+        verify(raw, keys, issuer=ISSUER, audience=audience)
+    return refused.value.reason
+
+
+def test_a_token_the_service_signed_verifies(key, holder) -> None:  # type: ignore[no-untyped-def]
+    raw, expires = mint(
+        key,
+        issuer=ISSUER,
+        subject="alice",
+        audience="service-b",
+        scopes=frozenset({"service-b"}),
+        holder=holder,
+        lifetime=60,
+    )
+    token = verify(raw, KeySet([key]), issuer=ISSUER, audience="service-b")
+    assert (token.subject, token.audience, token.scopes, token.actors) == (
+        "alice",
+        "service-b",
+        frozenset({"service-b"}),
+        ("spiffe://mesh.internal/service-a",),
+    )
+    assert token.bound_to == x5t_s256(holder) and token.expires_at == expires
+    check_holder(token, holder)
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("tampered payload", "signature does not match"),
+        ("alg none", "algorithm is not ES256"),
+        ("HMAC with the public key as secret", "algorithm is not ES256"),
+        ("unknown kid", "signing key (kid) the token service does not publish"),
+        ("no kid", "names no signing key"),
+        ("signed by another key under our kid", "signature does not match"),
+        ("wrong typ", "typ is 'JWT'"),
+        ("no typ", "typ is None"),
+        ("list-valued iss", "issuer ["),
+        ("foreign issuer", "issuer 'spiffe://elsewhere/token-service'"),
+        ("wrong audience", "the token is for 'service-c', not for service-b"),
+        ("list-valued audience", "the token is for ["),
+        ("expired", "the token expired"),
+        ("not yet valid", "not valid yet"),
+        ("no exp", "no valid expiry"),
+        ("crit header with an unknown extension", "not a valid signed token"),
+        ("unbound (a bearer token)", "bound to no certificate"),
+        ("no user", "names no user"),
+        ("act loop", "actor chain"),
+    ],
+)
+def test_forged_tokens_are_refused_naming_the_rule(key, holder, attack: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    keys = KeySet([key])
+    claims = token_claims(holder, "service-b")
+    now = int(time.time())
+    if attack == "tampered payload":
+        good = forge(key, header(key), claims)
+        evil = forge(key, header(key), {**claims, "sub": "mallory"})
+        raw = ".".join([*evil.split(".")[:2], good.split(".")[2]])
+    elif attack == "alg none":
+        raw = forge(None, header(key, alg="none"), claims, signature=b"")
+    elif attack == "HMAC with the public key as secret":
+        public_pem = key.as_pem(private=False)
+        unsigned = forge(None, header(key, alg="HS256"), claims, signature=b"x").rsplit(".", 1)[0]
+        mac = hmac.new(public_pem, unsigned.encode(), hashlib.sha256).digest()
+        raw = forge(None, header(key, alg="HS256"), claims, signature=mac)
+    elif attack == "unknown kid":
+        other = signing_key()
+        raw = forge(other, header(other), claims)
+    elif attack == "no kid":
+        raw = forge(key, {"alg": "ES256", "typ": "at+jwt"}, claims)
+    elif attack == "signed by another key under our kid":
+        raw = forge(signing_key(kid=key.kid), header(key), claims)
+    elif attack == "wrong typ":
+        raw = forge(key, header(key, typ="JWT"), claims)
+    elif attack == "no typ":
+        raw = forge(key, {"alg": "ES256", "kid": key.kid}, claims)
+    elif attack == "list-valued iss":
+        raw = forge(key, header(key), {**claims, "iss": [ISSUER]})
+    elif attack == "foreign issuer":
+        raw = forge(key, header(key), {**claims, "iss": "spiffe://elsewhere/token-service"})
+    elif attack == "wrong audience":
+        raw = forge(key, header(key), {**claims, "aud": "service-c"})
+    elif attack == "list-valued audience":
+        raw = forge(key, header(key), {**claims, "aud": ["service-b", "service-c"]})
+    elif attack == "expired":
+        raw = forge(key, header(key), {**claims, "exp": now - LEEWAY_SECONDS - 1})
+    elif attack == "not yet valid":
+        raw = forge(key, header(key), {**claims, "nbf": now + LEEWAY_SECONDS + 60})
+    elif attack == "no exp":
+        raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "exp"})
+    elif attack == "crit header with an unknown extension":
+        extension = "urn:example:must-understand"
+        raw = forge(key, header(key, crit=[extension], **{extension: 1}), claims)
+    elif attack == "unbound (a bearer token)":
+        raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "cnf"})
+    elif attack == "no user":
+        raw = forge(key, header(key), {**claims, "sub": ""})
+    else:  # act loop
+        act: dict = {"sub": holder.spiffe_id}
+        for _ in range(20):
+            act = {"sub": holder.spiffe_id, "act": act}
+        raw = forge(key, header(key), {**claims, "act": act})
+    assert reason in refusal(raw, keys)
+
+
+def test_within_the_leeway_a_token_is_still_valid(key, holder) -> None:  # type: ignore[no-untyped-def]
+    now = int(time.time())
+    raw = forge(key, header(key), token_claims(holder, "service-b", exp=now - LEEWAY_SECONDS + 2))
+    verify(raw, KeySet([key]), issuer=ISSUER, audience="service-b")
+
+
+def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(key, holder, layout: Layout) -> None:  # type: ignore[no-untyped-def]
+    from tests.support import Credentials
+
+    raw = forge(key, header(key), token_claims(holder, "service-c"))
+    token = verify(raw, KeySet([key]), issuer=ISSUER, audience="service-c")
+    someone_else = identity_of(Credentials(layout.cert("service-b"), layout.key("service-b")))
+    with pytest.raises(TokenRefused, match="bound to another certificate"):
+        check_holder(token, someone_else)
+
+
+def test_the_current_actor_must_be_the_caller(key, holder) -> None:  # type: ignore[no-untyped-def]
+    claims = token_claims(holder, "service-b", act={"sub": "spiffe://mesh.internal/service-b"})
+    token = verify(forge(key, header(key), claims), KeySet([key]), issuer=ISSUER, audience="service-b")
+    with pytest.raises(TokenRefused, match=r"holder \(act\.sub\)"):
+        check_holder(token, holder)
+
+
+def test_an_exchanged_token_keeps_the_user_nests_the_actors_and_never_outlives_its_predecessor(key, holder) -> None:  # type: ignore[no-untyped-def]
+    previous = UserToken(
+        raw="",
+        subject="alice",
+        audience="service-a",
+        scopes=frozenset({"service-a", "service-b"}),
+        actors=("spiffe://mesh.internal/client",),
+        bound_to="",
+        expires_at=int(time.time()) + 30,
+    )
+    raw, expires = mint(
+        key,
+        issuer=ISSUER,
+        subject="alice",
+        audience="service-b",
+        scopes=previous.scopes,
+        holder=holder,
+        lifetime=300,
+        previous=previous,
+    )
+    token = verify(raw, KeySet([key]), issuer=ISSUER, audience="service-b")
+    assert token.actors == ("spiffe://mesh.internal/service-a", "spiffe://mesh.internal/client")
+    assert expires == previous.expires_at
+
+
+# ── the token policy ────────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def policy(layout: Layout) -> TokenPolicy:
+    return TokenPolicy.load(layout.tokens_policy)
+
+
+def given(audience: str, scopes: str = "service-a service-b service-c") -> UserToken:
+    return UserToken("", "alice", audience, frozenset(scopes.split()), (), "", int(time.time()) + 60)
+
+
+def test_only_an_edge_gets_a_token_in_a_users_name(policy: TokenPolicy) -> None:
+    assert policy.grant_user_token("client", "alice", "service-a", None) == {"service-a", "service-b", "service-c"}
+    with pytest.raises(GrantRefused) as refused:
+        policy.grant_user_token("service-a", "alice", "service-b", None)
+    assert refused.value.error == "unauthorized_client" and "service-a is not an edge" in refused.value.description
+
+
+@pytest.mark.parametrize(
+    ("holder", "subject", "audience", "scope", "error", "words"),
+    [
+        ("service-c", given("service-c"), "service-a", None, "invalid_target", "service-c may not call service-a"),
+        ("service-a", given("service-a"), "service-c", None, "invalid_target", "service-a may not call service-c"),
+        ("service-b", given("service-b", "service-a service-b"), "service-c", "service-c", "invalid_scope", "never"),
+        ("service-b", given("service-a"), "service-c", None, "invalid_grant", "it was not given to you"),
+    ],
+    ids=["C for A", "A skipping B", "B widening the scope", "B with A's token"],
+)
+def test_exchanges_outside_the_policy_are_refused(
+    policy: TokenPolicy, holder: str, subject: UserToken, audience: str, scope: str | None, error: str, words: str
+) -> None:
+    with pytest.raises(GrantRefused) as refused:
+        policy.grant_exchange(holder, subject, audience, frozenset(scope.split()) if scope else None)
+    assert refused.value.error == error and words in refused.value.description
+
+
+def test_narrowing_the_scope_is_allowed(policy: TokenPolicy) -> None:
+    assert policy.grant_exchange("service-a", given("service-a"), "service-b", frozenset({"service-b"})) == {
+        "service-b"
+    }
+
+
+def test_a_missing_or_broken_token_policy_stops_the_service_naming_the_file(tmp_path: Path) -> None:
+    from shared.files import MaterialError
+
+    with pytest.raises(MaterialError, match=r"tokens\.json: no token policy — run `make pki`"):
+        TokenPolicy.load(tmp_path / "tokens.json")
+    (tmp_path / "tokens.json").write_text('{"edges": []}')
+    with pytest.raises(MaterialError, match="not a token policy"):
+        TokenPolicy.load(tmp_path / "tokens.json")
+
+
+def test_the_policy_file_says_who_is_an_edge_and_what_users_may_reach() -> None:
+    policy = Policy.load()
+    assert policy.edges == ("client",)
+    assert "service-c" not in policy.users["bob"]
+    assert policy.may_call()["service-b"] == ("service-c",)
+    assert "token-service" not in {callee for callees in policy.may_call().values() for callee in callees}
+
+
+# ── signing keys ────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_keys_are_published_before_they_sign_and_after_until_their_tokens_have_expired() -> None:
+    now = [1000.0]
+    keys = SigningKeys(roll_every=60, token_lifetime=30, clock=lambda: now[0])
+
+    def published() -> list[str]:
+        return [k["kid"] for k in keys.jwks()["keys"]]
+
+    first = keys.current()
+    upcoming = published()[1]
+    assert published() == [first.kid, upcoming]  # the next key is out before it signs anything
+    now[0] += 60
+    second = keys.current()
+    assert second.kid == upcoming
+    third = published()[1]
+    assert published() == [second.kid, third, first.kid]
+    now[0] += 30 + LEEWAY_SECONDS  # the last token the first key signed has just expired, leeway included
+    assert published() == [second.kid, third, first.kid]
+    now[0] += 1
+    assert published() == [second.kid, third]
+    assert all("d" not in k for k in keys.jwks()["keys"])  # never the private half
