@@ -118,13 +118,14 @@ image: ## build the image (PYTHON_IMAGE=…; EXTRA_CA_CERTS=bundle.pem behind a 
 	@$(if $(EXTRA_CA_CERTS),cp "$(EXTRA_CA_CERTS)" docker/extra-ca/extra-ca-certs.pem)
 	@status=0; $(COMPOSE) build pki || status=$$?; rm -f docker/extra-ca/extra-ca-certs.pem; exit $$status
 
-up: image ## start the mesh in Docker, wait until healthy, and call it
+up: image ## start the mesh in Docker, wait until healthy, and call it (MESH_REQUIRE_USER_TOKEN=true: as alice)
 	$(COMPOSE) up -d --wait
-	@$(COMPOSE) run --rm client
+	@MESH_CLIENT_USER=$(if $(filter true,$(MESH_REQUIRE_USER_TOKEN)),alice) $(COMPOSE) run --rm client
 	@echo
 	@echo "The mesh runs in Docker (make ps, make logs). Try:"
 	@echo "  curl --cacert pki/out/ca.crt --cert pki/out/client.crt --key pki/out/client.key \\"
 	@echo "       --resolve service-b:8444:127.0.0.1 https://service-b:8444/chain     # 403: hop skipped"
+	@echo "  .venv/bin/python -m client --user alice                                 # on behalf of alice"
 	@echo "  make down                                                               # stop it"
 
 down: ## stop the Docker mesh: containers and networks (the PKI stays)

@@ -10,6 +10,8 @@ Eight chains run side by side on loopback, all from the same service code (`benc
     plaintext-cold  a new TCP connection at every hop of every request
     sidecar         the plaintext apps behind nginx sidecars that do the mTLS (bench/sidecar.py)
     mtls-6hop       as shipped, six services long
+    mtls-tokens     as shipped, with MESH_REQUIRE_USER_TOKEN=true and a user token on every request (each
+                    service's exchange cache warm); apart from the rounds, the cost of a cold exchange
 
 Then, apart from the chains: the bare mutual handshake (bench/handshake.py), against which the cold hops
 are set, and how costs grow with the CRL and the allow-list (bench/scaling.py).
@@ -44,9 +46,10 @@ import uvloop
 from bench.handshake import bare_handshake_ms, bare_resumed_handshake_ms, event_loop_handshake_added_ms
 from bench.scaling import allow_list_scaling, crl_scaling
 from bench.sidecar import SidecarPorts, running_sidecars
+from client.__main__ import user_token
 from pki import Policy, init
 from services.app import service_policy
-from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running
+from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running, token_environment
 from shared import nativetls, tls
 from shared.allowlist import AllowList
 from shared.authz import authorize_id
@@ -67,12 +70,15 @@ class Variant:
     tls12: bool = False
     cold: bool = False
     sidecar: bool = False
+    tokens: bool = False
     names: tuple[str, ...] = CHAIN
     processes: list[ServiceProcess] = field(default_factory=list)
     sidecar_ports: SidecarPorts | None = None
     latencies_ms: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # requests per second, one value per slice
     errors: int = 0
+    token_port: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # a user token, with `tokens`
 
     @property
     def url(self) -> str:
@@ -83,7 +89,11 @@ class Variant:
     def start(self, logs: Path) -> list[ServiceProcess]:
         scheme = "http" if self.plaintext else "https"
         ports = free_ports(len(self.names))
-        envs = chain_environments(ports, self.layout.out, names=self.names, MESH_LOG_LEVEL="warning")
+        quiet = {"MESH_LOG_LEVEL": "warning"}
+        if self.tokens:
+            [self.token_port] = free_ports(1)
+            quiet["MESH_REQUIRE_USER_TOKEN"] = "true"
+        envs = chain_environments(ports, self.layout.out, names=self.names, token_port=self.token_port, **quiet)
         if self.sidecar:
             count = len(self.names)
             self.sidecar_ports = SidecarPorts(free_ports(count), free_ports(count - 1), ports)
@@ -102,7 +112,18 @@ class Variant:
         self.processes = [
             ServiceProcess(env, logs / f"{self.name}-{env['MESH_NAME']}.log", module="bench.serve") for env in envs
         ]
+        if self.token_port is not None:
+            tokens = token_environment(self.token_port, self.layout.out, MESH_LOG_LEVEL="warning")
+            log = logs / f"{self.name}-token-service.log"
+            return [*self.processes, ServiceProcess(tokens, log, module="services.token_service")]
         return self.processes
+
+    def new_user_token(self) -> None:
+        """With `tokens`: a fresh token for alice, as the edge gets it (python -m client --user)."""
+        if self.token_port is not None:
+            material = self.layout.material("client")
+            token = user_token(f"https://127.0.0.1:{self.token_port}", material, "alice", "service-a")
+            self.headers = {"Authorization": f"Bearer {token}"}
 
     def client(self) -> httpx.AsyncClient:
         context = tls.client_context(self.layout.material("client"))
@@ -118,11 +139,12 @@ async def sequential(variant: Variant, count: int) -> None:
     """`count` timed requests, one after another. A fresh client's first request opens its connection (a full
     mutual handshake at the first hop): it is sent untimed, so warm chains measure warm connections only —
     what a connection costs is what the cold chains measure."""
+    variant.new_user_token()  # the round's first, untimed, request fills the services' exchange caches
     async with variant.client() as client:
-        await client.get(variant.url, extensions={"sni_hostname": "service-a"})
+        await client.get(variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"})
         for _ in range(count):
             start = time.perf_counter()
-            response = await client.get(variant.url, extensions={"sni_hostname": "service-a"})
+            response = await client.get(variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"})
             elapsed = (time.perf_counter() - start) * 1000
             if response.status_code == 200:
                 variant.latencies_ms.append(elapsed)
@@ -132,14 +154,18 @@ async def sequential(variant: Variant, count: int) -> None:
 
 async def concurrent(variant: Variant, seconds: float, concurrency: int) -> None:
     done = 0
+    variant.new_user_token()
     async with variant.client() as client:
-        await client.get(variant.url, extensions={"sni_hostname": "service-a"})  # open the pool's first connection
+        # Open the pool's first connection (and, with tokens, fill the exchange caches).
+        await client.get(variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"})
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                response = await client.get(variant.url, extensions={"sni_hostname": "service-a"})
+                response = await client.get(
+                    variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"}
+                )
                 if response.status_code == 200:
                     done += 1
                 else:
@@ -148,6 +174,22 @@ async def concurrent(variant: Variant, seconds: float, concurrency: int) -> None
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         variant.throughput.append(done / (time.perf_counter() - start))
+
+
+async def cold_exchanges(variant: Variant, count: int) -> list[float]:
+    """Chain latency with a token nobody has exchanged yet: A and B each exchange it before calling on."""
+    latencies = []
+    async with variant.client() as client:
+        await client.get(variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"})
+        for _ in range(count):
+            variant.new_user_token()  # untimed: what the edge does once per user session
+            start = time.perf_counter()
+            response = await client.get(variant.url, headers=variant.headers, extensions={"sni_hostname": "service-a"})
+            if response.status_code == 200:
+                latencies.append((time.perf_counter() - start) * 1000)
+            else:
+                variant.errors += 1
+    return latencies
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -240,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             Variant("plaintext-cold", ecdsa, plaintext=True, cold=True),
             Variant("sidecar", ecdsa, plaintext=True, sidecar=True),
             Variant("mtls-6hop", six, names=SIX_HOPS),
+            Variant("mtls-tokens", ecdsa, tokens=True),
         ]
         processes = [p for v in variants for p in v.start(root)]
         sidecar = next(v for v in variants if v.sidecar)
@@ -254,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                     count = args.per_round // 4 if v.cold else args.per_round
                     uvloop.run(sequential(v, count))
                 print(f"latency round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-            trio = [v for v in variants if v.name in ("mtls", "plaintext", "sidecar")]
+            trio = [v for v in variants if v.name in ("mtls", "plaintext", "sidecar", "mtls-tokens")]
             for _ in range(args.throughput_rounds):
                 for v in random.sample(trio, len(trio)):
                     uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
             authz_us = authz_microseconds(ecdsa)
+            tokens = next(v for v in variants if v.tokens)
+            cold_token_ms = uvloop.run(cold_exchanges(tokens, args.per_round // 2))
         print("bare handshake and scaling …", file=sys.stderr)
         server = tls.server_context(ecdsa.material("service-b"))
         client = tls.client_context(ecdsa.material("service-a"))
@@ -267,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ticketing = tls.server_context(ecdsa.material("service-b"))  # a copy that may issue tickets
         resumed_ms = bare_resumed_handshake_ms(ticketing, client, "service-b")
         scaling = {"crl": crl_scaling(ecdsa, root), "allow_list": allow_list_scaling(ecdsa, root)}
-        results = write_results(variants, authz_us, (bare_ms, loop_ms, resumed_ms), scaling, args)
+        results = write_results(variants, authz_us, (bare_ms, loop_ms, resumed_ms), scaling, cold_token_ms, args)
     print(results["table"])
     return 0 if all(v.errors == 0 for v in variants) else 1
 
@@ -286,10 +331,11 @@ def write_results(
     authz_us: float,
     handshakes: tuple[float, float, float],
     scaling: dict[str, object],
+    cold_token_ms: list[float],
     args: argparse.Namespace,
 ) -> dict[str, object]:
     by_name = {v.name: summarise(v) for v in variants}
-    mtls, plain, sidecar = by_name["mtls"], by_name["plaintext"], by_name["sidecar"]
+    mtls, plain, sidecar, tokens = by_name["mtls"], by_name["plaintext"], by_name["sidecar"], by_name["mtls-tokens"]
     hop_us = mtls["p50_ms"] * 1000 / len(CHAIN)
     cold_hop_added_ms = (by_name["mtls-cold"]["p50_ms"] - by_name["plaintext-cold"]["p50_ms"]) / len(CHAIN)
     bare_ms, loop_ms, resumed_ms = handshakes
@@ -322,6 +368,14 @@ def write_results(
             "p99_ratio": mtls["p99_ms"] / sidecar["p99_ms"],
             "throughput_ratio": mtls["rps"] / sidecar["rps"],
         },
+        "user_tokens": {  # the chain with a user token on every hop (warm exchange caches) ÷ the mTLS-only chain
+            "p50_ratio": tokens["p50_ms"] / mtls["p50_ms"],
+            "p99_ratio": tokens["p99_ms"] / mtls["p99_ms"],
+            "throughput_ratio": tokens["rps"] / mtls["rps"],
+            # A fresh user token: A and B each exchange it (one mTLS call to the token service) before calling on.
+            "cold_chain_p50_ms": percentile(cold_token_ms, 50),
+            "cold_exchange_ms": (percentile(cold_token_ms, 50) - tokens["p50_ms"]) / 2,
+        },
         "scaling": {
             **scaling,
             "chain_p50_ms": {"3": mtls["p50_ms"], "6": by_name["mtls-6hop"]["p50_ms"]},
@@ -332,7 +386,9 @@ def write_results(
             f"({args.per_round // 4} for the cold chains), keep-alive unless cold; each round's client opens its "
             "connection with one untimed request, so warm percentiles exclude connection set-up",
             "throughput": f"{args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
-            f"concurrency {args.concurrency}, mtls, plaintext and sidecar; median of slices",
+            f"concurrency {args.concurrency}, mtls, plaintext, sidecar and mtls-tokens; median of slices",
+            "cold exchange": f"{args.per_round // 2} chain requests, each with a new user token (got untimed); "
+            "(their p50 - the warm mtls-tokens p50) / 2 exchanges",
             "handshake": "bare: one thread, MemoryBIO, the services' contexts, median of 300; cold hop added: "
             "(cold mTLS chain p50 - cold plaintext chain p50) / 3",
         },
@@ -355,6 +411,7 @@ def markdown_table(results: dict[str, object]) -> str:
     info: dict[str, object] = results["machine"]  # type: ignore[assignment]
     side: dict[str, float] = results["sidecar"]  # type: ignore[assignment]
     hand: dict[str, float] = results["handshake"]  # type: ignore[assignment]
+    tok: dict[str, float] = results["user_tokens"]  # type: ignore[assignment]
     scale: dict[str, dict] = results["scaling"]  # type: ignore[assignment]
     crl, allow, chain = scale["crl"], scale["allow_list"], scale["chain_p50_ms"]
     lines = [
@@ -383,6 +440,9 @@ def markdown_table(results: dict[str, object]) -> str:
         f"same process, no app: {hand['event_loop_tls_added_ms']:.2f} ms; the rest, "
         f"{hand['cross_process_and_setup_ms']:.2f} ms, is crossing processes and our set-up path); "
         f"a resumed one would cost {hand['bare_resumed_handshake_ms']:.2f} ms (left off)",
+        f"user tokens on every hop ÷ mTLS only (exchange caches warm): p50 **{tok['p50_ratio']:.2f}×**, "
+        f"p99 {tok['p99_ratio']:.2f}×, throughput **{tok['throughput_ratio']:.2f}×**; a cold exchange costs "
+        f"**{tok['cold_exchange_ms']:.2f} ms** (chain p50 with a fresh token: {tok['cold_chain_p50_ms']:.2f} ms)",
         "",
         "| size | handshake with CRL ms | CRL reload ms | authorization µs | allow-list reload ms |",
         "|---:|---:|---:|---:|---:|",

@@ -244,11 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cert", action="store_true", help="present no certificate at all")
     parser.add_argument(
         "--user",
+        default=os.environ.get("MESH_CLIENT_USER") or None,
         help="call on behalf of USER: first get a user token from the token service (we are an edge), "
-        "bound to our certificate, and send it along",
+        "bound to our certificate, and send it along (default: MESH_CLIENT_USER, if set)",
     )
     parser.add_argument(
         "--token", help="send this token as `Authorization: Bearer TOKEN` (a token you got elsewhere, or a forged one)"
+    )
+    parser.add_argument(
+        "--print-token", action="store_true", help="with --user: print the user token and stop (to read or reuse it)"
     )
     parser.add_argument(
         "--token-url", default=DEFAULT_TOKEN_URL, help=f"the token service (default: {DEFAULT_TOKEN_URL})"
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.load:
             return load(args.url, server_name, material, check, args.load, args.concurrency, args.during)
         token = user_token(args.token_url, material, args.user, server_name) if args.user else args.token
+        if args.print_token:
+            print(token or "no token: --print-token needs --user")
+            return 0 if token else 2
         headers = {"Authorization": f"Bearer {token}"} if token else None
         outcome = call(args.url, server_name, material, check, headers=headers)
     except MaterialError as e:

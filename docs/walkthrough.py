@@ -7,11 +7,12 @@ The document is the script. In it:
   change from run to run, and a line `...` stands for any number of lines;
 - `[exit N]` as the last expected line says the command must fail with status N (otherwise: status 0);
 - `<!-- walkthrough: ACTION -->` comments, invisible when rendered, do what the reader does by hand in
-  another terminal: `start-mesh`, `stop-mesh`, `background: COMMAND`, `stop-background`.
+  another terminal: `start-mesh` (optionally followed by `NAME=value` settings for the mesh, as in
+  `start-mesh MESH_REQUIRE_USER_TOKEN=true`), `stop-mesh`, `background: COMMAND`, `stop-background`.
 
-It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8445, or
-against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d,e moves the document's
-ports 8443, 8444, 8445, 9445 and 9446 elsewhere (the tests use free ones), in commands and outputs alike.
+It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8446, or
+against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d,e,f moves the document's
+ports 8443, 8444, 8445, 8446, 9445 and 9446 elsewhere (the tests use free ones), in commands and outputs alike.
 A mismatch prints the step, the command, and expected against actual, and exits 1.
 """
 
@@ -83,7 +84,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     )
 
 
-DOCUMENT_PORTS = (8443, 8444, 8445, 9445, 9446)
+DOCUMENT_PORTS = (8443, 8444, 8445, 8446, 9445, 9446)  # A, B, C, the token service, two for chapter 12
 
 
 class Walkthrough:
@@ -91,11 +92,13 @@ class Walkthrough:
         self.workdir, self.target, self.ports = workdir, target, ports
         self.env = {
             **os.environ,
-            "PORTS": ",".join(map(str, ports[:3])),  # make run / make call
+            "PORTS": ",".join(map(str, ports[:4])),  # make run / make call
             "MESH_CLIENT_URL": f"https://127.0.0.1:{ports[0]}/chain",  # python -m client's default
+            "MESH_TOKEN_URL": f"https://127.0.0.1:{ports[3]}",  # python -m client --user
             "MESH_PORT_A": str(ports[0]),  # make up
             "MESH_PORT_B": str(ports[1]),
             "MESH_PORT_C": str(ports[2]),
+            "MESH_PORT_TOKENS": str(ports[3]),
             "PATH": f"{workdir / '.venv' / 'bin'}:{os.environ['PATH']}",
             "VIRTUAL_ENV": str(workdir / ".venv"),
             # Its own compose project per target: a local run must never deploy into a Docker run's stack.
@@ -123,12 +126,14 @@ class Walkthrough:
         return result.returncode, [line for line in output.splitlines() if line.strip()]
 
     def act(self, action: str) -> None:
-        if action == "start-mesh":
+        if action.split()[0] == "start-mesh":
+            settings = " ".join(action.split()[1:])  # e.g. MESH_REQUIRE_USER_TOKEN=true
             if self.target == "compose":
-                self.spawn_and_wait("make up", wait=False)
+                self.spawn_and_wait(f"{settings} make up", wait=False)
             else:
-                ports = ",".join(map(str, self.ports[:3]))
-                self.mesh.append(self.spawn_and_wait(f"python -m services.local --ports {ports}", ports=self.ports[:3]))
+                ports = ",".join(map(str, self.ports[:4]))
+                line = f"{settings} python -m services.local --ports {ports}"
+                self.mesh.append(self.spawn_and_wait(line, ports=self.ports[:4]))
         elif action == "stop-mesh":
             if self.target == "compose":  # our own compose project: containers, networks and its volume
                 down = ["docker", "compose", "--profile", "client", "down", "--volumes", "--remove-orphans"]

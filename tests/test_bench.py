@@ -23,6 +23,7 @@ def test_a_short_bench_writes_every_figure(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["handshake"]) >= {"cold_hop_added_ms", "bare_mutual_handshake_ms", "ratio"}
     assert set(results["sidecar"]) == {"p50_ratio", "p99_ratio", "throughput_ratio"}
+    assert set(results["user_tokens"]) >= {"p50_ratio", "p99_ratio", "throughput_ratio", "cold_exchange_ms"}
     assert set(results["scaling"]["crl"]) == {"10", "10000", "100000"}
     assert set(results["scaling"]["chain_p50_ms"]) == {"3", "6"}
     assert all(v["errors"] == 0 for v in results["variants"].values())

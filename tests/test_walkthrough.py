@@ -36,7 +36,7 @@ def test_code_links_point_at_what_they_name() -> None:
 
 def test_the_walkthrough_runs_and_prints_what_it_says(tmp_path: Path) -> None:
     """Every command of docs/walkthrough.md, against a real local mesh on free ports."""
-    ports = ",".join(map(str, free_ports(5)))
+    ports = ",".join(map(str, free_ports(6)))
     env = {**os.environ, "WALKTHROUGH_TARGET": "local", "WALKTHROUGH_PORTS": ports}
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "walkthrough.py")],

@@ -7,6 +7,7 @@ is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ from shared.layout import Layout
 from tests.support import Credentials, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["service-a", "service-b", "service-c"]
+SERVICES = ["service-a", "service-b", "service-c", "token-service"]
 
 
 def docker_available() -> str | None:
@@ -40,13 +42,14 @@ class Stack:
         self.project = f"mtls-mesh-test-{uuid.uuid4().hex[:8]}"
         self.pki = tmp / "pki"
         self.pki.mkdir()
-        self.ports = dict(zip(SERVICES, free_ports(3), strict=True))
+        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
         self.env = {
             **os.environ,
             "MESH_HOST_PKI": str(self.pki),
             "MESH_PORT_A": str(self.ports["service-a"]),
             "MESH_PORT_B": str(self.ports["service-b"]),
             "MESH_PORT_C": str(self.ports["service-c"]),
+            "MESH_PORT_TOKENS": str(self.ports["token-service"]),
         }
         self.layout = Layout(self.pki)
 
@@ -66,13 +69,27 @@ class Stack:
     def url(self, service: str, path: str = "/chain") -> str:
         return f"https://127.0.0.1:{self.ports[service]}{path}"
 
+    def base_url(self, name: str) -> str:
+        return f"https://127.0.0.1:{self.ports[name]}"
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """What the container `name` logged, as JSON events (lines that are not JSON are skipped)."""
+        events = []
+        for line in self.compose("logs", "--no-log-prefix", "--no-color", name).stdout.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
     def credentials(self, name: str) -> Credentials:
         return Credentials(self.layout.cert(name), self.layout.key(name))
 
 
 @contextmanager
-def running_stack(tmp: Path, policy: Path | None = None) -> Iterator[Stack]:
-    """`make image`, then `up --wait` a stack of its own (with `policy` instead of pki/policy.toml)."""
+def running_stack(tmp: Path, policy: Path | None = None, **env: str) -> Iterator[Stack]:
+    """`make image`, then `up --wait` a stack of its own (with `policy` instead of pki/policy.toml, and `env`
+    in the environment of compose, e.g. MESH_REQUIRE_USER_TOKEN="true")."""
     if reason := docker_available():
         if os.environ.get("MESH_REQUIRE_DOCKER") == "1":
             pytest.fail(f"MESH_REQUIRE_DOCKER=1 but {reason}")
@@ -81,6 +98,7 @@ def running_stack(tmp: Path, policy: Path | None = None) -> Iterator[Stack]:
     stack = Stack(tmp)
     if policy is not None:
         stack.env["MESH_HOST_POLICY"] = str(policy)
+    stack.env.update(env)
     try:
         stack.compose("up", "-d", "--wait")
         yield stack
