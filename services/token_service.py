@@ -16,7 +16,6 @@ Answers are RFC 8693 §2.2: `{"access_token", "issued_token_type", "token_type":
 (services/config.py); MESH_NAME=token-service, MESH_PORT=8446 under `make run`.
 """
 
-
 import logging
 import sys
 import time
