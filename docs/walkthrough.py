@@ -159,18 +159,21 @@ class Walkthrough:
                 output = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
                 raise SystemExit(f"walkthrough: `{line}` failed with status {done.returncode}:\n{output}")
             return None
+        output = tempfile.TemporaryFile()  # what it printed, shown if it fails to come up
         process = subprocess.Popen(
             ["bash", "-c", line],
             cwd=self.workdir,
             env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not all(_listening(port) for port in ports):  # until every port it opens accepts connections
             if process.poll() is not None:
-                raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}")
+                output.seek(0)
+                said = output.read().decode(errors="replace")[-3000:]
+                raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}:\n{said}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"walkthrough: `{line}` did not listen on {ports} within 30 s")
             time.sleep(0.05)

@@ -120,7 +120,17 @@ def test_allow_lists_follow_the_policy(layout: Layout) -> None:
 
 def test_init_is_idempotent_and_force_regenerates(tmp_path) -> None:
     layout = Layout(tmp_path)
-    assert init(layout) == ["ca", "intermediate", "service-a", "service-b", "service-c", "client", "operator", "crl"]
+    assert init(layout) == [
+        "ca",
+        "intermediate",
+        "service-a",
+        "service-b",
+        "service-c",
+        "token-service",
+        "client",
+        "operator",
+        "crl",
+    ]
     before = layout.cert("service-a").read_bytes()
     allow_before = layout.allow_list("service-b").read_text()
     assert init(layout) == []
