@@ -23,7 +23,8 @@ from shared.layout import Layout
 from tests.support import Credentials, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ["service-a", "service-b", "service-c", "token-service"]
+CHAIN = ["service-a", "service-b", "service-c"]
+SERVICES = [*CHAIN, "token-service"]  # the long-running services, each with a port on 127.0.0.1
 
 
 def docker_available() -> str | None:

@@ -14,12 +14,12 @@ import pytest
 
 from pki import Policy, issue_identity, revoke
 from shared.certs import load_certificates, thumbprint
-from tests.compose.stack import SERVICES, Stack
+from tests.compose.stack import CHAIN, SERVICES, Stack
 from tests.support import TLS_REFUSALS, attacker_context, get, wait_until
 
 pytestmark = pytest.mark.compose
 
-UIDS = {"service-a": "10001", "service-b": "10002", "service-c": "10003", "client": "10004"}
+UIDS = {"service-a": "10001", "service-b": "10002", "service-c": "10003", "client": "10004", "token-service": "10005"}
 
 
 def test_the_chain_works_from_the_host(stack: Stack) -> None:
@@ -27,7 +27,7 @@ def test_the_chain_works_from_the_host(stack: Stack) -> None:
     response = get(stack.url("service-a"), "service-a", context)
     assert response.status_code == 200, response.text
     hops = response.json()["hops"]
-    assert [h["service"] for h in hops] == SERVICES
+    assert [h["service"] for h in hops] == CHAIN
     for hop, caller in zip(hops, ["client", "service-a", "service-b"], strict=True):
         assert hop["caller"]["sha256"] == thumbprint(load_certificates(stack.layout.cert(caller))[0])
 
@@ -94,20 +94,30 @@ def test_each_container_holds_its_own_key_and_no_other(stack: Stack, identity: s
     allow_lists = {name for name in files if name.startswith("allow/")}
     assert allow_lists == ({f"allow/{identity}.txt", "allow/metrics.txt"} if identity in SERVICES else set())
     assert {"ca.crt", "crl.pem", f"{identity}.crt"} <= set(files)
+    assert ("tokens.json" in files) == (identity == "token-service")  # the token policy: its own business
+
+
+def networks(stack: Stack, service: str) -> set[str]:
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", stack.container(service)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {name.removeprefix(f"{stack.project}_") for name in json.loads(out)}
 
 
 def test_service_a_and_service_c_share_no_network(stack: Stack) -> None:
-    def networks(service: str) -> set[str]:
-        out = subprocess.run(
-            ["docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", stack.container(service)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return set(json.loads(out))
+    assert networks(stack, "service-a") & networks(stack, "service-c") == set()
+    assert networks(stack, "service-c") == {"bc", "tokens-c"}  # tokens-c: service-c and the token service only
 
-    assert networks("service-a") & networks("service-c") == set()
-    assert networks("service-c") == {f"{stack.project}_bc"}
+
+def test_reaching_the_token_service_opens_no_path_between_its_callers(stack: Stack) -> None:
+    """Each of the token service's networks holds it and one caller: no two callers meet on them."""
+    tokens = networks(stack, "token-service")
+    assert tokens == {"tokens-edge", "tokens-a", "tokens-b", "tokens-c"}
+    members = {name: networks(stack, name) & tokens for name in CHAIN}
+    assert members == {"service-a": {"tokens-a"}, "service-b": {"tokens-b"}, "service-c": {"tokens-c"}}
 
 
 PROBE = """
