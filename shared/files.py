@@ -2,7 +2,8 @@
 
 Whoever can write one of these files decides who is trusted: a writable allow-list or `ca.crt` widens
 access as soon as the service reloads it. So, like ssh with its `authorized_keys`, a service refuses a
-file that belongs to another user or that other users may change, and a private key that they may read.
+file that belongs to another user or that other users may change, and a private key that they may read
+(except, as PostgreSQL allows, a root-owned key readable by the service's own group: a Kubernetes Secret).
 The checks run on the open file (fstat), so what is checked is what is read.
 """
 
@@ -38,7 +39,7 @@ def read_protected(path: Path, what: str, *, private: bool = False) -> bytes:
             f"uid {os.geteuid()} (this service) — `chown {os.geteuid()} {path}`"
         )
     mode = stat.S_IMODE(info.st_mode)
-    if private and mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if private and mode & (stat.S_IRWXG | stat.S_IRWXO) and not _root_owned_for_our_group(info):
         raise MaterialError(f"{path}: {what} is accessible by other users (mode {mode:04o}) — run `chmod 600 {path}`")
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise MaterialError(
@@ -46,3 +47,12 @@ def read_protected(path: Path, what: str, *, private: bool = False) -> bytes:
             f"run `chmod go-w {path}`"
         )
     return data
+
+
+def _root_owned_for_our_group(info: os.stat_result) -> bool:
+    """PostgreSQL's rule for its key file: one owned by root may also be read by the group (0440/0640), when
+    that group is ours. That is how Kubernetes mounts a Secret for a non-root container: owned by root,
+    group `fsGroup`, which only the pod's own processes are in."""
+    mode = stat.S_IMODE(info.st_mode)
+    ours = info.st_gid == os.getegid() or info.st_gid in os.getgroups()
+    return info.st_uid == 0 and ours and not mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO)

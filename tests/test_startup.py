@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.files import MaterialError, read_protected
 from shared.layout import Layout
 from tests.support import Credentials, free_ports
 
@@ -99,3 +100,30 @@ def test_missing_name_is_explained() -> None:
     result = subprocess.run([sys.executable, "-m", "services"], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "MESH_NAME" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to give the key file root's ownership and another group")
+@pytest.mark.parametrize(
+    ("owner", "group", "mode", "accepted"),
+    [
+        (0, "ours", 0o440, True),  # a Kubernetes Secret under fsGroup
+        (0, "ours", 0o640, True),
+        (0, "ours", 0o460, False),  # the group may write
+        (0, "ours", 0o444, False),  # everyone may read
+        (0, 54321, 0o440, False),  # a group that is not ours
+        (12345, "ours", 0o440, False),  # another user's file
+    ],
+)
+def test_a_key_readable_by_the_group_only_when_root_owns_it_for_our_group(
+    tmp_path: Path, owner: int, group: int | str, mode: int, accepted: bool
+) -> None:
+    """PostgreSQL's rule for key files, which is also how Kubernetes mounts a Secret for a non-root container."""
+    key = tmp_path / "service.key"
+    key.write_bytes(b"secret")
+    os.chown(key, owner, os.getegid() if group == "ours" else group)
+    key.chmod(mode)
+    if accepted:
+        assert read_protected(key, "private key", private=True) == b"secret"
+    else:
+        with pytest.raises(MaterialError):
+            read_protected(key, "private key", private=True)
