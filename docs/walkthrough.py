@@ -159,20 +159,20 @@ class Walkthrough:
                 output = (done.stdout + done.stderr).decode(errors="replace")[-3000:]
                 raise SystemExit(f"walkthrough: `{line}` failed with status {done.returncode}:\n{output}")
             return None
-        output = tempfile.TemporaryFile()  # what it printed, shown if it fails to come up
-        process = subprocess.Popen(
-            ["bash", "-c", line],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        log = self.workdir / f".started-{len(self.mesh) + len(self.background)}.log"  # shown if it fails to come up
+        with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                ["bash", "-c", line],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while not all(_listening(port) for port in ports):  # until every port it opens accepts connections
             if process.poll() is not None:
-                output.seek(0)
-                said = output.read().decode(errors="replace")[-3000:]
+                said = log.read_text(errors="replace")[-3000:]
                 raise SystemExit(f"walkthrough: `{line}` exited with status {process.returncode}:\n{said}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"walkthrough: `{line}` did not listen on {ports} within 30 s")
