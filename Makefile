@@ -1,7 +1,7 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
 .PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test lint fmt bench soak renew-soak \
-        base-image image up down k8s k8s-tools k8s-secrets \
+        base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
 PYTHON ?= python3
@@ -121,6 +121,9 @@ k8s-secrets: pki ## copy pki/out/ into the Kubernetes overlays' generated/ (Secr
 
 k8s: k8s-tools k8s-secrets ## render both Kubernetes overlays to deploy/kubernetes/rendered/ and validate them offline
 	$(PY) -m deploy.kubernetes.k8s validate
+
+k8s-podman: k8s image ## run the static overlay with podman kube play (needs podman, catatonit), call it, attack it
+	$(PY) -m deploy.kubernetes.podman
 
 base-image: ## build mtls-mesh-base:local with debootstrap, for machines without a registry (root)
 	docker/base-image.sh mtls-mesh-base:local
