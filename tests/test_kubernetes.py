@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from deploy.kubernetes import k8s
+from deploy.kubernetes.checks import NAME
 from pki import Policy, init
 from shared.layout import Layout
 
@@ -120,7 +121,7 @@ def test_a_certificate_for_another_spiffe_id_fails(rendered: dict[str, list[Obj]
 
 def test_a_network_policy_that_lets_a_reach_c_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
     def also_from_a(policy: Obj) -> None:
-        policy["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {k8s_name(): "service-a"}}})
+        policy["spec"]["ingress"][0]["from"].append({"podSelector": {"matchLabels": {NAME: "service-a"}}})
 
     def also_to_c(policy: Obj) -> None:
         policy["spec"]["egress"][0]["to"][0]["podSelector"]["matchExpressions"][0]["values"].append("service-c")
@@ -175,7 +176,3 @@ def test_a_writable_root_filesystem_fails(rendered: dict[str, list[Obj]], tmp_pa
 
     found = problems_with(changed(rendered["static"], "Deployment", "service-c", writable), tmp_path)
     assert found == ["service-c: a read-only root filesystem and no privilege escalation"]
-
-
-def k8s_name() -> str:
-    return "app.kubernetes.io/name"

@@ -10,33 +10,34 @@ import hashlib
 import hmac
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from joserfc.jwk import KeySet
+from joserfc.jwk import ECKey, KeySet
 
 from pki import Policy
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
+from shared.files import MaterialError
+from shared.identity import CallerIdentity
 from shared.layout import Layout
 from shared.tokens import LEEWAY_SECONDS, TokenRefused, UserToken, check_holder, mint, verify, x5t_s256
-from tests.support import forge, identity_of, signing_key, token_claims
+from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
 ISSUER = "spiffe://mesh.internal/token-service"
 
 
 @pytest.fixture(scope="module")
-def key():  # type: ignore[no-untyped-def]
+def key() -> ECKey:
     return signing_key()
 
 
 @pytest.fixture(scope="module")
-def holder(layout: Layout):  # type: ignore[no-untyped-def]
-    from tests.support import Credentials
-
+def holder(layout: Layout) -> CallerIdentity:
     return identity_of(Credentials(layout.cert("service-a"), layout.key("service-a")))
 
 
-def header(key, **overrides):  # type: ignore[no-untyped-def]
+def header(key: ECKey, **overrides: Any) -> dict[str, Any]:
     return {"alg": "ES256", "typ": "at+jwt", "kid": key.kid, **overrides}
 
 
@@ -46,7 +47,7 @@ def refusal(raw: str, keys: KeySet, audience: str = "service-b") -> str:
     return refused.value.reason
 
 
-def test_a_token_the_service_signed_verifies(key, holder) -> None:  # type: ignore[no-untyped-def]
+def test_a_token_the_service_signed_verifies(key: ECKey, holder: CallerIdentity) -> None:
     raw, expires = mint(
         key,
         issuer=ISSUER,
@@ -91,7 +92,9 @@ def test_a_token_the_service_signed_verifies(key, holder) -> None:  # type: igno
         ("act loop", "actor chain"),
     ],
 )
-def test_forged_tokens_are_refused_naming_the_rule(key, holder, attack: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_forged_tokens_are_refused_naming_the_rule(
+    key: ECKey, holder: CallerIdentity, attack: str, reason: str
+) -> None:
     keys = KeySet([key])
     claims = token_claims(holder, "service-b")
     now = int(time.time())
@@ -139,22 +142,22 @@ def test_forged_tokens_are_refused_naming_the_rule(key, holder, attack: str, rea
     elif attack == "no user":
         raw = forge(key, header(key), {**claims, "sub": ""})
     else:  # act loop
-        act: dict = {"sub": holder.spiffe_id}
+        act: dict[str, Any] = {"sub": holder.spiffe_id}
         for _ in range(20):
             act = {"sub": holder.spiffe_id, "act": act}
         raw = forge(key, header(key), {**claims, "act": act})
     assert reason in refusal(raw, keys)
 
 
-def test_within_the_leeway_a_token_is_still_valid(key, holder) -> None:  # type: ignore[no-untyped-def]
+def test_within_the_leeway_a_token_is_still_valid(key: ECKey, holder: CallerIdentity) -> None:
     now = int(time.time())
     raw = forge(key, header(key), token_claims(holder, "service-b", exp=now - LEEWAY_SECONDS + 2))
     verify(raw, KeySet([key]), issuer=ISSUER, audience="service-b")
 
 
-def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(key, holder, layout: Layout) -> None:  # type: ignore[no-untyped-def]
-    from tests.support import Credentials
-
+def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(
+    key: ECKey, holder: CallerIdentity, layout: Layout
+) -> None:
     raw = forge(key, header(key), token_claims(holder, "service-c"))
     token = verify(raw, KeySet([key]), issuer=ISSUER, audience="service-c")
     someone_else = identity_of(Credentials(layout.cert("service-b"), layout.key("service-b")))
@@ -162,14 +165,16 @@ def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(key, holder,
         check_holder(token, someone_else)
 
 
-def test_the_current_actor_must_be_the_caller(key, holder) -> None:  # type: ignore[no-untyped-def]
+def test_the_current_actor_must_be_the_caller(key: ECKey, holder: CallerIdentity) -> None:
     claims = token_claims(holder, "service-b", act={"sub": "spiffe://mesh.internal/service-b"})
     token = verify(forge(key, header(key), claims), KeySet([key]), issuer=ISSUER, audience="service-b")
     with pytest.raises(TokenRefused, match=r"holder \(act\.sub\)"):
         check_holder(token, holder)
 
 
-def test_an_exchanged_token_keeps_the_user_nests_the_actors_and_never_outlives_its_predecessor(key, holder) -> None:  # type: ignore[no-untyped-def]
+def test_an_exchanged_token_keeps_the_user_nests_the_actors_and_never_outlives_its_predecessor(
+    key: ECKey, holder: CallerIdentity
+) -> None:
     previous = UserToken(
         raw="",
         subject="alice",
@@ -238,8 +243,6 @@ def test_narrowing_the_scope_is_allowed(policy: TokenPolicy) -> None:
 
 
 def test_a_missing_or_broken_token_policy_stops_the_service_naming_the_file(tmp_path: Path) -> None:
-    from shared.files import MaterialError
-
     with pytest.raises(MaterialError, match=r"tokens\.json: no token policy — run `make pki`"):
         TokenPolicy.load(tmp_path / "tokens.json")
     (tmp_path / "tokens.json").write_text('{"edges": []}')
