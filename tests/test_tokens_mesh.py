@@ -182,3 +182,21 @@ def test_the_cli_calls_on_behalf_of_a_user(token_mesh: Mesh) -> None:
         timeout=30,
     )
     assert refused.returncode == 1 and "service-a requires a user token" in refused.stdout
+
+
+def test_a_service_checks_that_the_token_service_proves_its_name(token_mesh: Mesh, tmp_path: Path) -> None:
+    """service-a pointed at service-c as if it were the token service: service-c's certificate is genuine but
+    not token-service's, so A fetches no keys from it and accepts no token (502 naming the hop), and C is
+    sent nothing."""
+    [a_port] = free_ports(1)
+    [a] = chain_environments([a_port], token_mesh.layout.out, names=["service-a"], MESH_REQUIRE_USER_TOKEN="true")
+    a["MESH_TOKEN_SERVICE_URL"] = token_mesh["service-c"].url
+    with running(start_services([a], tmp_path)) as processes:
+        target = MeshTarget(Mesh([Service(p) for p in processes], token_mesh.layout))
+        token = attacks.user_token(MeshTarget(token_mesh)).json()["access_token"]
+        c_before = token_mesh["service-c"].mark()
+        response = attacks.chain(target, "service-a", attacks.as_(target, "client"), token)
+    assert response.status_code == 502
+    assert response.json()["hop"] == "service-a → token-service"
+    assert "failed our check that it is token-service" in response.json()["reason"]
+    assert token_mesh["service-c"].events_since(c_before, "authz") == []
