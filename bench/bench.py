@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import timeit
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,17 +86,18 @@ class Variant:
             return f"https://127.0.0.1:{self.sidecar_ports.inbound[0]}/chain"
         return f"{'http' if self.plaintext else 'https'}://127.0.0.1:{self.processes[0].port}/chain"
 
-    def start(self, logs: Path) -> list[ServiceProcess]:
+    def start(self, logs: Path, free: Iterator[int]) -> list[ServiceProcess]:
+        """The chain's processes (not yet started), on ports taken from `free`."""
         scheme = "http" if self.plaintext else "https"
-        ports = free_ports(len(self.names))
+        ports = take(free, len(self.names))
         quiet = {"MESH_LOG_LEVEL": "warning"}
         if self.tokens:
-            [self.token_port] = free_ports(1)
+            [self.token_port] = take(free, 1)
             quiet["MESH_REQUIRE_USER_TOKEN"] = "true"
         envs = chain_environments(ports, self.layout.out, names=self.names, token_port=self.token_port, **quiet)
         if self.sidecar:
             count = len(self.names)
-            self.sidecar_ports = SidecarPorts(free_ports(count), free_ports(count - 1), ports)
+            self.sidecar_ports = SidecarPorts(take(free, count), take(free, count - 1), ports)
         callers = ["client", *self.names[:-1]]
         for i, (env, caller) in enumerate(zip(envs, callers, strict=True)):
             if "MESH_DOWNSTREAM_URL" in env:
@@ -192,6 +193,10 @@ async def cold_exchanges(variant: Variant, count: int) -> list[float]:
     return latencies
 
 
+def take(free: Iterator[int], count: int) -> list[int]:
+    return [next(free) for _ in range(count)]
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -284,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             Variant("mtls-6hop", six, names=SIX_HOPS),
             Variant("mtls-tokens", ecdsa, tokens=True),
         ]
-        processes = [p for v in variants for p in v.start(root)]
+        # Every port at once: ports picked one chain at a time, before any process binds them, can repeat — and a
+        # service whose port another chain's service holds would pass for ready, answering with the wrong PKI.
+        free = iter(free_ports(64))
+        processes = [p for v in variants for p in v.start(root, free)]
         sidecar = next(v for v in variants if v.sidecar)
         assert sidecar.sidecar_ports is not None
         with running(processes), running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports):

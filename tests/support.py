@@ -131,12 +131,15 @@ def start_services(envs: list[dict[str, str]], logs: Path) -> list[ServiceProces
     return [ServiceProcess(env, logs / f"{env['MESH_NAME']}-{env['MESH_PORT']}.log") for env in envs]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
-    """Seconds until `condition()` held (polled every 50 ms); fails the test if it did not within `timeout`."""
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, describe: Callable[[], str] | None = None
+) -> float:
+    """Seconds until `condition()` held (polled every 50 ms); fails the test if it did not within `timeout`,
+    saying what `describe()` says of the state it was left in."""
     start = time.monotonic()
     while not condition():
         if time.monotonic() - start > timeout:
-            pytest.fail(f"still not the case after {timeout:g} s")
+            pytest.fail(f"still not the case after {timeout:g} s" + (f": {describe()}" if describe else ""))
         time.sleep(0.05)
     return time.monotonic() - start
 

@@ -73,7 +73,14 @@ def test_revoking_service_a_makes_b_refuse_it(fresh_mesh: Mesh) -> None:
     assert chain(mesh).status_code == 200  # A now holds a pooled connection to B
     revoke(mesh.layout, "service-a", "key-compromise")
 
-    elapsed = wait_until(lambda: chain(mesh).status_code == 502)
+    answers: list[str] = []  # what came back meanwhile, should it never be the 502
+
+    def refused() -> bool:
+        response = chain(mesh)
+        answers.append(f"{response.status_code} {response.text[:200]}")
+        return response.status_code == 502
+
+    elapsed = wait_until(refused, describe=lambda: f"last answers: {answers[-3:]}")
     assert elapsed < BOUND
     problem = chain(mesh).json()
     assert problem["hop"] == "service-a → service-b"
