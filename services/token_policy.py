@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.files import MaterialError
+from shared.files import MaterialError, read_protected
 from shared.identity import CallerIdentity
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.tokens import UserToken
@@ -44,8 +44,10 @@ class TokenPolicy:
 
     @classmethod
     def load(cls, path: Path) -> TokenPolicy:
+        # Like an allow-list, it decides who gets in: refused if others could change it (shared.files).
+        text = read_protected(path, "token policy")
         try:
-            data: dict[str, Any] = json.loads(path.read_text())
+            data: dict[str, Any] = json.loads(text)
             return cls(
                 trust_domain=str(data["trust_domain"]),
                 lifetime=int(data["lifetime_seconds"]),
@@ -53,8 +55,6 @@ class TokenPolicy:
                 users={user: frozenset(scopes) for user, scopes in data["users"].items()},
                 may_call={holder: frozenset(callees) for holder, callees in data["may_call"].items()},
             )
-        except FileNotFoundError:
-            raise MaterialError(f"{path}: no token policy — run `make pki` to render it from pki/policy.toml") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise MaterialError(
                 f"{path}: not a token policy ({type(e).__name__}: {e}) — run `make pki` to render it again"

@@ -57,11 +57,14 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         raise MaterialError(f"{files.cert}: the token service signs as its SPIFFE ID, and this certificate has none")
     issuer = own.spiffe_id
     keys = SigningKeys(config.signing_key_lifetime, policy.lifetime)
-    state = {"policy": policy}
 
     def reload_policy(changed: set[Path]) -> None:
+        """A changed tokens.json (make pki) is taken live; a broken one is refused and the old one stays."""
+        nonlocal policy
         try:
-            state["policy"] = TokenPolicy.load(files.tokens_policy)
+            policy = TokenPolicy.load(files.tokens_policy)
+            # Tokens already signed may live as long as the old policy said: keep replaced keys for the longer.
+            keys.token_lifetime = max(keys.token_lifetime, policy.lifetime)
             log.info("reloaded", extra={"files": [str(files.tokens_policy)]})
         except MaterialError as e:
             log.error("reload_refused", extra={"file": str(files.tokens_policy), "reason": str(e)})
@@ -78,7 +81,6 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         """Grant a token bound to the caller's certificate, or refuse with the rule it broke."""
         form = _form(await request.body())
         grant = form.get("grant_type", "")
-        policy: TokenPolicy = state["policy"]
         try:
             holder = policy.holder(caller)
             audience, requested = form.get("audience", ""), _scopes(form.get("scope"))

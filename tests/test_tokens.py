@@ -243,7 +243,7 @@ def test_narrowing_the_scope_is_allowed(policy: TokenPolicy) -> None:
 
 
 def test_a_missing_or_broken_token_policy_stops_the_service_naming_the_file(tmp_path: Path) -> None:
-    with pytest.raises(MaterialError, match=r"tokens\.json: no token policy — run `make pki`"):
+    with pytest.raises(MaterialError, match=r"tokens\.json: token policy not found — run `make pki`"):
         TokenPolicy.load(tmp_path / "tokens.json")
     (tmp_path / "tokens.json").write_text('{"edges": []}')
     with pytest.raises(MaterialError, match="not a token policy"):

@@ -6,8 +6,10 @@ answer and in that service's log, and with the services behind it seeing nothing
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +18,10 @@ from typing import Any
 
 import pytest
 
+from pki import Policy
+from pki.allowlists import render_token_policy
 from services.local import ServiceProcess, chain_environments, free_ports, running, token_environment
+from shared.layout import Layout
 from shared.tokens import LEEWAY_SECONDS
 from tests import token_attacks as attacks
 from tests.support import (
@@ -26,6 +31,7 @@ from tests.support import (
     identity_of,
     start_services,
     token_claims,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -200,3 +206,22 @@ def test_a_service_checks_that_the_token_service_proves_its_name(token_mesh: Mes
     assert response.json()["hop"] == "service-a → token-service"
     assert "failed our check that it is token-service" in response.json()["reason"]
     assert token_mesh["service-c"].events_since(c_before, "authz") == []
+
+
+def test_the_token_service_takes_a_changed_policy_live_and_refuses_a_broken_one(layout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`make pki` after editing [tokens]: the running token service follows; a broken tokens.json changes nothing."""
+    pki = Layout(tmp_path / "pki")
+    shutil.copytree(layout.out, pki.out)
+    [port] = free_ports(1)
+    environment = token_environment(port, pki.out, MESH_RELOAD_INTERVAL="0.2")
+    tokens = ServiceProcess(environment, tmp_path / "token-service.log", module="services.token_service")
+    with running([tokens]):
+        target = MeshTarget(Mesh([Service(tokens)], pki))
+        assert attacks.user_token(target, user="bob").status_code == 200
+        pki.tokens_policy.write_text("{ not json")
+        wait_until(lambda: any(e.get("event") == "reload_refused" for e in target.events("token-service")))
+        assert attacks.user_token(target, user="bob").status_code == 200  # the old policy stays
+        without_bob = dataclasses.replace(Policy.load(), users={"alice": ("service-a", "service-b", "service-c")})
+        render_token_policy(pki, without_bob)
+        wait_until(lambda: attacks.user_token(target, user="bob").status_code == 400)
+        assert attacks.user_token(target, user="bob").json()["error_description"] == "no user 'bob' in the policy"
