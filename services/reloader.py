@@ -63,7 +63,7 @@ class Reloader:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
         closed = close_where(lambda caller: self.live.refusal(caller.issuer, caller.serial) is not None)
-        for callee in self.callees:  # the next hop, the token service
-            if self.live.client is not None:
+        if self.live.client is not None:
+            for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})

@@ -77,7 +77,6 @@ class Downstream:
 
     async def get_json(self, path: str, headers: dict[str, str] | None = None) -> Any:
         """GET `path` on the callee and return its JSON; any failure becomes a 502 (504 on timeout) naming this hop."""
-        hop = f"{self.caller} → {self.name}"
         response = await self.send("GET", path, headers=headers)
         if response.status_code == 200:
             return response.json()
@@ -98,14 +97,13 @@ class Downstream:
             )
         else:
             reason = f"{self.name} answered HTTP {response.status_code}"
-        raise self.failure(hop, reason)
+        raise self.failure(reason)
 
     async def send(
         self, method: str, path: str, *, headers: dict[str, str] | None = None, data: dict[str, str] | None = None
     ) -> httpx.Response:
         """One request to the callee, with the trace passed on; a failure to get any answer becomes a 502 (504
         on timeout) naming this hop. What an answer means is the caller's to decide."""
-        hop = f"{self.caller} → {self.name}"
         span = trace.current.get()
         headers = {**(headers or {}), **({"traceparent": span.child().traceparent()} if span else {})}
         try:
@@ -123,10 +121,18 @@ class Downstream:
             # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
             # keeps the address and httpx's own words for the operator.
             reason = explain_transport_error(e, self.name, self.timeout)
-            log.warning("downstream_error", extra={"hop": hop, "url": self.url, "error": f"{type(e).__name__}: {e}"})
-            raise self.failure(hop, reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
+            error = f"{type(e).__name__}: {e}"
+            log.warning("downstream_error", extra={"hop": self.hop, "url": self.url, "error": error})
+            raise self.failure(reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
 
-    def failure(self, hop: str, reason: str, status: int = 502) -> Problem:
+    @property
+    def hop(self) -> str:
+        """How problems and logs name this call: "service-a → service-b"."""
+        return f"{self.caller} → {self.name}"
+
+    def failure(self, reason: str, status: int = 502) -> Problem:
+        """The problem document that says this hop failed, and why."""
+        hop = self.hop
         log.warning("downstream_failed", extra={"hop": hop, "reason": reason})
         return Problem(
             status,

@@ -67,7 +67,7 @@ class TokenClient:
         if response.status_code != 200 or not isinstance(body.get("access_token"), str):
             said = f"{body.get('error')}: {body.get('error_description')}" if "error" in body else ""
             reason = f"{self.connection.name} refused the exchange for {audience}: {said or response.status_code}"
-            raise self.connection.failure(f"{self.connection.caller} → {self.connection.name}", reason)
+            raise self.connection.failure(reason)
         onward, expires = body["access_token"], time.time() + float(body.get("expires_in", 0))
         self._exchanged[key] = (onward, expires)
         while len(self._exchanged) > CACHE_SIZE:
@@ -79,9 +79,7 @@ class TokenClient:
         try:
             self._keys = KeySet.import_key_set(_json(response.content))  # type: ignore[arg-type]
         except (JoseError, ValueError, KeyError, TypeError) as e:
-            raise self.connection.failure(
-                f"{self.connection.caller} → {self.connection.name}", f"no usable key set at /jwks ({e})"
-            ) from None
+            raise self.connection.failure(f"no usable key set at /jwks ({e})") from None
         self._fetched = time.monotonic()
 
 
