@@ -60,8 +60,8 @@ def peer_id(config: ServiceConfig, name: str) -> SpiffeId:
     own = CallerIdentity.from_certificate(load_certificates(config.files.cert)[0])
     if own.spiffe_id is None:
         raise MaterialError(
-            f"{config.files.cert}: no SPIFFE ID to take the trust domain from ({own.svid_problem}) — "
-            "set MESH_DOWNSTREAM_ID to the SPIFFE ID the next hop must present"
+            f"{config.files.cert}: no SPIFFE ID to take the trust domain of {name} from ({own.svid_problem}) — "
+            "issue this service a certificate with one (make pki), or set MESH_DOWNSTREAM_ID for the next hop"
         )
     return SpiffeId(SpiffeId.parse(own.spiffe_id).trust_domain, f"/{name}")
 
