@@ -40,7 +40,6 @@ __all__ = [
     "forge",
     "free_ports",
     "get",
-    "get_as",
     "identity_of",
     "leaf",
     "post_token",
@@ -77,9 +76,11 @@ def attacker_context(
     return context
 
 
-def get(url: str, server_name: str, context: ssl.SSLContext) -> httpx.Response:
+def get(url: str, server_name: str, context: ssl.SSLContext, token: str | None = None) -> httpx.Response:
+    """GET `url` over mTLS with `context`, asking for `server_name`; with `token` as `Authorization: Bearer`."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(verify=context, timeout=10) as client:
-        return client.get(url, extensions={"sni_hostname": server_name})
+        return client.get(url, headers=headers, extensions={"sni_hostname": server_name})
 
 
 class Service:
@@ -242,9 +243,3 @@ def post_token(url: str, context: ssl.SSLContext, form: dict[str, str]) -> httpx
     """POST /token on the token service at `url`, over mTLS with `context` (an attacker's, or an identity's)."""
     with httpx.Client(verify=context, timeout=10) as client:
         return client.post(url + "/token", data=form, extensions={"sni_hostname": "token-service"})
-
-
-def get_as(url: str, server_name: str, context: ssl.SSLContext, token: str | None) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(verify=context, timeout=10) as client:
-        return client.get(url, headers=headers, extensions={"sni_hostname": server_name})

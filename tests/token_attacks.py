@@ -23,7 +23,7 @@ from tests.support import (
     attacker_context,
     authorize_by,
     forge,
-    get_as,
+    get,
     identity_of,
     leaf,
     post_token,
@@ -79,7 +79,7 @@ def token_for(target: Target, audience: str, user: str = "alice") -> str:
 
 
 def chain(target: Target, service: str, context: ssl.SSLContext, token: str | None) -> httpx.Response:
-    return get_as(target.base_url(service) + "/chain", service, context, token)
+    return get(target.base_url(service) + "/chain", service, context, token)
 
 
 def marks(target: Target) -> dict[str, int]:
