@@ -33,9 +33,7 @@ from shared.downstream import explain_transport_error
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
 from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
-from shared.tokens import USER_GRANT
-
-TOKEN_SERVICE = "token-service"
+from shared.tokens import TOKEN_SERVICE, USER_GRANT
 
 # service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"

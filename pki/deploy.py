@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pki.authority import PKIError
 from pki.output import write_file
-from pki.policy import TOKEN_SERVICE, Policy
+from pki.policy import Policy
 from shared.layout import Layout
+from shared.tokens import TOKEN_SERVICE
 
 __all__ = ["deploy"]
 

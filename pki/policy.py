@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pki.authority import PKIError
 from shared.spiffe import InvalidSpiffeId, SpiffeId
+from shared.tokens import TOKEN_SERVICE
 
-__all__ = ["POLICY_FILE", "TOKEN_SERVICE", "Policy", "check_identity_name"]
+__all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
-TOKEN_SERVICE = "token-service"  # the identity that signs user tokens: no token is ever minted for it
 AUTHORIZE_BY = ("thumbprint", "spiffe-id")
 # These file names belong to the CA itself; an identity may not take them.
 RESERVED_NAMES = frozenset(
@@ -112,7 +112,7 @@ class Policy:
         """caller → the services it may call: [allow] read the other way round (what a token may be minted for)."""
         callees: dict[str, list[str]] = {}
         for callee, callers in self.allow.items():
-            for caller in callers if callee != TOKEN_SERVICE else ():
+            for caller in callers if callee != TOKEN_SERVICE else ():  # no token is ever minted for it
                 callees.setdefault(caller, []).append(callee)
         return {caller: tuple(sorted(names)) for caller, names in sorted(callees.items())}
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.layout import DEFAULT_OUT, Layout
 from shared.limits import ConnectionLimits
 from shared.tls import TLSMaterial
+from shared.tokens import TOKEN_SERVICE
 
 
 def _fd_limit() -> int:
@@ -58,7 +59,7 @@ class ServiceConfig(BaseSettings):
     # request that carries a token has it checked and exchanged for the next hop; `require_user_token` refuses
     # every request without one (401), so that a caller's certificate alone no longer suffices.
     token_service_url: str | None = None  # e.g. https://127.0.0.1:8446
-    token_service_name: str = "token-service"
+    token_service_name: str = TOKEN_SERVICE
     require_user_token: bool = False
     # The token service itself: how often it starts signing with a new key (the old one stays published
     # until the tokens it signed have expired).

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import IO
 
 from shared.layout import DEFAULT_OUT
+from shared.tokens import TOKEN_SERVICE
 
 CHAIN = ("service-a", "service-b", "service-c")
-TOKEN_SERVICE = "token-service"
 DEFAULT_PORTS = (8443, 8444, 8445, 8446)  # A, B, C, the token service
 
 

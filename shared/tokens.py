@@ -37,6 +37,7 @@ __all__ = [
     "EXCHANGE_GRANT",
     "LEEWAY_SECONDS",
     "MAX_ACTORS",
+    "TOKEN_SERVICE",
     "TYP",
     "USER_GRANT",
     "TokenRefused",
@@ -47,6 +48,7 @@ __all__ = [
     "x5t_s256",
 ]
 
+TOKEN_SERVICE = "token-service"  # the identity that signs user tokens; its SPIFFE ID is their `iss`
 ALGORITHM = "ES256"  # P-256, like the mesh's own keys; the only algorithm a verifier accepts
 TYP = "at+jwt"  # RFC 9068: an access token, never an ID token or any other JWT signed by the same key
 LEEWAY_SECONDS = 5  # clocks differ a little between machines; tokens live minutes
