@@ -20,7 +20,6 @@ from services.reloader import Reloader
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
-from shared.certs import load_certificates
 from shared.downstream import Downstream
 from shared.files import MaterialError
 from shared.guard import Guard
@@ -45,25 +44,31 @@ def service_policy(allow_list: AllowList) -> Authorizer:
     return authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
 
 
-def downstream_id(config: ServiceConfig) -> SpiffeId:
+def downstream_id(config: ServiceConfig, live: tls.LiveTLS) -> SpiffeId:
     """The SPIFFE ID the next hop must present: MESH_DOWNSTREAM_ID, or our own trust domain + its name."""
     if config.downstream_id:
         try:
             return SpiffeId.parse(config.downstream_id)
         except InvalidSpiffeId as e:
             raise MaterialError(f"MESH_DOWNSTREAM_ID={config.downstream_id!r} is not a SPIFFE ID: {e}") from None
-    return peer_id(config, str(config.downstream_name))
+    return peer_id(config, live, str(config.downstream_name), "or set MESH_DOWNSTREAM_ID")
 
 
-def peer_id(config: ServiceConfig, name: str) -> SpiffeId:
+def peer_id(config: ServiceConfig, live: tls.LiveTLS, name: str, or_else: str = "") -> SpiffeId:
     """spiffe://<our own trust domain>/<name>: the SPIFFE ID a peer of ours called `name` presents."""
-    own = CallerIdentity.from_certificate(load_certificates(config.files.cert)[0])
-    if own.spiffe_id is None:
+    return SpiffeId(own_id(config, live, f"the SPIFFE ID {name} must present", or_else).trust_domain, f"/{name}")
+
+
+def own_id(config: ServiceConfig, live: tls.LiveTLS, needed_for: str, or_else: str = "") -> SpiffeId:
+    """This service's SPIFFE ID, read from the certificate in force; MaterialError naming what needed it."""
+    own = CallerIdentity.from_certificate(live.certificate) if live.certificate else None
+    if own is None or own.spiffe_id is None:
+        problem = own.svid_problem if own else "no certificate"
         raise MaterialError(
-            f"{config.files.cert}: no SPIFFE ID to take the trust domain of {name} from ({own.svid_problem}) — "
-            "issue this service a certificate with one (make pki), or set MESH_DOWNSTREAM_ID for the next hop"
+            f"{config.files.cert}: {needed_for} comes from this service's own SPIFFE ID, and its certificate has "
+            f"none ({problem}) — issue it one with `make pki`{f', {or_else}' if or_else else ''}"
         )
-    return SpiffeId(SpiffeId.parse(own.spiffe_id).trust_domain, f"/{name}")
+    return SpiffeId.parse(own.spiffe_id)
 
 
 def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
@@ -74,8 +79,8 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     files = config.files
     guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
     Caller = Annotated[CallerIdentity, Depends(guard)]
-    expected_callee = downstream_id(config) if config.downstream_name else None
-    token_service_id = peer_id(config, config.token_service_name) if config.token_service_url else None
+    expected_callee = downstream_id(config, live) if config.downstream_name else None
+    token_service_id = peer_id(config, live, config.token_service_name) if config.token_service_url else None
     on_behalf = OnBehalfOf(config.name, None, config.require_user_token)  # its TokenClient comes with the start
     User = Annotated[UserToken | None, Depends(on_behalf)]
 

@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.__main__ import main as serve
-from services.app import base_app, service_policy
+from services.app import base_app, own_id, service_policy
 from services.config import ServiceConfig
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
@@ -52,10 +52,7 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
     Caller = Annotated[CallerIdentity, Depends(guard)]
     policy = TokenPolicy.load(files.tokens_policy)  # before anything listens: no policy, no service
-    own = CallerIdentity.from_certificate(live.certificate) if live.certificate else None
-    if own is None or own.spiffe_id is None:
-        raise MaterialError(f"{files.cert}: the token service signs as its SPIFFE ID, and this certificate has none")
-    issuer = own.spiffe_id
+    issuer = str(own_id(config, live, "the issuer (iss) of every token it signs"))
     keys = SigningKeys(config.signing_key_lifetime, policy.lifetime)
 
     def reload_policy(changed: set[Path]) -> None:
