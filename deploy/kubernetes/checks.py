@@ -114,7 +114,7 @@ def secrets_mounted(pod: Obj) -> list[str]:
 
 def edges(objects: list[Obj]) -> set[tuple[str, str]]:
     """Which workload may open a TCP connection to which, on the service port, under the NetworkPolicies."""
-    labels = {workload: pod_labels for workload, pod_labels in pod_label_sets(objects)}
+    labels = {workload: template["metadata"].get("labels", {}) for workload, template in templates(objects)}
     policies = of_kind(objects, "NetworkPolicy")
     allowed = set()
     for source, source_labels in labels.items():
@@ -256,16 +256,12 @@ def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
     return [o for o in objects if o and o.get("kind") == kind]
 
 
+def templates(objects: list[Obj]) -> list[tuple[str, Obj]]:
+    """(workload name, pod template) for every Deployment and Job."""
+    workloads = of_kind(objects, "Deployment") + of_kind(objects, "Job")
+    return [(o["metadata"]["name"], o["spec"]["template"]) for o in workloads]
+
+
 def pods(objects: list[Obj]) -> list[tuple[str, Obj]]:
     """(workload name, pod spec) for every Deployment and Job."""
-    return [
-        (o["metadata"]["name"], o["spec"]["template"]["spec"])
-        for o in of_kind(objects, "Deployment") + of_kind(objects, "Job")
-    ]
-
-
-def pod_label_sets(objects: list[Obj]) -> list[tuple[str, dict[str, str]]]:
-    return [
-        (o["metadata"]["name"], o["spec"]["template"]["metadata"].get("labels", {}))
-        for o in of_kind(objects, "Deployment") + of_kind(objects, "Job")
-    ]
+    return [(name, template["spec"]) for name, template in templates(objects)]

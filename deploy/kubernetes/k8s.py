@@ -154,7 +154,7 @@ CRD_GROUPS = ("cert-manager.io/", "trust.cert-manager.io/")
 
 def validate(path: Path, trust_domain: str) -> list[str]:
     """Every problem with the rendered overlay at `path`: schemas (strict), CRD schemas, then checks.py."""
-    objects = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    objects = load(path)
     found = []
     builtin = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as plain:
@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             found = validate(path, policy.trust_domain)
             failures += len(found)
-            kinds = sorted({o["kind"] for o in load(path)})
-            print(f"k8s: {overlay}: {len(load(path))} objects ({', '.join(kinds)}): "
+            objects = load(path)
+            kinds = sorted({o["kind"] for o in objects})
+            print(f"k8s: {overlay}: {len(objects)} objects ({', '.join(kinds)}): "
                   f"{'valid' if not found else f'{len(found)} problems'}")  # fmt: skip
             for problem in found:
                 print(f"  {problem}")
