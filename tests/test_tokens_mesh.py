@@ -134,7 +134,7 @@ def test_a_user_without_the_scope_c_requires_is_refused_at_c_after_a_and_b_accep
     attacks.user_without_the_scope_of_c(target)
 
 
-def test_a_signing_key_roll_fails_no_request(layout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_signing_key_roll_fails_no_request(layout: Layout, tmp_path: Path) -> None:
     """A token service that rolls its key every 3 s; tokens keep verifying across the roll, because the next key
     was published before it signed anything."""
     a_port, token_port = free_ports(2)
@@ -208,7 +208,7 @@ def test_a_service_checks_that_the_token_service_proves_its_name(token_mesh: Mes
     assert token_mesh["service-c"].events_since(c_before, "authz") == []
 
 
-def test_the_token_service_takes_a_changed_policy_live_and_refuses_a_broken_one(layout, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_token_service_takes_a_changed_policy_live_and_refuses_a_broken_one(layout: Layout, tmp_path: Path) -> None:
     """`make pki` after editing [tokens]: the running token service follows; a broken tokens.json changes nothing."""
     pki = Layout(tmp_path / "pki")
     shutil.copytree(layout.out, pki.out)
