@@ -20,6 +20,7 @@ service applies them, because a token library's defaults are not a policy (joser
 from __future__ import annotations
 
 import base64
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -204,4 +205,5 @@ def _actors(act: Any) -> tuple[str, ...]:
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Python's JSON reads NaN and Infinity: a NaN `exp` would never expire (every comparison is false).
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
