@@ -140,7 +140,7 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-@examples(150)
+@examples(100)
 @given(st.lists(lines, max_size=6), st.sampled_from(["\n", "\r\n"]), hex64, st.integers(0, 20), st.integers(0, 20))
 @example(  # U+0085 ends a line for str.splitlines(), not for an editor: this comment listed a SPIFFE ID
     [("0" * 64, "0" * 64 + " #\x85spiffe://mesh.internal/intruder")], "\n", "1" * 64, 0, 1
@@ -244,7 +244,7 @@ def policies(draw: st.DrawFn) -> str:
     return "".join(f"{json.dumps(key)} = {_toml(value)}\n" for key, value in document.items())
 
 
-@examples(150)
+@examples(100)
 @given(st.one_of(policies(), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
 @example("trust_domain = 0\nservices = []\n[allow]\n").via("found by fuzzing: an integer trust domain was accepted")
 @example('trust_domain = "m"\nservices = [[]]\n[allow]\n').via("found by fuzzing: TypeError, unhashable list")
@@ -338,7 +338,7 @@ def assert_acceptable(header: dict[str, Any], claims: dict[str, Any], signer: An
     assert isinstance(claims.get("cnf"), dict) and isinstance(claims["cnf"].get("x5t#S256"), str)
 
 
-@examples(300)
+@examples(200)
 @given(header_changes, claim_changes, st.sampled_from([KEY, STRANGER_KEY, None]))
 @example({}, {"exp": math.nan}, KEY).via("found by fuzzing: ValueError, and a NaN expiry never expires")
 @example({}, {"exp": math.inf}, KEY).via("found by fuzzing: OverflowError")
@@ -360,7 +360,7 @@ GOOD_TOKEN = forge(KEY, good_header(), good_claims())
 BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-@examples(300)
+@examples(200)
 @given(st.integers(0, len(GOOD_TOKEN) - 1), st.sampled_from(BASE64URL + "=.+/ \x00é"))
 def test_a_token_with_any_byte_changed_is_refused(position: int, replacement: str) -> None:
     raw = GOOD_TOKEN[:position] + replacement + GOOD_TOKEN[position + 1 :]
@@ -397,7 +397,7 @@ def _hashable_kid(header: dict[str, Any]) -> bool:
     return not isinstance(header.get("kid"), list | dict)
 
 
-@examples(150)
+@examples(100)
 @given(header_changes.filter(_hashable_kid), claim_changes, st.sampled_from([KEY, STRANGER_KEY, None]))
 def test_a_service_refuses_a_malformed_token_with_token_refused_only(
     header: dict[str, Any], claims: dict[str, Any], signer: Any
