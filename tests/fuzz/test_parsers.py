@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import example, given, note
+from hypothesis import event, example, given, note
 from hypothesis import strategies as st
 from joserfc.jwk import KeySet
 
@@ -52,14 +52,28 @@ def spec_allows(text: str) -> bool:
 
 
 # Characters that matter to the grammar, plus a few that must never pass: mostly near-misses, not random noise.
-NEAR = "spifeSPIFE:/.-_az09AZ@?#%+ \t\n\x00é\u2028"
+NEAR = "spifeSPIFE:/.-_az09AZ@?#%+ \t\n\x00é\x85\u2028"
 trust_domains = st.text("abcdefghijklmnopqrstuvwxyz0123456789._-", min_size=1, max_size=12)
 segments = st.text("abcXYZ0129._-", min_size=1, max_size=8).filter(lambda s: s not in (".", ".."))
 valid_ids = st.builds(
     lambda td, path: f"spiffe://{td}" + "".join(f"/{s}" for s in path), trust_domains, st.lists(segments, max_size=4)
 )
+# IDs that break exactly one rule: a bad segment somewhere in the path, or a bad trust domain.
+BAD_SEGMENTS = [".", "..", "", "%2e%2e", "a b", "é", "a?b", "a#b", "a:b", "a@b", "a\x00"]
+BAD_TRUST_DOMAINS = ["MESH", "Mesh.internal", "mesh:8443", "user@mesh", "", "mesh/", "mésh", "mesh internal"]
+one_rule_broken = st.one_of(
+    st.builds(
+        lambda td, path, bad, at: f"spiffe://{td}" + "".join(f"/{s}" for s in [*path[:at], bad, *path[at:]]),
+        trust_domains,
+        st.lists(segments, max_size=3),
+        st.sampled_from(BAD_SEGMENTS),
+        st.integers(0, 3),
+    ),
+    st.builds(lambda td, path: f"spiffe://{td}{path}", st.sampled_from(BAD_TRUST_DOMAINS), st.sampled_from(["", "/a"])),
+)
 spiffe_texts = st.one_of(
     valid_ids,
+    one_rule_broken,
     st.builds(lambda s: f"spiffe://{s}", st.text(NEAR, max_size=30)),
     st.builds(lambda v, i, s: v[:i] + s + v[i:], valid_ids, st.integers(0, 60), st.text(NEAR, min_size=1, max_size=3)),
     st.text(NEAR, max_size=30),
@@ -104,11 +118,20 @@ values = st.one_of(
     valid_ids,
     st.text(max_size=30).filter(_plain_value),
     st.builds(lambda v, junk: v + junk, valid_ids, st.text(NEAR, min_size=1, max_size=4)).filter(_plain_value),
+    # A fragment or query glued on: no SPIFFE ID, and not a comment either (no space before the '#').
+    st.builds(lambda v, mark, rest: f"{v}{mark}{rest}", valid_ids, st.sampled_from("#?"), segments),
 )
 # Comments carry names: a comment that holds a SPIFFE ID or a thumbprint must never list it. ("\n" ends the
 # comment's line, and what follows is a line of its own; U+0085, U+2028 and the like do not.)
 comment_texts = st.one_of(
-    st.text(max_size=20), valid_ids, thumbprints, st.builds(str.__add__, st.text(NEAR, max_size=3), valid_ids)
+    st.text(max_size=20),
+    valid_ids,
+    thumbprints,
+    st.builds(str.__add__, st.text(NEAR, max_size=3), valid_ids),
+    # What other programs take for the end of a line (str.splitlines() does), followed by a name.
+    st.builds(
+        str.__add__, st.sampled_from(["\r", "\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029"]), valid_ids
+    ),
 ).filter(lambda c: "\n" not in c)
 comments = st.one_of(
     st.just(""), st.builds(lambda space, c: f"{space}#{c}", st.sampled_from([" ", "\t"]), comment_texts)
@@ -225,6 +248,12 @@ policy_keys = st.sampled_from(
 )
 
 
+durations = st.one_of(
+    st.builds(lambda n, unit: f"{n}{unit}", st.integers(-1, 10**20), st.sampled_from("dhmsy")),
+    st.sampled_from(["0d", "٣d", "1.5h", "1 h", "", "d", "90D", "1000000000d", "9" * 30 + "s"]),
+)
+
+
 @st.composite
 def policies(draw: st.DrawFn) -> str:
     """The shipped policy with one to three values replaced by anything TOML can say, or deleted."""
@@ -315,11 +344,24 @@ header_changes = st.dictionaries(
     st.one_of(near_misses, json_values, st.just(DELETE)),
     max_size=3,
 )
-claim_changes = st.dictionaries(
-    st.sampled_from(["iss", "sub", "aud", "scope", "cnf", "act", "iat", "nbf", "exp"]),
-    st.one_of(near_misses, json_values, st.just(DELETE)),
-    max_size=3,
+# Times get values of their own: JSON numbers Python reads (NaN, Infinity, huge ones), and near the edges.
+times = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, NOW - 6, NOW + 6, NOW + 0.5, 10**400, -(10**400), 1e308]),
+    st.floats(),
+    st.integers(),
 )
+claim_changes = st.one_of(
+    st.dictionaries(
+        st.sampled_from(["iss", "sub", "aud", "scope", "cnf", "act", "iat", "nbf", "exp"]),
+        st.one_of(near_misses, json_values, st.just(DELETE)),
+        max_size=3,
+    ),
+    st.dictionaries(st.sampled_from(["iat", "nbf", "exp"]), st.one_of(times, st.just(DELETE)), min_size=1),
+)
+
+
+# Mostly our key, so that the claim rules after the signature are reached; no key: an empty signature.
+signers = st.sampled_from([KEY, KEY, KEY, STRANGER_KEY, None])
 
 
 def changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +381,7 @@ def assert_acceptable(header: dict[str, Any], claims: dict[str, Any], signer: An
 
 
 @examples(200)
-@given(header_changes, claim_changes, st.sampled_from([KEY, STRANGER_KEY, None]))
+@given(st.one_of(st.just({}), header_changes), claim_changes, signers)
 @example({}, {"exp": math.nan}, KEY).via("found by fuzzing: ValueError, and a NaN expiry never expires")
 @example({}, {"exp": math.inf}, KEY).via("found by fuzzing: OverflowError")
 @example({}, {"nbf": math.nan}, KEY).via("a NaN not-before was no rule at all")
@@ -350,8 +392,10 @@ def test_a_token_passes_only_signed_by_us_with_every_claim_rule_met(
     raw = forge(signer, header, claims)
     try:
         token = verify(raw, KEYS, issuer=ISSUER, audience=AUDIENCE, now=NOW)
-    except TokenRefused:
+    except TokenRefused as refused:
+        event(f"refused: {refused.reason[:30]}")
         return  # any other exception is a 500 in the service
+    event("accepted")
     assert_acceptable(header, claims, signer)
     assert len(token.actors) <= MAX_ACTORS and all(isinstance(a, str) for a in token.actors)
 
@@ -398,7 +442,7 @@ def _hashable_kid(header: dict[str, Any]) -> bool:
 
 
 @examples(100)
-@given(header_changes.filter(_hashable_kid), claim_changes, st.sampled_from([KEY, STRANGER_KEY, None]))
+@given(st.one_of(st.just({}), header_changes.filter(_hashable_kid)), claim_changes, signers)
 def test_a_service_refuses_a_malformed_token_with_token_refused_only(
     header: dict[str, Any], claims: dict[str, Any], signer: Any
 ) -> None:
@@ -408,8 +452,10 @@ def test_a_service_refuses_a_malformed_token_with_token_refused_only(
     client = TokenClient(_TokenService(), ISSUER, lambda: 0)  # type: ignore[arg-type]
     try:
         asyncio.run(client.verify(forge(signer, header, claims), audience=AUDIENCE))
-    except TokenRefused:
+    except TokenRefused as refused:
+        event(f"refused: {refused.reason[:30]}")
         return
+    event("accepted")
     assert_acceptable(header, claims, signer, now)
 
 
@@ -423,3 +469,18 @@ def test_a_kid_that_is_no_string_is_refused(kid: Any) -> None:
     client = TokenClient(_TokenService(), ISSUER, lambda: 0)  # type: ignore[arg-type]
     with pytest.raises(TokenRefused):
         asyncio.run(client.verify(forge(KEY, {**good_header(), "kid": kid}, good_claims()), audience=AUDIENCE))
+
+
+@examples(60)
+@given(durations, st.booleans())
+def test_a_lifetime_is_a_whole_number_and_a_unit_or_a_pki_error(scratch: Path, duration: str, of_tokens: bool) -> None:
+    document = json.loads(json.dumps(SHIPPED_POLICY))
+    (document["tokens"] if of_tokens else document)["lifetime" if of_tokens else "leaf_lifetime"] = duration
+    path = _write(scratch / "policy.toml", "".join(f"{k} = {_toml(v)}\n" for k, v in document.items()).encode())
+    try:
+        policy = Policy.load(path)
+    except PKIError as e:
+        assert str(e).startswith(f"{path}:"), str(e)
+        return
+    assert re.fullmatch(r"[1-9][0-9]*[dhms]", duration), f"{duration!r} was taken for a lifetime"
+    assert (policy.token_lifetime if of_tokens else policy.leaf_lifetime) > dt.timedelta(0)
