@@ -144,7 +144,7 @@ def verify(raw: str, keys: KeySet, *, issuer: str, audience: str, now: float | N
     if not _is_time(exp):
         raise TokenRefused("the token has no valid expiry (exp)")
     if now > exp + LEEWAY_SECONDS:
-        raise TokenRefused(f"the token expired {int(now - exp)} s ago")
+        raise TokenRefused(f"the token expired {int(now) - int(exp)} s ago")
     if nbf is not None and (not _is_time(nbf) or now < nbf - LEEWAY_SECONDS):
         raise TokenRefused("the token is not valid yet (nbf)")
     sub, scope, cnf = claims.get("sub"), claims.get("scope", ""), claims.get("cnf")
@@ -206,4 +206,7 @@ def _actors(act: Any) -> tuple[str, ...]:
 
 def _is_time(value: Any) -> bool:
     # Python's JSON reads NaN and Infinity: a NaN `exp` would never expire (every comparison is false).
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    # (An int is never NaN, and may be too large for a float: math.isfinite is for floats only.)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
