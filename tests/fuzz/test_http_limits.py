@@ -29,7 +29,7 @@ from services.local import ServiceProcess, free_ports, running, token_environmen
 from shared.layout import Layout
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
 from tests.fuzz.profiles import examples
-from tests.support import Credentials, Service, attacker_context
+from tests.support import Credentials, Service, attacker_context, identity_of
 
 REQUEST_TIMEOUT = 1.0  # seconds: MESH_REQUEST_TIMEOUT of the fuzzed service
 MARGIN = 3.0  # on top of it, before a silent, open connection counts as hung (a loaded 2-core machine)
@@ -48,6 +48,11 @@ def target() -> Iterator[Target]:
     with tempfile.TemporaryDirectory() as directory:
         layout = Layout(Path(directory) / "pki")
         init(layout)
+        # A comment that, to str.splitlines(), ends at U+0085 and lists the operator (on no list of the token
+        # service) on a line of its own: what test_parsers.py found, tried on the real service.
+        operator = identity_of(Credentials(layout.cert("operator"), layout.key("operator"))).sha256
+        with layout.allow_list(TOKEN_SERVICE).open("a", encoding="utf-8") as allow_list:
+            allow_list.write(f"# reviewed by ops\x85{operator}  # operator\n")
         (port,) = free_ports(1)
         environment = token_environment(
             port,
@@ -234,6 +239,16 @@ def assert_healthy_after(target: Target, mark: int, logged: int, outcome: Outcom
 def test_no_request_makes_a_service_fail_hang_or_log_an_error(target: Target, payload: bytes, caller: str) -> None:
     mark, logged = target.service.mark(), len(target.service.process.output())
     assert_healthy_after(target, mark, logged, exchange(target, caller, payload), payload)
+
+
+def test_a_caller_named_only_inside_a_comment_is_refused(target: Target) -> None:
+    """The operator's thumbprint follows a U+0085 inside a comment of allow/token-service.txt: 403, as for anyone
+    on no list (before the fix the service admitted it, and answered its POST /token)."""
+    request = b"POST /token HTTP/1.1\r\nHost: token-service\r\nContent-Length: %d\r\n\r\n%s" % (len(FORM), FORM)
+    mark = target.service.mark()
+    assert exchange(target, "stranger", request).statuses == [403]
+    denied = target.service.events_since(mark, "authz")
+    assert [e["decision"] for e in denied] == ["deny"] and not target.service.events_since(mark, "token_granted")
 
 
 def test_the_fuzzed_service_still_answers(target: Target) -> None:

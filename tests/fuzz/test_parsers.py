@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 from hypothesis import event, example, given, note
 from hypothesis import strategies as st
-from joserfc.jwk import KeySet
 
 from pki.authority import PKIError
 from pki.policy import AUTHORIZE_BY, IDENTITY_NAME, POLICY_FILE, Policy
@@ -35,9 +34,24 @@ from shared.files import MaterialError
 from shared.identity import CallerIdentity
 from shared.spiffe import MAX_LENGTH, InvalidSpiffeId, SpiffeId
 from shared.token_client import TokenClient
-from shared.tokens import ALGORITHM, MAX_ACTORS, TYP, TokenRefused, verify
+from shared.tokens import MAX_ACTORS, TokenRefused, verify
 from tests.fuzz.profiles import examples
-from tests.support import forge, signing_key
+from tests.fuzz.tokens import (
+    AUDIENCE,
+    ISSUER,
+    KEY,
+    KEYS,
+    NOW,
+    assert_acceptable,
+    changed,
+    claim_changes,
+    good_claims,
+    good_header,
+    hashable_kid,
+    header_changes,
+    signers,
+)
+from tests.support import forge
 
 # ── SPIFFE IDs ───────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -303,84 +317,6 @@ def test_a_policy_loads_into_well_formed_names_or_fails_naming_the_file(scratch:
 
 # ── user tokens ──────────────────────────────────────────────────────────────────────────────────────────────
 
-KEY, STRANGER_KEY = signing_key(), signing_key()
-KEYS = KeySet([KEY])
-ISSUER, AUDIENCE, NOW = "spiffe://mesh.internal/token-service", "service-b", 1_800_000_000
-
-
-def good_header() -> dict[str, Any]:
-    return {"alg": ALGORITHM, "typ": TYP, "kid": KEY.kid}
-
-
-def good_claims(now: float = NOW) -> dict[str, Any]:
-    holder = "spiffe://mesh.internal/service-a"
-    return {
-        "iss": ISSUER,
-        "sub": "alice",
-        "aud": AUDIENCE,
-        "scope": "service-a service-b",
-        "client_id": holder,
-        "cnf": {"x5t#S256": "x" * 43},
-        "act": {"sub": holder, "act": {"sub": "spiffe://mesh.internal/client"}},
-        "iat": int(now),
-        "nbf": int(now),
-        "exp": int(now) + 300,
-        "jti": "fuzz",
-    }
-
-
-json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-    max_leaves=8,
-)
-# Values one step away from valid, which random JSON rarely hits.
-near_misses = st.sampled_from(
-    [KEY.kid, STRANGER_KEY.kid, TYP, "JWT", ALGORITHM, "none", "HS256", "ES384", ISSUER, AUDIENCE, [AUDIENCE], NOW,
-     NOW + 10**12, -1, True, "", math.inf, math.nan, {"x5t#S256": 1}, {"sub": 1}, {"sub": "a", "act": []},
-     {"sub": "a", "act": {"sub": "b"}}, ["b64"], False]
-)  # fmt: skip
-DELETE = object()
-header_changes = st.dictionaries(
-    st.sampled_from(["alg", "typ", "kid", "crit", "b64", "jku", "jwk", "x5c", "cty", "zip"]),
-    st.one_of(near_misses, json_values, st.just(DELETE)),
-    max_size=3,
-)
-# Times get values of their own: JSON numbers Python reads (NaN, Infinity, huge ones), and near the edges.
-times = st.one_of(
-    st.sampled_from([math.nan, math.inf, -math.inf, NOW - 6, NOW + 6, NOW + 0.5, 10**400, -(10**400), 1e308]),
-    st.floats(),
-    st.integers(),
-)
-claim_changes = st.one_of(
-    st.dictionaries(
-        st.sampled_from(["iss", "sub", "aud", "scope", "cnf", "act", "iat", "nbf", "exp"]),
-        st.one_of(near_misses, json_values, st.just(DELETE)),
-        max_size=3,
-    ),
-    st.dictionaries(st.sampled_from(["iat", "nbf", "exp"]), st.one_of(times, st.just(DELETE)), min_size=1),
-)
-
-
-# Mostly our key, so that the claim rules after the signature are reached; no key: an empty signature.
-signers = st.sampled_from([KEY, KEY, KEY, STRANGER_KEY, None])
-
-
-def changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in {**base, **changes}.items() if v is not DELETE}
-
-
-def assert_acceptable(header: dict[str, Any], claims: dict[str, Any], signer: Any, now: float = NOW) -> None:
-    """What a token that verify() accepted must have been: ours, and every rule of shared/tokens.py met."""
-    assert signer is KEY, "accepted a token that the token service did not sign"
-    assert header.get("alg") == ALGORITHM and header.get("typ") == TYP and header.get("kid") == KEY.kid, header
-    assert claims.get("iss") == ISSUER and claims.get("aud") == AUDIENCE
-    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
-    assert _finite_number(exp) and exp + 5 >= now, exp
-    assert nbf is None or (_finite_number(nbf) and nbf - 5 <= now), nbf
-    assert isinstance(claims.get("sub"), str) and claims["sub"]
-    assert isinstance(claims.get("cnf"), dict) and isinstance(claims["cnf"].get("x5t#S256"), str)
-
 
 @examples(200)
 @given(st.one_of(st.just({}), header_changes), claim_changes, signers)
@@ -439,14 +375,8 @@ class _TokenService:
         return RuntimeError(reason)
 
 
-# A kid that is a JSON list or object is issue 20 item 8 (its fix belongs to the token helper's branch):
-# excluded here, and proved by the strict xfail below until that fix lands.
-def _hashable_kid(header: dict[str, Any]) -> bool:
-    return not isinstance(header.get("kid"), list | dict)
-
-
 @examples(100)
-@given(st.one_of(st.just({}), header_changes.filter(_hashable_kid)), claim_changes, signers)
+@given(st.one_of(st.just({}), header_changes.filter(hashable_kid)), claim_changes, signers)
 def test_a_service_refuses_a_malformed_token_with_token_refused_only(
     header: dict[str, Any], claims: dict[str, Any], signer: Any
 ) -> None:
@@ -461,10 +391,6 @@ def test_a_service_refuses_a_malformed_token_with_token_refused_only(
         return
     event("accepted")
     assert_acceptable(header, claims, signer, now)
-
-
-def _finite_number(value: Any) -> bool:
-    return type(value) is int or (type(value) is float and math.isfinite(value))
 
 
 @pytest.mark.xfail(strict=True, reason="issue 20 item 8: a kid that is a JSON list or object is a TypeError (500)")
