@@ -90,7 +90,8 @@ def exchange(target: Target, caller: str, payload: bytes) -> Outcome:
         connection = target.contexts[caller].wrap_socket(raw, server_hostname=TOKEN_SERVICE)
         with contextlib.suppress(ssl.SSLError, OSError):  # closed while we send (a limit): read what it said
             connection.sendall(payload)
-        buffer, statuses, closed = b"", [], False
+        buffer, statuses, closed, at = b"", [], False, 0
+        head_only = payload.startswith(b"HEAD ")  # the answer to HEAD declares a length and sends no body
         while time.monotonic() < deadline:
             # Once a response is in, a quiet connection is a kept-alive one; before that, wait for the deadline.
             connection.settimeout(0.3 if statuses else max(0.05, deadline - time.monotonic()))
@@ -107,13 +108,10 @@ def exchange(target: Target, caller: str, payload: bytes) -> Outcome:
                 closed = True
                 break
             buffer += chunk
-            while match := RESPONSE_HEAD.match(buffer):
-                length = re.search(rb"(?im)^content-length:\s*(\d+)", match.group(2))
-                end = match.end() + (int(length.group(1)) if length else 0)
-                if len(buffer) < end:
-                    break
+            while match := RESPONSE_HEAD.match(buffer, at):  # a response counts once its head is in
                 statuses.append(int(match.group(1)))
-                buffer = buffer[end:]
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", match.group(2))
+                at = match.end() + (int(length.group(1)) if length and not head_only else 0)
         return Outcome(statuses, closed, time.monotonic() - start)
 
 
@@ -236,6 +234,7 @@ def assert_healthy_after(target: Target, mark: int, logged: int, outcome: Outcom
     b"POST /token HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"a" * 1024 + b"\r\n" * 2,
     "allowed",
 )
+@example(b"HEAD /token HTTP/1.1\r\nHost: token-service\r\nContent-Length: 5\r\n\r\nabcde", "allowed")  # no body back
 def test_no_request_makes_a_service_fail_hang_or_log_an_error(target: Target, payload: bytes, caller: str) -> None:
     mark, logged = target.service.mark(), len(target.service.process.output())
     assert_healthy_after(target, mark, logged, exchange(target, caller, payload), payload)
