@@ -217,6 +217,13 @@ def assert_healthy_after(target: Target, mark: int, logged: int, outcome: Outcom
     assert outcome.statuses or outcome.closed, (
         f"the connection hung: neither answered nor closed within {REQUEST_TIMEOUT + MARGIN:g} s ({payload[:200]!r})"
     )
+    first = outcome.statuses[:1]
+    head, complete, _ = payload.partition(b"\r\n\r\n")
+    if complete and len(head) > MAX_HEADER_BYTES:
+        assert set(first) <= {400, 431}, f"{first}: headers over the limit got through ({len(head)} bytes)"
+    declared = re.findall(rb"(?im)^content-length: *(\d+)\r?$", head)
+    if complete and len(declared) == 1 and int(declared[0]) > MAX_BODY_BYTES:
+        assert set(first) <= {400, 413}, f"{first}: a declared body over the limit got through ({declared[0]!r})"
     target.service.assert_alive()
     errors = [e for e in target.service.events_since(mark) if e.get("level") in ("error", "critical")]
     errors = [e for e in errors if not str(e.get("exception", "")).rstrip().endswith(TOLERATED)]
@@ -235,6 +242,9 @@ def assert_healthy_after(target: Target, mark: int, logged: int, outcome: Outcom
     "allowed",
 )
 @example(b"HEAD /token HTTP/1.1\r\nHost: token-service\r\nContent-Length: 5\r\n\r\nabcde", "allowed")  # no body back
+@example(b"GET /healthz HTTP/1.1\r\nHost: token-service\r\n", "allowed")  # never finished: the deadline ends it
+@example(b"GET /jwks HTTP/1.1\r\nHost: token-service\r\nX-Pad: %s\r\n\r\n" % (b"p" * MAX_HEADER_BYTES), "allowed")
+@example(b"POST /token HTTP/1.1\r\nHost: token-service\r\nContent-Length: 10\r\n\r\nabc", "stranger")  # nor this
 def test_no_request_makes_a_service_fail_hang_or_log_an_error(target: Target, payload: bytes, caller: str) -> None:
     mark, logged = target.service.mark(), len(target.service.process.output())
     assert_healthy_after(target, mark, logged, exchange(target, caller, payload), payload)

@@ -315,6 +315,21 @@ def test_a_policy_loads_into_well_formed_names_or_fails_naming_the_file(scratch:
     assert policy.leaf_lifetime > dt.timedelta(0) and policy.token_lifetime > dt.timedelta(0)
 
 
+@examples(60)
+@given(durations, st.booleans())
+def test_a_lifetime_is_a_whole_number_and_a_unit_or_a_pki_error(scratch: Path, duration: str, of_tokens: bool) -> None:
+    document = json.loads(json.dumps(SHIPPED_POLICY))
+    (document["tokens"] if of_tokens else document)["lifetime" if of_tokens else "leaf_lifetime"] = duration
+    path = _write(scratch / "policy.toml", "".join(f"{k} = {_toml(v)}\n" for k, v in document.items()).encode())
+    try:
+        policy = Policy.load(path)
+    except PKIError as e:
+        assert str(e).startswith(f"{path}:"), str(e)
+        return
+    assert re.fullmatch(r"[1-9][0-9]*[dhms]", duration), f"{duration!r} was taken for a lifetime"
+    assert (policy.token_lifetime if of_tokens else policy.leaf_lifetime) > dt.timedelta(0)
+
+
 # ── user tokens ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -364,11 +379,7 @@ class _TokenService:
 
     name = "token-service"
 
-    def __init__(self) -> None:
-        self.fetches = 0
-
     async def send(self, method: str, path: str, **_: Any) -> Any:
-        self.fetches += 1
         return type("Response", (), {"content": json.dumps(KEYS.as_dict()).encode(), "status_code": 200})()
 
     def failure(self, reason: str) -> Exception:
@@ -398,19 +409,6 @@ def test_a_service_refuses_a_malformed_token_with_token_refused_only(
 def test_a_kid_that_is_no_string_is_refused(kid: Any) -> None:
     client = TokenClient(_TokenService(), ISSUER, lambda: 0)  # type: ignore[arg-type]
     with pytest.raises(TokenRefused):
-        asyncio.run(client.verify(forge(KEY, {**good_header(), "kid": kid}, good_claims()), audience=AUDIENCE))
-
-
-@examples(60)
-@given(durations, st.booleans())
-def test_a_lifetime_is_a_whole_number_and_a_unit_or_a_pki_error(scratch: Path, duration: str, of_tokens: bool) -> None:
-    document = json.loads(json.dumps(SHIPPED_POLICY))
-    (document["tokens"] if of_tokens else document)["lifetime" if of_tokens else "leaf_lifetime"] = duration
-    path = _write(scratch / "policy.toml", "".join(f"{k} = {_toml(v)}\n" for k, v in document.items()).encode())
-    try:
-        policy = Policy.load(path)
-    except PKIError as e:
-        assert str(e).startswith(f"{path}:"), str(e)
-        return
-    assert re.fullmatch(r"[1-9][0-9]*[dhms]", duration), f"{duration!r} was taken for a lifetime"
-    assert (policy.token_lifetime if of_tokens else policy.leaf_lifetime) > dt.timedelta(0)
+        asyncio.run(
+            client.verify(forge(KEY, {**good_header(), "kid": kid}, good_claims(time.time())), audience=AUDIENCE)
+        )
