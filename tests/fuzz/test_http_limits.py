@@ -31,6 +31,8 @@ from shared.tokens import TOKEN_SERVICE, USER_GRANT
 from tests.fuzz.profiles import examples
 from tests.support import Credentials, Service, attacker_context, identity_of
 
+pytestmark = pytest.mark.e2e
+
 REQUEST_TIMEOUT = 1.0  # seconds: MESH_REQUEST_TIMEOUT of the fuzzed service
 MARGIN = 3.0  # on top of it, before a silent, open connection counts as hung (a loaded 2-core machine)
 MAX_HEADER_BYTES, MAX_BODY_BYTES = 2048, 1024
