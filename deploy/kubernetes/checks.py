@@ -110,8 +110,9 @@ def issuer_problems(objects: list[Obj]) -> list[str]:
         ref = cert["spec"].get("issuerRef", {})
         if ref.get("kind") != "ClusterIssuer" or ref.get("name") not in cluster_issuers:
             found.append(
-                f"Certificate {cert['metadata']['name']}: its issuerRef must name a ClusterIssuer of the overlay, "
-                f"not {ref.get('kind', 'Issuer')} {ref.get('name')}"
+                f"Certificate {cert['metadata']['name']}: its issuerRef names {ref.get('kind', 'Issuer')} "
+                f"{ref.get('name')}, which is no ClusterIssuer of the overlay (the CA must not sit beside the "
+                "workloads)"
             )
     for name, issuer in cluster_issuers.items():
         secret = issuer["spec"].get("ca", {}).get("secretName")
@@ -190,7 +191,7 @@ def policy_problems(objects: list[Obj], trust_domain: str) -> list[str]:
             "selector.namespace.matchNames": (selector.get("namespace", {}).get("matchNames"), [namespace]),
         }
         found += [
-            f"CertificateRequestPolicy {name}: {field} must be {want} (what Certificate {workload} needs), not {have}"
+            f"CertificateRequestPolicy {name}: {field} is {have}, where Certificate {workload} needs {want}"
             for field, (have, want) in wanted.items()
             if have != want
         ]
