@@ -213,7 +213,24 @@ def test_a_caller_without_dns_fails(rendered: dict[str, list[Obj]], tmp_path: Pa
         policy["spec"]["podSelector"]["matchExpressions"][0]["values"].remove("service-b")
 
     found = problems_with(changed(rendered["static"], "NetworkPolicy", "dns", not_service_b), tmp_path)
-    assert found == ["the NetworkPolicies keep service-b from reaching kube-dns, a step of the chain"]
+    assert found == [
+        "the NetworkPolicies keep service-b from reaching kube-dns, which it needs to find the Services it calls"
+    ]
+
+
+def test_a_dns_rule_without_its_namespace_selector_reaches_no_dns(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    """A podSelector alone selects pods in the policy's own namespace: kube-dns, in kube-system, is not one."""
+
+    def without_namespace(policy: Obj) -> None:
+        del policy["spec"]["egress"][0]["to"][0]["namespaceSelector"]
+
+    found = problems_with(changed(rendered["static"], "NetworkPolicy", "dns", without_namespace), tmp_path)
+    assert found == [
+        f"the NetworkPolicies keep {caller} from reaching kube-dns, which it needs to find the Services it calls"
+        for caller in ("client", "service-a", "service-b", "service-c")
+    ]
 
 
 # ── the issuer and approver-policy (cert-manager overlay) ─────────────────────────────────────────────────────

@@ -346,8 +346,14 @@ def network_problems(objects: list[Obj]) -> list[str]:
     allowed = edges(objects)
     return [
         *(_needless(a, b) for a, b in sorted(allowed - NEEDED)),
-        *(f"the NetworkPolicies keep {a} from reaching {b}, a step of the chain" for a, b in sorted(NEEDED - allowed)),
+        *(_missing(a, b) for a, b in sorted(NEEDED - allowed)),
     ]
+
+
+def _missing(source: str, target: str) -> str:
+    if target == DNS:
+        return f"the NetworkPolicies keep {source} from reaching kube-dns, which it needs to find the Services it calls"
+    return f"the NetworkPolicies keep {source} from reaching {target}, a step of the chain"
 
 
 def _needless(source: str, target: str) -> str:
