@@ -4,9 +4,16 @@
 
 - every `Certificate` carries the SPIFFE ID its workload runs as, and the usages it needs (server auth and
   client auth for a service, client auth for the client), with a new key at each renewal;
+- the CA stays out of the workloads' namespace: Certificates name a ClusterIssuer whose Secret lives in
+  cert-manager's namespace; no Issuer, and no Secret holding a CA certificate, sits beside the workloads;
+- approver-policy limits each identity to itself: every CertificateRequestPolicy that could approve a mesh
+  request allows exactly one workload's SPIFFE ID and exactly what its Certificate asks for, and only that
+  workload's ServiceAccount (and cert-manager's controller, which requests Certificates) may use it;
 - every Secret and ConfigMap a pod mounts exists in the overlay (or is made by a Certificate or a Bundle),
   with the keys the pod reads;
-- the NetworkPolicies admit exactly the chain's edges on the service port, no more and no fewer;
+- the egress graph is exactly what the chain needs: its edges on the service port (both ends' policies
+  agreeing), DNS for the pods that call someone, and nothing else — no DNS for the token service, nothing
+  beyond the cluster;
 - ports, probes, Services and the `MESH_*` addresses agree; every container is hardened.
 """
 
