@@ -298,6 +298,14 @@ def test_a_service_account_that_may_use_another_identitys_policy_fails(
     ]
 
 
+def test_a_policy_its_own_service_account_may_not_use_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+    objects = [o for o in rendered["cert-manager"] if o["metadata"]["name"] != "use-policy-client"]
+    assert problems_with(objects, tmp_path) == [
+        "CertificateRequestPolicy mtls-mesh-client (for client) may not be used by ServiceAccount mtls-mesh/client, "
+        "its own ServiceAccount"
+    ]
+
+
 def test_a_policy_that_allows_more_than_its_certificate_needs_fails(
     rendered: dict[str, list[Obj]], tmp_path: Path
 ) -> None:

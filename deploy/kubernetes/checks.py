@@ -169,10 +169,9 @@ def policy_problems(objects: list[Obj], trust_domain: str) -> list[str]:
     covered = set()
     for policy in of_kind(objects, "CertificateRequestPolicy"):
         name, spec = policy["metadata"]["name"], policy.get("spec", {})
-        requests = [c for c in certificates.values() if _selects_request(spec.get("selector", {}), c, namespaces)]
-        if not requests:
+        if not any(_selects_request(spec.get("selector", {}), c, namespaces) for c in certificates.values()):
             continue  # not one of ours: it can approve no request of the mesh
-        allowed, uris = spec.get("allowed", {}), spec.get("allowed", {}).get("uris", {})
+        uris = spec.get("allowed", {}).get("uris") or {}
         workload = next((w for w in certificates if uris.get("values") == [f"spiffe://{trust_domain}/{w}"]), None)
         if workload is None:
             found.append(
@@ -181,44 +180,62 @@ def policy_problems(objects: list[Obj], trust_domain: str) -> list[str]:
             )
             continue
         covered.add(workload)
-        cert = certificates[workload]["spec"]
-        selector, namespace = spec["selector"], certificates[workload]["metadata"].get("namespace")
-        wanted = {
-            "uris.required": (uris.get("required"), True),
-            "commonName": (allowed.get("commonName", {}).get("value"), cert.get("commonName")),
-            "dnsNames": (sorted(allowed.get("dnsNames", {}).get("values", [])), sorted(cert.get("dnsNames", []))),
-            "usages": (sorted(allowed.get("usages", [])), sorted(cert.get("usages", []))),
-            "isCA": (bool(allowed.get("isCA")), False),
-            "maxDuration": (spec.get("constraints", {}).get("maxDuration"), cert.get("duration")),
-            "privateKey.algorithm": (
-                spec.get("constraints", {}).get("privateKey", {}).get("algorithm"),
-                cert.get("privateKey", {}).get("algorithm"),
-            ),
-            "selector.issuerRef": (selector.get("issuerRef"), {"group": "cert-manager.io", **cert["issuerRef"]}),
-            "selector.namespace.matchNames": (selector.get("namespace", {}).get("matchNames"), [namespace]),
-        }
-        found += [
-            f"CertificateRequestPolicy {name}: {field} is {have}, where Certificate {workload} needs {want}"
-            for field, (have, want) in wanted.items()
-            if have != want
-        ]
-        users = policy_users(objects, name, namespace)
-        found += [
-            f"CertificateRequestPolicy {name} (for {workload}) may be used by {user}: only {workload}'s "
-            f"ServiceAccount and cert-manager's controller may"
-            for user in sorted(users - {accounts[workload], CERT_MANAGER})
-        ]
-        found += [
-            f"CertificateRequestPolicy {name} (for {workload}) may not be used by {user}, {why}"
-            for user, why in ((accounts[workload], "its own ServiceAccount"), (CERT_MANAGER, "which requests it"))
-            if user not in users
-        ]
+        found += _looser_than(name, spec, certificates[workload])
+        found += _used_by_others(objects, name, certificates[workload], accounts.get(workload))
     found += [
         f"Certificate {name}: no CertificateRequestPolicy allows its SPIFFE ID: approver-policy would never "
         "approve it (and with cert-manager's default approver, anything would be)"
         for name in sorted(set(certificates) - covered)
     ]
     return found
+
+
+def _looser_than(name: str, spec: Obj, certificate: Obj) -> list[str]:
+    """Where the policy `name` allows other than exactly what `certificate` asks for."""
+    allowed, constraints, selector = spec.get("allowed", {}), spec.get("constraints", {}), spec.get("selector", {})
+    cert, workload = certificate["spec"], certificate["metadata"]["name"]
+    wanted = {
+        "uris.required": (allowed.get("uris", {}).get("required"), True),
+        "commonName": (allowed.get("commonName", {}).get("value"), cert.get("commonName")),
+        "dnsNames": (sorted(allowed.get("dnsNames", {}).get("values", [])), sorted(cert.get("dnsNames", []))),
+        "usages": (sorted(allowed.get("usages", [])), sorted(cert.get("usages", []))),
+        "isCA": (bool(allowed.get("isCA")), False),
+        "maxDuration": (constraints.get("maxDuration"), cert.get("duration")),
+        "privateKey.algorithm": (
+            constraints.get("privateKey", {}).get("algorithm"),
+            cert.get("privateKey", {}).get("algorithm"),
+        ),
+        "selector.issuerRef": (selector.get("issuerRef"), {"group": "cert-manager.io", **cert["issuerRef"]}),
+        "selector.namespace.matchNames": (
+            selector.get("namespace", {}).get("matchNames"),
+            [certificate["metadata"].get("namespace")],
+        ),
+    }
+    return [
+        f"CertificateRequestPolicy {name}: {field} is {have}, where Certificate {workload} needs {want}"
+        for field, (have, want) in wanted.items()
+        if have != want
+    ]
+
+
+def _used_by_others(objects: list[Obj], name: str, certificate: Obj, account: str | None) -> list[str]:
+    """Who may use the policy `name` for `certificate`'s identity, other than its workload's ServiceAccount
+    (`account`) and cert-manager's controller — and which of those two may not."""
+    workload, namespace = certificate["metadata"]["name"], certificate["metadata"].get("namespace", "")
+    users = policy_users(objects, name, namespace)
+    own = ({account: "its own ServiceAccount"} if account else {}) | {CERT_MANAGER: "which requests it"}
+    return [
+        *(
+            f"CertificateRequestPolicy {name} (for {workload}) may be used by {user}: only {workload}'s "
+            "ServiceAccount and cert-manager's controller may"
+            for user in sorted(users - set(own))
+        ),
+        *(
+            f"CertificateRequestPolicy {name} (for {workload}) may not be used by {user}, {why}"
+            for user, why in own.items()
+            if user not in users
+        ),
+    ]
 
 
 def _selects_request(selector: Obj, cert: Obj, namespaces: dict[str, dict[str, str]]) -> bool:
