@@ -57,6 +57,11 @@ def problems_with(objects: list[Obj], tmp_path: Path) -> list[str]:
     return k8s.validate(path, "mesh.internal")
 
 
+def rules(objects: list[Obj]) -> list[str]:
+    """checks.py alone, without the schemas: for faults that no schema sees, at a fraction of the cost."""
+    return checks.problems(objects, "mesh.internal")
+
+
 def changed(objects: list[Obj], kind: str, name: str, change: Callable[[Obj], None]) -> list[Obj]:
     """A copy of `objects` in which `change` was applied to the one `kind` called `name`."""
     result = copy.deepcopy(objects)
@@ -178,55 +183,51 @@ def test_the_egress_graph_is_the_chain_and_dns_for_the_callers_only(rendered: di
         }
 
 
-def test_the_token_service_with_dns_egress_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_the_token_service_with_dns_egress_fails(rendered: dict[str, list[Obj]]) -> None:
     def also_the_token_service(policy: Obj) -> None:
         policy["spec"]["podSelector"]["matchExpressions"][0]["values"].append("token-service")
 
-    found = problems_with(changed(rendered["static"], "NetworkPolicy", "dns", also_the_token_service), tmp_path)
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", also_the_token_service))
     assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
 
 
-def test_dns_for_every_pod_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_dns_for_every_pod_fails(rendered: dict[str, list[Obj]]) -> None:
     """The DNS policy as it stood on main: `podSelector: {}`."""
 
     def every_pod(policy: Obj) -> None:
         policy["spec"]["podSelector"] = {}
 
-    found = problems_with(changed(rendered["cert-manager"], "NetworkPolicy", "dns", every_pod), tmp_path)
+    found = rules(changed(rendered["cert-manager"], "NetworkPolicy", "dns", every_pod))
     assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
 
 
-def test_egress_to_an_address_range_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_egress_to_an_address_range_fails(rendered: dict[str, list[Obj]]) -> None:
     """An ipBlock may hold the outside as well as pods: service-c may then reach both."""
 
     def also_anywhere_on_443(policy: Obj) -> None:
         policy["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443}]})
 
-    found = problems_with(
-        changed(rendered["static"], "NetworkPolicy", "service-c-to-token-service", also_anywhere_on_443), tmp_path
-    )
+    found = rules(changed(rendered["static"], "NetworkPolicy", "service-c-to-token-service", also_anywhere_on_443))
     assert found == [f"the NetworkPolicies let service-c reach the outside, which the chain does not need{OUTSIDE_WHY}"]
 
 
-def test_a_caller_without_dns_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_a_caller_without_dns_fails(rendered: dict[str, list[Obj]]) -> None:
     def not_service_b(policy: Obj) -> None:
         policy["spec"]["podSelector"]["matchExpressions"][0]["values"].remove("service-b")
 
-    found = problems_with(changed(rendered["static"], "NetworkPolicy", "dns", not_service_b), tmp_path)
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", not_service_b))
     assert found == [
         "the NetworkPolicies keep service-b from reaching kube-dns, which it needs to find the Services it calls"
     ]
 
 
-def test_a_dns_rule_without_its_namespace_selector_reaches_no_dns(
-    rendered: dict[str, list[Obj]], tmp_path: Path
-) -> None:
+def test_a_dns_rule_without_its_namespace_selector_reaches_no_dns(rendered: dict[str, list[Obj]]) -> None:
     """A podSelector alone selects pods in the policy's own namespace: kube-dns, in kube-system, is not one."""
 
     def without_namespace(policy: Obj) -> None:
         del policy["spec"]["egress"][0]["to"][0]["namespaceSelector"]
 
-    found = problems_with(changed(rendered["static"], "NetworkPolicy", "dns", without_namespace), tmp_path)
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", without_namespace))
     assert found == [
         f"the NetworkPolicies keep {caller} from reaching kube-dns, which it needs to find the Services it calls"
         for caller in ("client", "service-a", "service-b", "service-c")
@@ -253,13 +254,26 @@ def test_each_identity_has_a_policy_for_exactly_its_spiffe_id(rendered: dict[str
     assert not any(o["kind"] == "Issuer" for o in objects)
 
 
-def test_a_policy_allowing_another_spiffe_id_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_a_policy_with_a_key_size_that_is_no_number_fails_the_crd_schema(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    """approver-policy's CRD schema (from @kubernetes-models/cert-manager) checks the policies too."""
+
+    def size_as_text(policy: Obj) -> None:
+        policy["spec"]["constraints"]["privateKey"]["minSize"] = "256"
+
+    objects = changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", size_as_text)
+    assert problems_with(objects, tmp_path) == [
+        "CRD schema: CertificateRequestPolicy mtls-mesh-service-b: data/spec/constraints/privateKey/minSize must be "
+        "integer"
+    ]
+
+
+def test_a_policy_allowing_another_spiffe_id_fails(rendered: dict[str, list[Obj]]) -> None:
     def also_service_c(policy: Obj) -> None:
         policy["spec"]["allowed"]["uris"]["values"].append("spiffe://mesh.internal/service-c")
 
-    found = problems_with(
-        changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", also_service_c), tmp_path
-    )
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", also_service_c))
     assert found == [
         "CertificateRequestPolicy mtls-mesh-service-b allows the URI SANs spiffe://mesh.internal/service-b, "
         "spiffe://mesh.internal/service-c: a policy for the mesh must allow exactly one workload's SPIFFE ID",
@@ -268,13 +282,11 @@ def test_a_policy_allowing_another_spiffe_id_fails(rendered: dict[str, list[Obj]
     ]
 
 
-def test_a_wildcard_policy_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_a_wildcard_policy_fails(rendered: dict[str, list[Obj]]) -> None:
     def any_id(policy: Obj) -> None:
         policy["spec"]["allowed"]["uris"]["values"] = ["spiffe://mesh.internal/*"]
 
-    found = problems_with(
-        changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-client", any_id), tmp_path
-    )
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-client", any_id))
     assert found == [
         "CertificateRequestPolicy mtls-mesh-client allows the URI SANs spiffe://mesh.internal/*: "
         "a policy for the mesh must allow exactly one workload's SPIFFE ID",
@@ -283,40 +295,32 @@ def test_a_wildcard_policy_fails(rendered: dict[str, list[Obj]], tmp_path: Path)
     ]
 
 
-def test_a_service_account_that_may_use_another_identitys_policy_fails(
-    rendered: dict[str, list[Obj]], tmp_path: Path
-) -> None:
+def test_a_service_account_that_may_use_another_identitys_policy_fails(rendered: dict[str, list[Obj]]) -> None:
     def also_service_b(binding: Obj) -> None:
         binding["subjects"].append({"kind": "ServiceAccount", "name": "service-b", "namespace": "mtls-mesh"})
 
-    found = problems_with(
-        changed(rendered["cert-manager"], "RoleBinding", "use-policy-service-c", also_service_b), tmp_path
-    )
+    found = rules(changed(rendered["cert-manager"], "RoleBinding", "use-policy-service-c", also_service_b))
     assert found == [
         "CertificateRequestPolicy mtls-mesh-service-c (for service-c) may be used by ServiceAccount "
         "mtls-mesh/service-b: only service-c's ServiceAccount and cert-manager's controller may"
     ]
 
 
-def test_a_policy_its_own_service_account_may_not_use_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_a_policy_its_own_service_account_may_not_use_fails(rendered: dict[str, list[Obj]]) -> None:
     objects = [o for o in rendered["cert-manager"] if o["metadata"]["name"] != "use-policy-client"]
-    assert problems_with(objects, tmp_path) == [
+    assert rules(objects) == [
         "CertificateRequestPolicy mtls-mesh-client (for client) may not be used by ServiceAccount mtls-mesh/client, "
         "its own ServiceAccount"
     ]
 
 
-def test_a_policy_that_allows_more_than_its_certificate_needs_fails(
-    rendered: dict[str, list[Obj]], tmp_path: Path
-) -> None:
+def test_a_policy_that_allows_more_than_its_certificate_needs_fails(rendered: dict[str, list[Obj]]) -> None:
     def a_ca_for_a_day(policy: Obj) -> None:
         policy["spec"]["allowed"]["isCA"] = True
         policy["spec"]["constraints"]["maxDuration"] = "24h"
         policy["spec"]["selector"]["issuerRef"]["name"] = "*"
 
-    found = problems_with(
-        changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-a", a_ca_for_a_day), tmp_path
-    )
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-a", a_ca_for_a_day))
     assert found == [
         "CertificateRequestPolicy mtls-mesh-service-a: isCA is True, where Certificate service-a needs False",
         "CertificateRequestPolicy mtls-mesh-service-a: maxDuration is 24h, where Certificate service-a needs 1h",
@@ -326,11 +330,11 @@ def test_a_policy_that_allows_more_than_its_certificate_needs_fails(
     ]
 
 
-def test_the_ca_secret_back_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_the_ca_secret_back_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
     def in_mtls_mesh(secret: Obj) -> None:
         secret["metadata"]["namespace"] = "mtls-mesh"
 
-    found = problems_with(changed(rendered["cert-manager"], "Secret", "mesh-ca", in_mtls_mesh), tmp_path)
+    found = rules(changed(rendered["cert-manager"], "Secret", "mesh-ca", in_mtls_mesh))
     assert found == [
         "ClusterIssuer mesh-ca reads Secret mesh-ca from cert-manager, which the overlay does not provide there",
         "Secret mesh-ca in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
@@ -338,19 +342,19 @@ def test_the_ca_secret_back_in_the_workloads_namespace_fails(rendered: dict[str,
     ]
 
 
-def test_a_copy_of_the_ca_key_under_another_name_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_a_copy_of_the_ca_key_under_another_name_fails(rendered: dict[str, list[Obj]]) -> None:
     """Found by what it holds (a CA certificate), not by its name."""
     [ca] = [o for o in rendered["cert-manager"] if o["kind"] == "Secret" and o["metadata"]["name"] == "mesh-ca"]
     copy_ = copy.deepcopy(ca)
     copy_["metadata"] = {"name": "backup", "namespace": "mtls-mesh"}
-    found = problems_with([*rendered["cert-manager"], copy_], tmp_path)
+    found = rules([*rendered["cert-manager"], copy_])
     assert found == [
         "Secret backup in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
         "there can sign any SPIFFE ID — keep it in cert-manager, for a ClusterIssuer",
     ]
 
 
-def test_an_issuer_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+def test_an_issuer_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
     """The cert-manager overlay as it stood on main: a namespaced CA Issuer beside the workloads."""
 
     def namespaced(issuer: Obj) -> None:
@@ -361,7 +365,7 @@ def test_an_issuer_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj
 
     objects = changed(rendered["cert-manager"], "ClusterIssuer", "mesh-ca", namespaced)
     objects = changed(objects, "Certificate", "service-a", to_the_issuer)
-    found = problems_with(objects, tmp_path)
+    found = rules(objects)
     assert (
         "Issuer mesh-ca sits in mtls-mesh, the workloads' namespace, with the CA Secret it signs with: use a "
         "ClusterIssuer, whose Secret lives in cert-manager"
