@@ -26,6 +26,7 @@ from cryptography import x509
 
 from pki.allowlists import render_allow_lists
 from pki.authority import CLOCK_SKEW, now
+from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
@@ -72,11 +73,16 @@ class Renewer:
         self.replaced: dict[str, float] = {}  # name → when its predecessor stopped being presented
 
     def tick(self) -> bool:
-        """One look: renew what is due, unlist old predecessors, re-sign the CRL. True if anything changed."""
+        """One look, holding pki/out's lock (pki.lock): renew what is due, unlist old predecessors, re-sign the
+        CRL. True if anything changed."""
+        with pki_lock(self.layout, "the renewer"):
+            return self._tick()
+
+    def _tick(self) -> bool:
         if self.reread is not None:
             self.policy = self.reread()
         changed = False
-        if names := due(self.layout, self.policy):
+        if names := self._not_being_rotated(due(self.layout, self.policy)):
             self.renew(names)
             changed = True
         grace = ROTATION_GRACE.total_seconds()
@@ -94,6 +100,14 @@ class Renewer:
         if changed:
             self.on_change()
         return changed
+
+    def _not_being_rotated(self, names: list[str]) -> list[str]:
+        """A rotation someone began (`make rotate` runs its steps as separate commands) is theirs to finish:
+        renewing in between would replace their successor, and their `--finish` would find none."""
+        waiting = [name for name in names if self.layout.next_cert(name).exists()]
+        if waiting:
+            log.warning("renewal_deferred", extra={"identities": waiting, "reason": "a rotation is under way"})
+        return [name for name in names if name not in waiting]
 
     def renew(self, names: list[str]) -> None:
         """Rotate every identity in `names` at once: one grace period for all of them."""
