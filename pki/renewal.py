@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ from shared.layout import Layout
 __all__ = ["RENEW_AT", "Renewer", "due"]
 
 RENEW_AT = 0.5  # of a certificate's life
+# A rotation begun this long ago and not finished was abandoned: `make rotate` finishes within seconds.
+ABANDONED = dt.timedelta(minutes=2)
 log = logging.getLogger("mesh.renewer")
 
 
@@ -103,8 +106,14 @@ class Renewer:
 
     def _not_being_rotated(self, names: list[str]) -> list[str]:
         """A rotation someone began (`make rotate` runs its steps as separate commands) is theirs to finish:
-        renewing in between would replace their successor, and their `--finish` would find none."""
-        waiting = [name for name in names if self.layout.next_cert(name).exists()]
+        renewing in between would replace their successor, and their `--finish` would find none. One begun
+        longer than ABANDONED ago was abandoned (a process killed between the steps): renewal takes over."""
+        cutoff = time.time() - ABANDONED.total_seconds()
+        waiting = [
+            name
+            for name in names
+            if self.layout.next_cert(name).exists() and self.layout.next_cert(name).stat().st_mtime > cutoff
+        ]
         if waiting:
             log.warning("renewal_deferred", extra={"identities": waiting, "reason": "a rotation is under way"})
         return [name for name in names if name not in waiting]
@@ -130,10 +139,19 @@ class Renewer:
             )
 
     def watch(self, interval: float = 1.0) -> None:
-        """Tick every `interval` seconds, for ever (Ctrl-C, or SIGTERM in a container, stops it)."""
-        while True:
+        """Tick every `interval` seconds, until SIGTERM (a container stopping) or Ctrl-C. SIGTERM lets the tick
+        under way finish: stopped between a rotation's two steps, it would leave a successor in next/."""
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        while not stopping:
             try:
                 self.tick()
             except Exception as e:  # a failed renewal is retried at the next tick, and said
                 log.error("renewal_failed", extra={"reason": f"{type(e).__name__}: {e}"})
-            time.sleep(interval)
+            if not stopping:
+                time.sleep(interval)
