@@ -423,6 +423,7 @@ def describe(path: Path, layout: Layout | None = None) -> str:
     """A human summary of every certificate in a PEM file; with `layout`, whether its CA revoked them."""
     certs = load_certificates(path)
     serials = revoked(layout) if layout is not None and layout.revocations.exists() else {}
+    issued = {e.serial for e in ledger.entries(layout)} if layout is not None and layout.out.is_dir() else set()
     blocks = []
     for i, cert in enumerate(certs, 1):
         rows = {
@@ -437,8 +438,11 @@ def describe(path: Path, layout: Layout | None = None) -> str:
             "sha256": thumbprint(cert),
         }
         if layout is not None and not is_ca(cert):
-            entry = serials.get(f"{cert.serial_number:x}")
-            rows["revoked"] = f"YES, {entry['date']:.19}Z ({entry['reason']})" if entry else "no"
+            serial = f"{cert.serial_number:x}"
+            if entry := serials.get(serial):
+                rows["revoked"] = f"YES, {entry['date']:.19}Z ({entry['reason']})"
+            else:
+                rows["revoked"] = "no" if serial in issued else f"unknown: not in {shown(layout.ledger)}"
         heading = f"{path}" + (f"  (certificate {i} of {len(certs)})" if len(certs) > 1 else "")
         blocks.append(heading + "\n" + "\n".join(f"  {k:<8} {v}" for k, v in rows.items()))
     return "\n\n".join(blocks)

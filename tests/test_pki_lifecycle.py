@@ -136,6 +136,7 @@ def test_list_shows_every_certificate_of_every_identity(tmp_path: Path, capsys: 
     policy_path = policy_file(tmp_path)
     layout, policy = Layout(tmp_path / "pki"), Policy.load(policy_path)
     init(layout, policy)
+    copy = shutil.copy(layout.cert("client"), tmp_path / "copy.crt")
     Renewer(layout, policy, wait=lambda _: None).renew(["client"])
     cli = ["--out", str(layout.out), "--policy", str(policy_path)]
     assert main([*cli, "revoke", "client"]) == 0
@@ -146,8 +147,9 @@ def test_list_shows_every_certificate_of_every_identity(tmp_path: Path, capsys: 
     assert client[-1]["where"] == "in place" and client[-1]["allow_lists"] == ["service-a", "token-service"]
     assert all(c["allow_lists"] == [] for c in client[:2])
     assert {c["serial"] for c in client} == {e.serial for e in entries(layout) if e.name == "client"}
-    assert main([*cli, "inspect", str(layout.cert("client"))]) == 0
-    assert "revoked  no" in capsys.readouterr().out
+    assert main([*cli, "inspect", str(layout.cert("client")), str(copy)]) == 0
+    shown = capsys.readouterr().out
+    assert "revoked  no" in shown and "revoked  YES" in shown
 
 
 # ── item 6: commands that would destroy ─────────────────────────────────────────────────────────────────────
