@@ -24,7 +24,7 @@ from pki import Policy, init, rotate_begin, rotate_finish
 from pki.__main__ import main
 from pki.ledger import entries
 from pki.lock import HAND_OFF, pki_lock
-from pki.renewal import Renewer
+from pki.renewal import ABANDONED, Renewer, due
 from pki.revocation import revoked
 from pki.rollover import RollOver
 from services.local import chain_environments, running
@@ -279,3 +279,36 @@ def assert_consistent(layout: Layout, policy: Policy) -> None:
         assert f"{cert.serial_number:x}" not in serials, f"{name}'s certificate in use is revoked"
     assert not list((layout.out / "next").glob("*")), "a rotation was left half-done"
     assert not {ledger[sha].serial for sha in pinned if sha in ledger} & set(serials), "a revoked pin is listed"
+
+
+def test_a_command_run_by_the_lock_holder_acts_on_its_behalf(tmp_path: Path) -> None:
+    """`rotate-ca --after-each-stage "make deploy-if-up"` runs the pki job while a stage holds the lock: the
+    child must not wait for a lock its own parent holds until the child is done."""
+    layout = Layout(tmp_path / "pki")
+    init(layout)
+    with pki_lock(layout, "a rollover stage"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pki", "--out", str(layout.out), "render"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    assert done.returncode == 0 and "waiting" not in done.stderr, done.stderr
+
+
+def test_the_renewer_leaves_a_rotation_under_way_alone_unless_abandoned(tmp_path: Path) -> None:
+    """`make rotate` runs begin and finish as two commands: renewing in between would take their successor."""
+    policy = Policy.load(policy_file(tmp_path, lifetime="2s"))
+    layout = Layout(tmp_path / "pki")
+    init(layout, policy)
+    rotate_begin(layout, policy, "client")
+    successor = layout.next_cert("client").read_bytes()
+    renewer = Renewer(layout, policy, wait=lambda _: None)
+    wait_until(lambda: "client" in due(layout, policy), timeout=5)
+    renewer.tick()
+    assert layout.next_cert("client").read_bytes() == successor, "the renewer took over a rotation under way"
+    old = time.time() - ABANDONED.total_seconds() - 1
+    os.utime(layout.next_cert("client"), (old, old))  # begun long ago, never finished: a killed `make rotate`
+    renewer.tick()
+    assert not layout.next_cert("client").exists()
+    assert load_certificates(layout.cert("client"))[0].public_bytes(serialization.Encoding.PEM) not in successor
