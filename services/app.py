@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from services.config import ServiceConfig
 from services.reloader import Reloader
@@ -28,7 +29,13 @@ from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
 from shared.onbehalf import OnBehalfOf
 from shared.peer import VerifiedPeer
-from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
+from shared.problem import (
+    Problem,
+    client_disconnected_response,
+    http_error_response,
+    problem_response,
+    unexpected_error_response,
+)
 from shared.reload import Watcher
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.token_client import TokenClient
@@ -135,7 +142,11 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         headers = {}
         if user is not None and on_behalf.tokens is not None:  # on behalf of the same user, held by us now
             headers["Authorization"] = f"Bearer {await on_behalf.tokens.exchange(user, downstream.name)}"
-        return {"hops": [hop, *(await downstream.get_json("/chain", headers))["hops"]]}
+        answer = await downstream.get_json("/chain", headers)
+        hops = answer.get("hops") if isinstance(answer, dict) else None
+        if not isinstance(hops, list):
+            raise downstream.failure(f"{downstream.name} answered without the hops of the chain behind it")
+        return {"hops": [hop, *hops]}
 
     app.include_router(mesh)
     return app
@@ -184,6 +195,7 @@ def base_app(
     app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(Problem, problem_response)
     app.add_exception_handler(StarletteHTTPException, http_error_response)
+    app.add_exception_handler(ClientDisconnect, client_disconnected_response)
     app.add_exception_handler(Exception, unexpected_error_response)
     app.add_middleware(DeclaredBodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
