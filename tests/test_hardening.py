@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -22,7 +24,9 @@ from bench.soak import FD_BOUND, Usage, soak
 from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
+from shared.downstream import Downstream
 from shared.layout import Layout
+from shared.problem import Problem
 from shared.tokens import USER_GRANT
 from tests.support import (
     Credentials,
@@ -500,6 +504,23 @@ def test_a_callee_answering_a_huge_body_is_a_502_and_costs_the_caller_no_memory(
         assert "more than" in response.json()["reason"] and "bytes" in response.json()["reason"]
     assert grown_kb < (size >> 10) // 4, f"B's peak memory grew by {grown_kb} KB for a {size >> 20} MB answer"
     assert flood.sent[0] < size, "B read the whole chunked answer"
+
+
+def test_a_compressed_answer_is_refused_unread() -> None:
+    """We ask for no compression (a few KB of gzip can inflate to gigabytes in one chunk, past the bound we count):
+    a callee that compresses anyway is refused, 502 naming the hop, without inflating a byte."""
+    bomb = gzip.compress(b"{}" + b" " * (8 << 20))
+
+    async def callee(request: httpx.Request) -> httpx.Response:
+        assert request.headers["accept-encoding"] == "identity"
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(bomb))
+
+    downstream = Downstream("service-b", "service-c", "https://service-c", ssl.create_default_context(), 5)
+    downstream.client = httpx.AsyncClient(transport=httpx.MockTransport(callee))
+    with pytest.raises(Problem) as refused:
+        asyncio.run(downstream.get_json("/chain"))
+    assert refused.value.status == 502 and refused.value.extra["hop"] == "service-b → service-c"
+    assert "Content-Encoding 'gzip'" in refused.value.extra["reason"]
 
 
 def test_a_cut_off_request_body_is_one_info_line_not_a_traceback(token_mesh: Mesh) -> None:
