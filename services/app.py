@@ -13,8 +13,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from services.config import ServiceConfig
 from services.reloader import Reloader
@@ -29,13 +27,7 @@ from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
 from shared.onbehalf import OnBehalfOf
 from shared.peer import VerifiedPeer
-from shared.problem import (
-    Problem,
-    client_disconnected_response,
-    http_error_response,
-    problem_response,
-    unexpected_error_response,
-)
+from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.token_client import TokenClient
@@ -192,11 +184,14 @@ def base_app(
             await callee.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
-    app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(Problem, problem_response)
-    app.add_exception_handler(StarletteHTTPException, http_error_response)
-    app.add_exception_handler(ClientDisconnect, client_disconnected_response)
-    app.add_exception_handler(Exception, unexpected_error_response)
+    app = FastAPI(
+        title=config.name,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
     app.add_middleware(DeclaredBodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 

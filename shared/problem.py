@@ -83,3 +83,13 @@ async def unexpected_error_response(request: Request, error: Exception) -> JSONR
     log.error("unexpected_error", exc_info=error)
     problem = Problem(500, "internal-error", "Internal error", "The service failed; its log says why.")
     return await problem_response(request, problem)
+
+
+# How each failure becomes an answer, for FastAPI(exception_handlers=…). Every class but Exception is answered where
+# it is raised; Exception (a bug) is answered last, and Starlette then re-raises it so that uvicorn logs it too.
+EXCEPTION_HANDLERS = {
+    Problem: problem_response,
+    StarletteHTTPException: http_error_response,
+    ClientDisconnect: client_disconnected_response,
+    Exception: unexpected_error_response,
+}
