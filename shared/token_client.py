@@ -44,7 +44,7 @@ class TokenClient:
         self.generation = generation
         self._keys, self._kids, self._fetched = KeySet([]), frozenset[str](), float("-inf")
         self._attempted = float("-inf")  # when the last fetch started, whatever came of it
-        self._failure: Problem | None = None  # why the last fetch failed, if it did
+        self._failure: str | None = None  # why the last fetch failed, if it did
         self._fetching = asyncio.Lock()
         self._exchanged: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
 
@@ -55,9 +55,8 @@ class TokenClient:
             async with self._fetching:  # a fetch under way: wait for it rather than start another
                 if self._fetch_due(kid):
                     await self._fetch_keys()
-            if self._stale():
-                failure = self._failure
-                reason = failure.extra.get("reason") if failure else "no key set fetched yet"
+            if self._stale():  # the fetch failed, just now or less than RETRY_AFTER ago
+                reason = self._failure or "no key set fetched yet"
                 raise self.connection.failure(f"no current key set to check the token with: {reason}")
         return verify(raw, self._keys, issuer=self.issuer, audience=audience)
 
@@ -108,7 +107,7 @@ class TokenClient:
             except (JoseError, ValueError, KeyError, TypeError) as e:
                 raise self.connection.failure(f"no usable key set at /jwks ({e})") from None
         except Problem as problem:
-            self._failure = problem
+            self._failure = str(problem.extra.get("reason", problem.detail))
             raise
         self._keys, self._kids, self._fetched, self._failure = keys, _kids(keys), time.monotonic(), None
 

@@ -155,6 +155,24 @@ def test_signed_payloads_that_are_no_claims_are_refused(token_mesh: Mesh, target
     attacks.forged_token_at_the_first_service(target, token, "not a valid signed token")
 
 
+@pytest.mark.parametrize("case", ["list kid", "object kid", "nested JSON garbage", "signed, nested too deep"])
+def test_malformed_subject_tokens_are_refused_at_exchange(token_mesh: Mesh, target: MeshTarget, case: str) -> None:
+    """The token service reads subject tokens with the same rules: a 400 invalid_grant, never a 500."""
+    if case == "signed, nested too deep":
+        key = token_mesh.signing_key  # type: ignore[attr-defined]
+        header = {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
+        subject = jws.serialize_compact(header, SIGNED_GARBAGE["nested too deep"], key)
+    else:
+        subject = attacks.KEYLESS_FORGERIES[case][0](target)
+    mark = attacks.marks(target)
+    response = attacks.exchange(target, subject, "service-a", "service-b")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_grant"
+    assert "not a valid signed token" in response.json()["error_description"]
+    assert attacks.since(target, mark, "token-service", "token_granted") == []
+    assert [e["error"] for e in attacks.since(target, mark, "token-service", "token_refused")] == ["invalid_grant"]
+
+
 def test_a_user_without_the_scope_c_requires_is_refused_at_c_after_a_and_b_accepted(target: MeshTarget) -> None:
     attacks.user_without_the_scope_of_c(target)
 
