@@ -542,6 +542,8 @@ def test_a_cut_off_request_body_is_one_info_line_not_a_traceback(token_mesh: Mes
     # A request after it: once it is logged, whatever the cut-off one was going to log is logged too.
     assert post_token(tokens.url, context, {"grant_type": "none"}).status_code == 400
     wait_until(lambda: tokens.events_since(mark, "token_refused") != [])
+    assert len(tokens.events_since(mark, "token_refused")) == 1  # the request after it: the cut-off one got nowhere
+    assert tokens.events_since(mark, "token_granted") == []
     [disconnected] = tokens.events_since(mark, "client_disconnected")
     assert disconnected["level"] == "info" and "exception" not in disconnected
     assert [e for e in tokens.events_since(mark) if e["level"] not in ("info", "debug") or "exception" in e] == []
