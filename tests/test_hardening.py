@@ -442,28 +442,28 @@ def test_small_soak_has_no_errors_and_flat_resources(own_mesh: tuple[Mesh, list]
 
 
 class Flood(Tarpit):
-    """A TLS server with service-c's real certificate that answers every request with a body of `size` bytes,
-    declared (Content-Length) or not (chunked), until the caller stops reading; `sent` says how much went out."""
+    """A TLS server with service-c's real certificate that answers every request with `chunk` repeated to `size`
+    bytes, declared (Content-Length) or not (chunked), until the caller stops reading."""
 
     def __init__(self, layout: Layout, size: int) -> None:
         super().__init__(layout)
-        self.size, self.declared, self.sent = size, False, [0]
+        self.size, self.chunk, self.declared = size, b"x" * (1 << 20), False
 
     def _run(self) -> None:
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.readuntil(b"\r\n\r\n")
             framing = f"Content-Length: {self.size}" if self.declared else "Transfer-Encoding: chunked"
             writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode())
-            chunk = b"x" * (1 << 20)
+            chunk = self.chunk
             frame = chunk if self.declared else b"%x\r\n%b\r\n" % (len(chunk), chunk)
             with contextlib.suppress(OSError):
-                while self.sent[-1] < self.size:
+                for _ in range(self.size // len(chunk)):
+                    if writer.transport.is_closing():
+                        break
                     writer.write(frame)
                     await writer.drain()
-                    self.sent[-1] += len(chunk)
                 writer.write(b"" if self.declared else b"0\r\n\r\n")  # a complete answer, just a huge one
                 await writer.drain()
-            self.sent.append(0)
             writer.close()
 
         async def serve() -> None:
@@ -481,9 +481,12 @@ def peak_rss_kb(pid: int) -> int:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
 
 
-def test_a_callee_answering_a_huge_body_is_a_502_and_costs_the_caller_no_memory(layout: Layout, tmp_path: Path) -> None:
-    """A rigged service-c answers 48 MB of JSON-looking nothing, chunked, then declared: B stops reading at its
-    bound and answers 502 naming the hop, and B's memory never grew by anything like the body."""
+def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_no_memory(
+    layout: Layout, tmp_path: Path
+) -> None:
+    """A rigged service-c answers 48 MB of nothing, chunked, then declared: B stops reading at its bound and answers
+    502 naming the hop, and B's memory never grew by anything like the body. Then it answers 200 with no JSON, or
+    JSON without the hops of a chain: a 502 naming the hop too, never a 500 (or a 200 passing it on)."""
     skip_unless_pinned(layout)  # what a callee may send does not depend on the allow-list mode
     size = 48 << 20
     with Flood(layout, size) as flood:
@@ -497,13 +500,21 @@ def test_a_callee_answering_a_huge_body_is_a_502_and_costs_the_caller_no_memory(
             flood.declared = True
             declared = get(f"{b.url}/chain", "service-b", context)
             grown_kb = peak_rss_kb(processes[0].process.pid) - peak_before  # type: ignore[union-attr]
+            nonsense = {}
+            for body in (b"not JSON", b'["hops"]', b'{"hops": "none"}'):
+                flood.chunk, flood.size = body, len(body)
+                nonsense[body] = get(f"{b.url}/chain", "service-b", context)
             b.assert_alive()
     for response in (chunked, declared):
         assert response.status_code == 502, response.text
         assert response.json()["hop"] == "service-b → service-c"
         assert "more than" in response.json()["reason"] and "bytes" in response.json()["reason"]
     assert grown_kb < (size >> 10) // 4, f"B's peak memory grew by {grown_kb} KB for a {size >> 20} MB answer"
-    assert flood.sent[0] < size, "B read the whole chunked answer"
+    for body, response in nonsense.items():
+        assert response.status_code == 502, (body, response.text)
+        assert response.json()["hop"] == "service-b → service-c"
+    assert "not JSON" in nonsense[b"not JSON"].json()["reason"]
+    assert "without the hops" in nonsense[b'{"hops": "none"}'].json()["reason"]
 
 
 def test_a_compressed_answer_is_refused_unread() -> None:
