@@ -259,6 +259,7 @@ def forged_token_at_the_first_service(target: Target, token: str, reason: str) -
     assert reason in response.json()["reason"]
     [logged] = since(target, mark, "service-a")
     assert logged["decision"] == "deny" and reason in logged["reason"]
+    assert since(target, mark, "service-a", "unexpected_error") == []  # no stack trace in the log either
     saw_nothing(target, mark, "service-b", "service-c")
     assert since(target, mark, "token-service", "token_granted") == []
 
