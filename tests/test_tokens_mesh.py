@@ -114,11 +114,12 @@ def test_forged_tokens_are_refused_at_the_first_service(target: MeshTarget, atta
     attacks.forged_token_at_the_first_service(target, make(target), reason)
 
 
-# Tokens that only the token service's key could sign, each breaking one rule: refused for that rule.
-SIGNED_FORGERIES = {
+# Tokens that only the token service's key could sign, each breaking one rule: refused for that rule. A time is
+# a function of the moment the test runs (not of import time: a long suite would turn +600 s into the past).
+SIGNED_FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
     "wrong typ": ({"header": {"typ": "JWT"}}, "typ is 'JWT'"),
-    "expired": ({"exp": int(time.time()) - LEEWAY_SECONDS - 1}, "expired"),
-    "not yet valid": ({"nbf": int(time.time()) + 600}, "not valid yet"),
+    "expired": ({"exp": lambda now: now - LEEWAY_SECONDS - 1}, "expired"),
+    "not yet valid": ({"nbf": lambda now: now + 600}, "not valid yet"),
     "list-valued iss": ({"iss": ["spiffe://mesh.internal/token-service"]}, "issuer ["),
     "crit with an unknown extension": (
         {"header": {"crit": ["urn:example:x"], "urn:example:x": 1}},
@@ -136,6 +137,8 @@ def test_tokens_signed_with_the_real_key_but_breaking_a_rule_are_refused(
     token_mesh: Mesh, target: MeshTarget, attack: str
 ) -> None:
     changes, reason = SIGNED_FORGERIES[attack]
+    now = int(time.time())
+    changes = {claim: value(now) if callable(value) else value for claim, value in changes.items()}
     attacks.forged_token_at_the_first_service(target, signed(token_mesh, "client", "service-a", **changes), reason)
 
 
