@@ -253,11 +253,14 @@ def scrape(port: int, layout: Layout) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def attacker(port: int, layout: Layout, idle: int, stalled: int, held: int, seconds: float) -> Iterator[Tally]:
+def attacker(
+    port: int, layout: Layout, idle: int, stalled: int, held: int, seconds: float, ramp: float
+) -> Iterator[Tally]:
     """The attacker as a process of its own, up and flooding `port` until the block ends (or `seconds` pass)."""
     command = [sys.executable, "-m", "bench.flood", "attack", "--port", str(port), "--ca", str(layout.ca_cert)]
     command += ["--cert", str(layout.cert(GREEDY)), "--key", str(layout.key(GREEDY))]
     command += ["--idle", str(idle), "--stalled", str(stalled), "--held", str(held), "--seconds", str(seconds)]
+    command += ["--ramp", str(ramp)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     tally = Tally()
 
@@ -273,20 +276,24 @@ def attacker(port: int, layout: Layout, idle: int, stalled: int, held: int, seco
     up = threading.Event()
     threading.Thread(target=follow, daemon=True).start()
     try:
-        if not up.wait(60):
-            raise RuntimeError("the attacker did not get its flood up within 60 s")
+        if not up.wait(ramp + 30):
+            raise RuntimeError(f"the attacker did not get its flood up within {ramp + 30:g} s")
         yield tally
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.kill()  # its sockets close with it, all at once, as when an attacker's host goes away
+        process.wait()
 
 
 def flood(
-    port: int, layout: Layout, *, idle: int, stalled: int, held: int, call_seconds: float, pause: float = 0.05
+    port: int,
+    layout: Layout,
+    *,
+    idle: int,
+    stalled: int,
+    held: int,
+    call_seconds: float,
+    ramp: float = 20,
+    pause: float = 0.05,
 ) -> FloodResult:
     """Flood service-a at `port` and call the chain through it for `call_seconds`, as the client."""
     context = tls.client_context(
@@ -294,7 +301,7 @@ def flood(
     )
     url = f"https://127.0.0.1:{port}/chain"
     result = FloodResult()
-    with attacker(port, layout, idle, stalled, held, call_seconds + 60) as tally:
+    with attacker(port, layout, idle, stalled, held, call_seconds + ramp + 30, ramp) as tally:
         until = time.monotonic() + call_seconds
         while time.monotonic() < until:
             status, seconds, error = _call(url, context)

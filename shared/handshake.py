@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shared.connections import caller_key, connections, peer_address
-from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed
+from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
 from shared.metrics import Counter
 from shared.peer import IDENTITY_KEY, expose, tls_extension
 
@@ -50,15 +50,18 @@ class TLSTermination:
             victim = connections.oldest_unauthenticated()
             if victim is not None:
                 why = f"{self.limits.max_handshakes} connections are not yet authenticated (the limit): the oldest goes"
-                self._refuse(connections.take_out(victim), why, "unauthenticated_shed")
+                victim_transport = connections.take_out(victim)
+                sampled_log.warning("connection_shed", peer=peer_address(victim_transport), reason=why)
+                connections_closed.inc(reason="unauthenticated_shed")
+                victim_transport.abort()
         connections.accepted(self, transport)
         connections.handshaking += 1
-        self._first_byte_deadline = Deadline()
+        self._first_byte_deadline = Deadline(sampled=True)
         if self.limits.first_byte_timeout < self.limits.handshake_timeout:  # else the handshake's comes first
             self._first_byte_deadline.arm(
                 "first_byte", self.limits.first_byte_timeout, transport, "first byte (ClientHello)"
             )
-        self._handshake_deadline = Deadline()
+        self._handshake_deadline = Deadline(sampled=True)
         self._handshake_deadline.arm("handshake", self.limits.handshake_timeout, transport)
         # start_tls() must take the connection over *now*: uvloop starts reading right after this method
         # returns (a pause_reading() here would be undone), and a ClientHello delivered to the HTTP parser

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "RequestLimits",
     "connections_closed",
     "raise_open_files_limit",
+    "sampled_log",
 ]
 
 log = logging.getLogger("mesh.limits")
@@ -75,11 +77,40 @@ class ConnectionLimits:
     max_body_bytes: int = 64 * 1024  # bodies: declared ones get a 413, chunked ones are counted as they arrive
 
 
-class Deadline:
-    """Abort a connection unless what it is doing (the handshake, a request) ends in time; log and count it."""
+class SampledLog:
+    """At most one line per event and second, saying how many were left out before it.
 
-    def __init__(self) -> None:
+    For what an unauthenticated flood makes happen thousands of times a second (deadlines, sheds): a line each
+    would cost the service more than the connection did, and fill its disk. The counters count every one.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def warning(self, event: str, **extra: Any) -> None:
+        now = time.monotonic()
+        if now < self._next.get(event, 0.0):
+            self._left_out[event] = self._left_out.get(event, 0) + 1
+            return
+        self._next[event] = now + self.interval
+        if left_out := self._left_out.pop(event, 0):
+            extra["not_logged_before"] = left_out
+        log.warning(event, extra=extra)
+
+
+sampled_log = SampledLog()
+
+
+class Deadline:
+    """Abort a connection unless what it is doing (the handshake, a request) ends in time; log and count it.
+
+    `sampled`: log through `sampled_log` (for connections whose peer is still unauthenticated)."""
+
+    def __init__(self, sampled: bool = False) -> None:
         self._timer: asyncio.TimerHandle | None = None
+        self.sampled = sampled
 
     def arm(self, stage: str, seconds: float, transport: asyncio.BaseTransport, what: str = "") -> None:
         """Start the clock for `stage` (`what`: how the log says it), unless one is already running (the first
@@ -97,7 +128,10 @@ class Deadline:
     def _expired(self, stage: str, what: str, seconds: float, transport: Any) -> None:
         self._timer = None
         reason = f"no {what} within {seconds:g} s"
-        log.warning(f"{stage}_timeout", extra={"peer": peer_address(transport), "reason": reason})
+        if self.sampled:
+            sampled_log.warning(f"{stage}_timeout", peer=peer_address(transport), reason=reason)
+        else:
+            log.warning(f"{stage}_timeout", extra={"peer": peer_address(transport), "reason": reason})
         connections_closed.inc(reason=f"{stage}_timeout")
         transport.abort()
 
