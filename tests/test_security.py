@@ -240,21 +240,28 @@ def test_a_stalled_handshake_is_timed_out_and_logged(fresh_layout: Layout, tmp_p
         assert service.events_since(0, "handshake_timeout")[0]["level"] == "warning"
 
 
-def test_connections_over_the_limit_are_closed_at_once(fresh_layout: Layout, tmp_path: Path) -> None:
+def test_at_the_connection_limits_the_largest_holder_gives_way_not_the_newcomer(
+    fresh_layout: Layout, tmp_path: Path
+) -> None:
+    """Issue 20, item 7: a cap a stranger can fill would lock everyone else out (tests/test_flood.py has the flood)."""
     layout = fresh_layout
     with one_service(layout, tmp_path, MESH_MAX_CONNECTIONS="4", MESH_MAX_HANDSHAKES="2") as service:
+        issue_identity(layout, POLICY, "stranger", client_only=True)
+        stranger = attacker_context(layout.ca_cert, Credentials(layout.cert("stranger"), layout.key("stranger")))
         context = attacker_context(layout.ca_cert, Credentials(layout.cert("client"), layout.key("client")))
-        held = [open_idle(service.port, context) for _ in range(4)]
-        assert raw_request(service.port, context)[0] is None  # the fifth
+        held = [open_idle(service.port, stranger) for _ in range(4)]
+        assert raw_request(service.port, context)[0] == 200  # the fifth, of another caller, is served
+        assert closed_by_server(held[0])  # the stranger's connection idle longest made room for it
         refused = service.events_since(0, "connection_refused")
-        assert refused and "4 connections" in refused[0]["reason"]
+        assert refused and "4 connections are established" in refused[0]["reason"]
         for connection in held:
             connection.close()
-        wait_until(lambda: raw_request(service.port, context)[0] == 200)
-        # Handshakes in progress have their own, lower limit: two silent TCP connections fill it.
+        # Connections not yet authenticated have a cap of their own: two silent TCP connections fill it, and a
+        # caller's connection sheds the older of them instead of being refused.
         stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
-        wait_until(lambda: raw_request(service.port, context)[0] is None)
-        assert any("2 handshakes" in e["reason"] for e in service.events_since(0, "connection_refused"))
+        assert raw_request(service.port, context)[0] == 200
+        wait_until(lambda: service.events_since(0, "connection_shed") != [])
+        assert closed_by_server(stalled[0])  # type: ignore[arg-type]
         for s in stalled:
             s.close()
 
