@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import resource
 import socket
 import ssl
 import time
@@ -22,6 +23,7 @@ from bench.flood import GREEDY, flood, prepare
 from pki import Policy, issue_identity, revoke
 from services.local import chain_environments, running
 from shared.layout import Layout
+from shared.limits import raise_open_files_limit
 from tests.support import Credentials, Service, attacker_context, free_ports, get, start_services, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +32,7 @@ BASELINE = {"established": 1, "unauthenticated": 0, "handshakes": 0}  # the scra
 SHORT = {  # deadlines short enough to watch them fire
     "MESH_FIRST_BYTE_TIMEOUT": "0.5",
     "MESH_HANDSHAKE_TIMEOUT": "1",
-    "MESH_REQUEST_TIMEOUT": "1",
+    "MESH_REQUEST_TIMEOUT": "3",
     "MESH_SHUTDOWN_TIMEOUT": "1",
     "MESH_RELOAD_INTERVAL": "0.2",
     "MESH_MAX_CONNECTIONS_PER_CALLER": "4",
@@ -94,10 +96,10 @@ def closed_by_service(connection: socket.socket, within: float = 10) -> bool:
         while connection.recv(65536):
             pass
         return True
+    except TimeoutError:  # (an OSError: first)
+        return False
     except (ssl.SSLError, OSError):
         return True  # a reset, or a TLS alert: closed all the same
-    except TimeoutError:
-        return False
 
 
 def client_hello(service: Service) -> bytes:
@@ -127,17 +129,27 @@ def ends_refused_at_the_handshake(service: Service, layout: Layout) -> None:
     assert answer == b""
 
 
+def closed_for(service: Service, layout: Layout, reason: str) -> float:
+    text = get(f"{service.url}/metrics", service.name, context(layout, "operator")).text
+    found = re.search(rf'^mesh_connections_closed_total{{[^}}]*reason="{reason}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def ends_at_the_first_byte_deadline(service: Service, layout: Layout) -> None:
+    before = closed_for(service, layout, "first_byte_timeout")
     with socket.create_connection(("127.0.0.1", service.port)) as raw:
         assert closed_by_service(raw, within=5)
         released(service, layout)  # while our end is still open: the service let go by itself
+    assert closed_for(service, layout, "first_byte_timeout") == before + 1
 
 
 def ends_at_the_handshake_deadline(service: Service, layout: Layout) -> None:
+    before = closed_for(service, layout, "handshake_timeout")
     with socket.create_connection(("127.0.0.1", service.port)) as raw:
-        raw.sendall(client_hello(service))  # and nothing after
+        raw.sendall(client_hello(service))  # and nothing after: the first byte came, the handshake never ends
         assert closed_by_service(raw, within=5)
         released(service, layout)
+    assert closed_for(service, layout, "handshake_timeout") == before + 1
 
 
 def ends_with_the_peer_gone_mid_handshake(service: Service, layout: Layout) -> None:
@@ -156,7 +168,7 @@ def ends_closed_by_the_peer(service: Service, layout: Layout) -> None:
 def ends_at_the_request_deadline(service: Service, layout: Layout) -> None:
     with connect(service, context(layout, "service-b")) as connection:
         connection.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
-        assert closed_by_service(connection, within=5)
+        assert closed_by_service(connection, within=8)
         released(service, layout)
 
 
@@ -191,15 +203,30 @@ def ends_shed_at_the_callers_limit(service: Service, layout: Layout) -> None:
     greedy = context(layout, GREEDY)
     held = [connect(service, greedy) for _ in range(4)]  # the limit per caller (SHORT)
     try:
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\n")  # a request under way: busy, so not to be shed
+        for connection in held[1:]:  # served, then idle
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: service-c\r\n\r\n")
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
         newest = connect(service, greedy)
         newest.sendall(b"GET /healthz HTTP/1.1\r\nHost: service-c\r\n\r\n")
         assert newest.recv(65536).startswith(b"HTTP/1.1 200")  # the newest is served
-        assert closed_by_service(held[0], within=5)  # its own oldest idle connection was closed for it
+        assert closed_by_service(held[1], within=5)  # the caller's own connection idle longest made room
+        assert not closed_by_service(held[0], within=0.2)  # not the busy one, although older
         assert counts(service, layout)["established"] == 1 + 4  # the scrape's, and the greedy's four
         newest.close()
     finally:
         for connection in held:
             connection.close()
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    try:
+        assert raise_open_files_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 ENDINGS: list[Callable[[Service, Layout], None]] = [
