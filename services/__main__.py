@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import sys
 from collections.abc import Callable
 
@@ -63,6 +64,10 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
             "downstream": config.downstream_name,
             "client_cert": config.client_cert,
             "tls_profile": config.tls_profile,
+            # raised to the hard limit at start (run()); the connection caps are sized from it
+            "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "max_connections": config.max_connections,
+            "max_handshakes": config.max_handshakes,
         },
     )
     # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.handshake), so
