@@ -294,7 +294,9 @@ def test_allow_listed_calls_get_through_a_flood(tmp_path: Path) -> None:
     """3,000 idle or garbage TCP connections, 200 stalled handshakes and a certificate of our CA holding all it
     can get, against A: the client's calls through the chain, each on a new connection, still succeed."""
     layout = prepare(tmp_path / "pki")
-    processes = start_services(chain_environments(free_ports(3), layout.out, MESH_LOG_LEVEL="warning"), tmp_path)
+    # A cap on unauthenticated connections well below the flood, so that it is shedding that keeps callers in.
+    envs = chain_environments(free_ports(3), layout.out, MESH_LOG_LEVEL="warning", MESH_MAX_HANDSHAKES="256")
+    processes = start_services(envs, tmp_path)
     with running(processes):
         a = Service(processes[0])
         result = flood(a.port, layout, idle=3000, stalled=200, held=200, call_seconds=8, ramp=8)
@@ -304,4 +306,5 @@ def test_allow_listed_calls_get_through_a_flood(tmp_path: Path) -> None:
         assert result.attacker["most_held"] >= 100  # of the 128 one caller may hold
         assert len(result.calls) >= 20
         assert result.ok >= 0.99 * len(result.calls), result.report()
+        assert result.metrics['mesh_connections_closed_total{reason="unauthenticated_shed"}'] > 0
         released(a, layout, timeout=30)  # and once the attacker is gone, nothing of it is left
