@@ -6,6 +6,7 @@ use raw sockets and hand-built `ssl` contexts, as an attacker would.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -245,7 +246,7 @@ def test_at_the_connection_limits_the_largest_holder_gives_way_not_the_newcomer(
 ) -> None:
     """Issue 20, item 7: a cap a stranger can fill would lock everyone else out (tests/test_flood.py has the flood)."""
     layout = fresh_layout
-    limits = {"MESH_MAX_CONNECTIONS": "4", "MESH_MAX_HANDSHAKES": "2", "MESH_FIRST_BYTE_TIMEOUT": "30"}
+    limits = {"MESH_MAX_CONNECTIONS": "4", "MESH_MAX_HANDSHAKES": "3", "MESH_FIRST_BYTE_TIMEOUT": "30"}
     with one_service(layout, tmp_path, MESH_HANDSHAKE_TIMEOUT="60", **limits) as service:
         issue_identity(layout, POLICY, "stranger", client_only=True)
         stranger = attacker_context(layout.ca_cert, Credentials(layout.cert("stranger"), layout.key("stranger")))
@@ -258,14 +259,22 @@ def test_at_the_connection_limits_the_largest_holder_gives_way_not_the_newcomer(
         assert refused and "4 connections are established" in refused[0]["reason"]
         for connection in held:
             connection.close()
-        # Connections not yet authenticated have a cap of their own: two silent TCP connections fill it, and a
-        # caller's connection sheds the older of them (long before any deadline) instead of being refused.
-        stalled = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
+        # Connections not yet authenticated have a cap of their own. A handshake under way (its ClientHello
+        # sent), then two silent TCP connections fill it; a caller's connection sheds the older silent one —
+        # not the older handshake, not the newer silent one — long before any deadline, instead of being refused.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        hello = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="service-c")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            hello.do_handshake()
+        handshaking = socket.create_connection(("127.0.0.1", service.port))
+        handshaking.sendall(outgoing.read())
+        assert handshaking.recv(1)  # the service answered: its handshake is under way
+        silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(2)]
         assert raw_request(service.port, context)[0] == 200
-        assert closed_within(stalled[0], 5)
-        assert not closed_within(stalled[1], 0.2)
+        assert closed_within(silent[0], 5)
+        assert not closed_within(silent[1], 0.2) and not closed_within(handshaking, 0.2)
         assert service.events_since(0, "connection_shed") != []
-        for s in stalled:
+        for s in [handshaking, *silent]:
             s.close()
 
 
