@@ -323,16 +323,16 @@ def prepare(directory: Path) -> Layout:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__)
-    parser.add_argument("--idle", type=int, default=3000)
-    parser.add_argument("--stalled", type=int, default=200)
-    parser.add_argument("--held", type=int, default=1000, help="connections the greedy certificate tries to hold")
-    parser.add_argument("--seconds", type=float, default=60, help="how long the client calls under the flood")
+    flood_size = argparse.ArgumentParser(add_help=False)
+    flood_size.add_argument("--idle", type=int, default=3000, help="idle or garbage TCP connections (3000)")
+    flood_size.add_argument("--stalled", type=int, default=200, help="handshakes stalled after the ClientHello (200)")
+    flood_size.add_argument("--held", type=int, default=1000, help="connections the greedy certificate tries to hold")
+    parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__, parents=[flood_size])
+    parser.add_argument("--seconds", type=float, default=60, help="how long the client calls under the flood (60)")
     sub = parser.add_subparsers(dest="command")
-    attack_parser = sub.add_parser("attack", help="(internal) the attacker's process")
-    for name in ("--port", "--idle", "--stalled", "--held"):
-        attack_parser.add_argument(name, type=int, required=name == "--port", default=0)
-    attack_parser.add_argument("--seconds", type=float, default=60)
+    attack_parser = sub.add_parser("attack", parents=[flood_size], help="(internal) the attacker's own process")
+    attack_parser.add_argument("--port", type=int, required=True)
+    attack_parser.add_argument("--seconds", type=float, default=60, help="when to stop, whatever happens")
     attack_parser.add_argument("--ramp", type=float, default=20, help="at most this long to open the flood before 'up'")
     for name in ("--ca", "--cert", "--key"):
         attack_parser.add_argument(name, type=Path, required=True)
