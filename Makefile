@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full lint fmt bench soak renew-soak \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -110,6 +110,9 @@ renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates 
 
 soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32; errors, p50/p99, RSS and FDs before/after
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
+
+flood: $(VENV)/.installed ## 3,000 idle/garbage sockets + 200 stalled handshakes + a greedy certificate against A, for 60 s: calls ok/failed, slowest
+	$(PY) -m bench.flood --idle 3000 --stalled 200 --held 1000 --seconds 60
 
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check .
