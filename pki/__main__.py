@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "certificate fail, and open connections that used it are closed.",
     )
     p.add_argument("name")
-    p.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified")
+    p.add_argument(
+        "--reason",
+        choices=sorted(REVOCATION_REASONS),
+        default="unspecified",
+        help="the CRL entry's reason code; unspecified (the default) writes none, as RFC 5280 §5.3.1 asks",
+    )
 
     p = commands.add_parser(
         "rotate",
@@ -189,7 +194,8 @@ def cmd_fingerprint(args: argparse.Namespace, layout: Layout) -> None:
 
 def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
     serial = revoke(layout, args.name, args.reason)
-    print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {shown(layout.crl)}")
+    reason = "no reason given" if args.reason == "unspecified" else f"reason {args.reason}"
+    print(f"revoked {args.name} (serial {serial:x}, {reason}) in {shown(layout.crl)}")
 
 
 def cmd_rotate(args: argparse.Namespace, layout: Layout) -> None:
