@@ -17,7 +17,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from pki import Policy, init, revoke, rotate_begin
+from pki import Policy, init, load_issuer, revoke, rotate_begin
 from pki.__main__ import main
 from services.local import chain_environments, running
 from shared.certs import load_certificates, load_crl, subject_alt_names
@@ -102,6 +102,10 @@ def test_docker_and_kubernetes_issue_without_loopback_sans() -> None:
 def test_init_takes_loopback_sans_off_services_where_the_deployment_wants_none(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     init(layout, POLICY)  # made by `make run`
+    # A client that asked for a loopback name itself (`pki issue --san`) keeps it: the setting is the services'.
+    load_issuer(layout).issue("client", dns=["localhost"], uris=[POLICY.spiffe_id("client")], usages=["client"]).write(
+        layout.out, "client"
+    )
     client_before = layout.cert("client").read_bytes()
     without = dataclasses.replace(POLICY, loopback_sans=False)
     created = init(layout, without)  # then used by Docker (the pki job) or Kubernetes (make k8s-secrets)
