@@ -19,6 +19,8 @@ COMPOSE ?= docker compose
 export PYTHON_IMAGE
 EXTRA_CA_CERTS ?=
 NAME   ?=
+SERIAL ?=
+CERT   ?=
 REASON ?=
 
 help: ## list the targets
@@ -37,7 +39,7 @@ pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps w
 	$(PY) -m pki init
 	@$(MAKE) --no-print-directory deploy-if-up
 
-pki-force: $(VENV)/.installed ## throw pki/out/ away and make a new CA and identities
+pki-force: $(VENV)/.installed ## throw the CA away (says what: revocations, ledger…) and make a new CA and identities
 	$(PY) -m pki init --force
 
 run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445,8446); Ctrl-C stops all
@@ -49,9 +51,10 @@ call: $(VENV)/.installed ## call service-a as the client (while `make run` is go
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
 	$(PY) -m client.demo
 
-revoke: $(VENV)/.installed ## revoke NAME's certificate (REASON=key-compromise…); services react within a second
-	@test -n "$(NAME)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" >&2; exit 2; }
-	$(PY) -m pki revoke $(NAME) $(if $(REASON),--reason $(REASON))
+revoke: $(VENV)/.installed ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
+	@test -n "$(NAME)$(SERIAL)$(CERT)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" \
+		"(or SERIAL=<hex> / CERT=<file> for one certificate)" >&2; exit 2; }
+	$(PY) -m pki revoke $(NAME) $(if $(SERIAL),--serial $(SERIAL)) $(if $(CERT),--cert $(CERT)) $(if $(REASON),--reason $(REASON))
 	@$(MAKE) --no-print-directory deploy-if-up
 
 rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing a single request
@@ -80,7 +83,7 @@ retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old ce
 deploy-if-up:
 	@if command -v docker >/dev/null 2>&1 && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
 		echo "copying pki/out/ into the Docker mesh's volume"; \
-		$(COMPOSE) run --rm --no-deps -T pki >/dev/null; \
+		$(COMPOSE) run --rm --no-deps -T -e MESH_PKI_LOCK pki >/dev/null; \
 	fi
 
 $(SSLYZE):

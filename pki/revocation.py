@@ -1,6 +1,7 @@
 """Revocation: the CA's record of revoked certificates, and the CRL rendered from it.
 
-    revoke(layout, "service-b", "key-compromise")   # recorded in revocations.json, then a new crl.pem
+    revoke(layout, "service-b", "key-compromise")   # every unexpired certificate the ledger has for service-b,
+                                                    # recorded in revocations.json, then a new crl.pem
 
 The record is the truth and the CRL its signed copy: a lost crl.pem is rendered again, whole, by `make pki`.
 CRL numbers and lastUpdate only ever go up, because a running service refuses a CRL older than its own.
@@ -16,9 +17,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from pki import ledger
 from pki.authority import CLOCK_SKEW, CertificateAuthority, PKIError, load_issuer, now
 from pki.output import write_file
-from shared.certs import crl_blocks, crl_number, load_certificates, load_crl
+from shared.certs import crl_blocks, crl_number, load_certificates, load_crl, thumbprint
 from shared.files import MaterialError
 from shared.layout import Layout
 
@@ -28,6 +30,9 @@ __all__ = [
     "crl_needs_renewal",
     "first_crl",
     "revoke",
+    "revoke_certificate",
+    "revoke_serial",
+    "revoked",
     "revoked_in_place",
     "write_crl",
 ]
@@ -111,12 +116,13 @@ def first_crl(issuer: CertificateAuthority, lifetime: dt.timedelta = CRL_VALIDIT
     return _pem(_sign(issuer, [], 1, None, lifetime))
 
 
-def _resign_other(layout: Layout, revoked: list[dict[str, Any]], lifetime: dt.timedelta) -> bytes:
+def _resign_other(layout: Layout, record: list[dict[str, Any]], lifetime: dt.timedelta) -> bytes:
     """During a CA rollover, the other intermediate's CRL, re-signed with its key (rollover/intermediate.key):
     left as it was, it would expire mid-rollover, and a service refuses a crl.pem with an expired CRL whole.
 
-    It keeps its own entries and takes the record's too: the record does not say which CA issued a serial,
-    and serials are random 159-bit numbers, so a serial listed under the other CA revokes nothing else.
+    It keeps its own entries and takes the record's for certificates that CA signed — and those whose issuer
+    the record does not say (made before it did): serials are random 159-bit numbers, so a serial listed under
+    the other CA revokes nothing else.
     """
     path = layout.rollover / "crl.pem"
     if not path.exists():
@@ -132,7 +138,9 @@ def _resign_other(layout: Layout, revoked: list[dict[str, Any]], lifetime: dt.ti
         ) from None
     if signer.cert.subject != previous.issuer or not previous.is_signature_valid(signer.cert.public_key()):
         raise PKIError(f"{path}: not signed by {cert} — the rollover's files do not belong together")
-    entries = {entry["serial"]: entry for entry in [*map(_as_record, previous), *revoked]}
+    key_id = x509.SubjectKeyIdentifier.from_public_key(signer.key.public_key()).digest.hex()
+    its_own = [entry for entry in record if entry.get("issuer_key_id", key_id) in (key_id, "")]
+    entries = {entry["serial"]: entry for entry in [*map(_as_record, previous), *its_own]}
     crl = _sign(signer, list(entries.values()), crl_number(previous) + 1, previous.last_update_utc, lifetime)
     write_file(path, _pem(crl))
     return _pem(crl)
@@ -140,7 +148,7 @@ def _resign_other(layout: Layout, revoked: list[dict[str, Any]], lifetime: dt.ti
 
 def _sign(
     issuer: CertificateAuthority,
-    revoked: list[dict[str, Any]],
+    entries: list[dict[str, Any]],
     number: int,
     floor: dt.datetime | None,
     lifetime: dt.timedelta,
@@ -163,7 +171,7 @@ def _sign(
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
     )
-    for entry in revoked:
+    for entry in entries:
         revoked_cert = (
             x509.RevokedCertificateBuilder()
             .serial_number(int(entry["serial"], 16))
@@ -193,30 +201,85 @@ def _write_record(layout: Layout, record: dict[str, Any]) -> None:
     write_file(layout.revocations, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def revoke(layout: Layout, name: str, reason: str = "unspecified", cert_path: Path | None = None) -> int:
-    """Put `name`'s current certificate on the CRL; return its serial. Revoking twice changes nothing.
+def revoke(layout: Layout, name: str, reason: str = "unspecified") -> list[int]:
+    """Revoke every unexpired certificate ever issued to `name`; return their serials.
 
-    The revocation goes into the record first, then into a new CRL: whatever happens to crl.pem later,
-    `make pki` renders it again with this revocation in it.
+    Not just the one in pki/out/<name>.crt: after a renewal that is the new certificate, and the stolen copy of
+    the old one would keep working for the rest of its life. The ledger (pki.ledger) knows them all. The
+    revocations go into the record first, then into a new CRL: whatever happens to crl.pem later, `make pki`
+    renders it again with them in it. Revoking twice changes nothing.
+
+        revoke(layout, "client", "key-compromise")   # then give it a fresh certificate: `pki revoke` does
     """
+    issued = ledger.unexpired(layout, name)
+    if not issued:
+        raise PKIError(
+            f"the ledger ({layout.ledger}) has no unexpired certificate issued to {name!r}: nothing to revoke "
+            "(`python -m pki list` shows every identity and its certificates)"
+        )
+    _add(layout, issued, reason)
+    return [int(entry.serial, 16) for entry in issued]
+
+
+def revoke_serial(layout: Layout, serial: int, reason: str = "unspecified") -> ledger.Issued:
+    """Revoke the one certificate with this serial number, which the ledger must know; return its entry."""
+    entry = ledger.find(layout, serial)
+    if entry is None:
+        raise PKIError(
+            f"serial {serial:x} is not in the ledger ({layout.ledger}): this CA did not issue it, or issued it "
+            "before it kept a ledger — give the certificate itself with `--cert FILE`"
+        )
+    _add(layout, [entry], reason)
+    return entry
+
+
+def revoke_certificate(layout: Layout, path: Path, reason: str = "unspecified") -> ledger.Issued:
+    """Revoke the (first) certificate in `path` — a copy found somewhere, an old one kept in previous/.
+
+    It must be one of ours: in the ledger, or signed by our intermediate's key. A CRL of ours means nothing for
+    a certificate another CA signed, and listing it would only say that we think it does.
+    """
+    cert = load_certificates(path)[0]
+    entry = ledger.find(layout, cert.serial_number)
+    if entry is None or entry.sha256 != thumbprint(cert):
+        ours = x509.SubjectKeyIdentifier.from_public_key(load_issuer(layout).key.public_key()).digest.hex()
+        if ledger.issuer_key_id(cert) != ours:
+            raise PKIError(
+                f"{path}: not a certificate this CA issued (not in {layout.ledger.name}, not signed by "
+                f"{layout.intermediate_cert.name}'s key): our CRL cannot revoke it"
+            )
+        entry = ledger.Issued.of(path.stem, cert)
+    _add(layout, [entry], reason)
+    return entry
+
+
+def _add(layout: Layout, issued: list[ledger.Issued], reason: str) -> None:
     if reason not in REVOCATION_REASONS:
         raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
-    leaf = load_certificates(cert_path or layout.cert(name))[0]
     record = _read_record(layout)
-    serial = f"{leaf.serial_number:x}"
-    if any(entry["serial"] == serial for entry in record["revoked"]):
-        return leaf.serial_number
-    record["revoked"].append({"serial": serial, "date": now().isoformat(), "reason": reason, "name": name})
+    known = {entry["serial"] for entry in record["revoked"]}
+    fresh = [entry for entry in issued if entry.serial not in known]
+    if not fresh:
+        return
+    date = now().isoformat()
+    record["revoked"] += [
+        {"serial": e.serial, "date": date, "reason": reason, "name": e.name, "issuer_key_id": e.issuer_key_id}
+        for e in fresh
+    ]
     _write_record(layout, record)
     write_crl(layout)
-    return leaf.serial_number
+
+
+def revoked(layout: Layout) -> dict[str, dict[str, Any]]:
+    """Serial (hex) → its entry in the revocation record (date, reason, name)."""
+    return {entry["serial"]: entry for entry in _read_record(layout)["revoked"]}
 
 
 def revoked_in_place(layout: Layout, names: list[str]) -> list[str]:
     """The identities whose current certificate is revoked: every peer refuses them until they are re-issued."""
-    revoked = {entry["serial"] for entry in _read_record(layout)["revoked"]}
+    serials = revoked(layout)
     return [
         name
         for name in names
-        if layout.cert(name).exists() and f"{load_certificates(layout.cert(name))[0].serial_number:x}" in revoked
+        if layout.cert(name).exists() and f"{load_certificates(layout.cert(name))[0].serial_number:x}" in serials
     ]

@@ -34,6 +34,7 @@ from cryptography import x509
 
 from pki.allowlists import render_allow_lists
 from pki.authority import CertificateAuthority, PKIError, load_issuer, now
+from pki.lock import pki_lock
 from pki.output import write_file
 from pki.policy import Policy
 from pki.renewal import Renewer
@@ -71,12 +72,15 @@ class RollOver:
             if stage in done:
                 continue
             started = time.monotonic()
-            getattr(self, stage)()
-            self.after_each_stage()
-            self._gate(stage)
-            if stage != "retire":
-                done = done or ["root" if self.root else "intermediate"]
-                write_file(self._stage_file, " ".join([*done, stage]).encode())
+            # One stage, gate included, holds pki/out's lock: the renewer must not rotate an identity while
+            # the issue stage does (both rotated service-b, and one found its successor gone).
+            with pki_lock(self.layout, f"python -m pki rotate-ca, stage {stage}"):
+                getattr(self, stage)()
+                self.after_each_stage()
+                self._gate(stage)
+                if stage != "retire":
+                    done = done or ["root" if self.root else "intermediate"]
+                    write_file(self._stage_file, " ".join([*done, stage]).encode())
             self.log(f"stage {stage}: done in {time.monotonic() - started:.1f} s, every service reports it")
 
     # ── the stages ────────────────────────────────────────────────────────────────────────────────────────

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -180,20 +181,24 @@ def test_a_stalled_rollover_keeps_revocation_working(tmp_path: Path, stage: str)
                 )
                 assert sorted(left) == sorted(first) and all(0 < float(s) <= 16 for s in left.values()), metrics
 
-                # A revocation now takes effect at the running services: the client is refused, B hears nothing.
+                # A revocation now takes effect at the running services: the client's key, stolen (a copy of its
+                # files) before `pki revoke` revokes its certificates and gives it a fresh one, is refused.
+                stolen = Credentials(tmp_path / "stolen.crt", tmp_path / "stolen.key")
+                shutil.copy(layout.cert("client"), stolen.cert)
+                shutil.copy(layout.key("client"), stolen.key)
                 marks = {s.name: s.mark() for s in services}
                 revoked = subprocess.run([*pki, "revoke", "client"], capture_output=True, text=True)
                 assert revoked.returncode == 0, revoked.stderr
                 took = wait_until(
                     lambda: (
-                        refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, client))
+                        refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, stolen))
                         and any("certificate revoked" in str(e) for e in a.events_since(marks[a.name], "tls_refused"))
                     ),
                     describe=lambda: str(a.events_since(marks[a.name])),
                 )
                 print(f"the revocation took effect at service-a within {took:.2f} s")
                 b_mark = b.mark()
-                assert refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, client))
+                assert refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, stolen))
                 assert not b.events_since(b_mark, "authz")  # refused at A's handshake: nothing reaches B
                 assert not any(s.events_since(marks[s.name], "reload_refused") for s in services)
             finally:

@@ -40,11 +40,11 @@ def reason_of(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
 def test_a_revocation_without_a_reason_carries_no_reason_code(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     layout = Layout(tmp_path)
     init(layout, POLICY)
+    names = {f"{load_certificates(layout.cert(n))[0].serial_number:x}": n for n in ("client", "operator", "service-c")}
     assert main(["--out", str(tmp_path), "revoke", "client"]) == 0  # the CLI's default
     assert "no reason given" in capsys.readouterr().out
     revoke(layout, "operator", "key-compromise")
     revoke(layout, "service-c", "unspecified")  # said explicitly: still no reason code (RFC 5280 §5.3.1)
-    names = {f"{load_certificates(layout.cert(n))[0].serial_number:x}": n for n in ("client", "operator", "service-c")}
     reasons = {names[f"{entry.serial_number:x}"]: reason_of(entry) for entry in load_crl(layout.crl)}
     assert reasons == {"client": None, "operator": x509.ReasonFlags.key_compromise, "service-c": None}
     # The record still reads back the same, and `make pki` renders the CRL from it unchanged in that respect.

@@ -140,7 +140,7 @@ def test_an_expired_certificate_cannot_resume(fresh_layout: Layout, tmp_path: Pa
 
 def test_make_pki_after_losing_the_crl_keeps_every_revocation(fresh_layout: Layout) -> None:
     layout = fresh_layout
-    serial = revoke(layout, "client", "key-compromise")
+    [serial] = revoke(layout, "client", "key-compromise")
     before = load_crl(layout.crl)
     layout.crl.unlink()
     init(layout)  # what the service's error message recommends
