@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pki import CertificateAuthority, Policy, init
-from pki.revocation import crl_needs_renewal, first_crl, write_crl
+from pki import CertificateAuthority, Policy, init, load_issuer
+from pki.revocation import crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
 from pki.rollover import RollOver
 from services.local import chain_environments, running
 from shared.certs import crl_blocks, crl_number
@@ -80,6 +80,26 @@ def test_during_a_rollover_every_crl_is_re_signed_by_its_own_ca(tmp_path: Path, 
         assert crl.is_signature_valid(signers[issuer].cert.public_key()), issuer
     # The rollover's own copy follows, so that the next re-signing (and `retire`) starts from it.
     assert (layout.rollover / "crl.pem").read_bytes() in layout.crl.read_bytes()
+
+
+def test_mid_rollover_a_revocation_lands_on_the_crl_of_the_ca_that_issued_the_certificate(tmp_path: Path) -> None:
+    """Stopped after `issue`: the old intermediate's leaves are still valid (a copy kept somewhere), and only the
+    old intermediate's CRL can revoke them — a CRL applies to the leaves of the CA that signed it."""
+    policy = Policy.load()
+    layout = Layout(tmp_path / "pki")
+    init(layout, policy)
+    old_copy = tmp_path / "client-old.crt"
+    shutil.copy(layout.cert("client"), old_copy)
+    stall(layout, "issue", policy)
+    old_serial = x509.load_pem_x509_certificate(old_copy.read_bytes()).serial_number
+    new_serial = x509.load_pem_x509_certificate(layout.cert("operator").read_bytes()).serial_number
+    revoke_certificate(layout, old_copy, "key-compromise")
+    revoke_serial(layout, new_serial)
+    old_ca = CertificateAuthority.load(layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key")
+    listed = {issuer: {entry.serial_number for entry in crl} for issuer, crl in crls(layout).items()}
+    assert old_serial in listed[old_ca.cert.subject.rfc4514_string()]
+    assert new_serial not in listed[old_ca.cert.subject.rfc4514_string()]
+    assert new_serial in listed[load_issuer(layout).cert.subject.rfc4514_string()]
 
 
 def test_an_expiring_crl_of_the_other_intermediate_is_due_for_re_signing(tmp_path: Path) -> None:
