@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test lint fmt bench soak renew-soak \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full lint fmt bench soak renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -95,6 +95,9 @@ K8S_TOOLS := $(if $(shell command -v npm 2>/dev/null),k8s-tools)
 
 test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
+	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
 
 walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
 	$(PY) docs/walkthrough.py

@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import ServiceConfig
 from services.reloader import CrlFreshness, Reloader
@@ -28,7 +27,7 @@ from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
 from shared.onbehalf import OnBehalfOf
 from shared.peer import VerifiedPeer
-from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
+from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.token_client import TokenClient
@@ -135,7 +134,11 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         headers = {}
         if user is not None and on_behalf.tokens is not None:  # on behalf of the same user, held by us now
             headers["Authorization"] = f"Bearer {await on_behalf.tokens.exchange(user, downstream.name)}"
-        return {"hops": [hop, *(await downstream.get_json("/chain", headers))["hops"]]}
+        answer = await downstream.get_json("/chain", headers)
+        hops = answer.get("hops") if isinstance(answer, dict) else None
+        if not isinstance(hops, list):
+            raise downstream.failure(f"{downstream.name} answered without the hops of the chain behind it")
+        return {"hops": [hop, *hops]}
 
     app.include_router(mesh)
     return app
@@ -184,10 +187,14 @@ def base_app(
             await callee.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
-    app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(Problem, problem_response)
-    app.add_exception_handler(StarletteHTTPException, http_error_response)
-    app.add_exception_handler(Exception, unexpected_error_response)
+    app = FastAPI(
+        title=config.name,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
     app.add_middleware(DeclaredBodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 
