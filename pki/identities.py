@@ -4,7 +4,8 @@
     issue_identity(Layout(), Policy.load(), "billing", client_only=True)
 
 A service is reached by its name: its certificate carries `DNS:<name>` (callers check it), plus
-`DNS:localhost` and `IP:127.0.0.1` for `make run`; every identity carries `spiffe://<trust-domain>/<name>`.
+`DNS:localhost` and `IP:127.0.0.1` where the policy's loopback_sans says so (`make run`, not Docker or
+Kubernetes); every identity carries `spiffe://<trust-domain>/<name>`.
 Peers identify a service by these Subject Alternative Names, never by the Common Name (RFC 6125).
 """
 
@@ -23,7 +24,7 @@ from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer,
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
-from shared.certs import KeyType, load_certificates
+from shared.certs import KeyType, load_certificates, subject_alt_names
 from shared.layout import Layout
 
 __all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_san", "service_sans"]
@@ -32,18 +33,27 @@ __all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_s
 RENEW_BEFORE = dt.timedelta(days=7)
 # How `python -m pki inspect` labels a SAN → the keyword `CertificateAuthority.issue` takes it by.
 SAN_KINDS = {"DNS": "dns", "IP": "ips", "URI": "uris"}
+LOOPBACK_DNS, LOOPBACK_IP = "localhost", "127.0.0.1"
 
 
-def service_sans(name: str) -> dict[str, list[str]]:
-    """A service is reached by its name inside the mesh, and by localhost/127.0.0.1 when run locally."""
-    return {"dns": [name, "localhost"], "ips": ["127.0.0.1"]}
+def service_sans(name: str, policy: Policy) -> dict[str, list[str]]:
+    """A service is reached by its name inside the mesh; by localhost/127.0.0.1 only on one machine
+    (policy.loopback_sans): in a container or a pod, a name that every process has would prove nothing."""
+    if policy.loopback_sans:
+        return {"dns": [name, LOOPBACK_DNS], "ips": [LOOPBACK_IP]}
+    return {"dns": [name], "ips": []}
 
 
-def _needs_renewal(path: Path) -> bool:
+def _needs_renewal(path: Path, policy: Policy, name: str) -> bool:
+    """Missing, close to expiry, or a service's certificate with loopback SANs where the deployment wants none
+    (a pki/out made by `make run`, then used by Docker or Kubernetes). Not the other way round: no caller
+    needs them (every caller checks the service's name), and renewals keep a certificate's SANs as they are."""
     if not path.exists():
         return True
     leaf = load_certificates(path)[0]
-    return leaf.not_valid_after_utc - RENEW_BEFORE < now()
+    loopback = {("DNS", LOOPBACK_DNS), ("IP", LOOPBACK_IP)} & set(subject_alt_names(leaf))
+    unwanted = name in policy.services and not policy.loopback_sans and bool(loopback)
+    return unwanted or leaf.not_valid_after_utc - RENEW_BEFORE < now()
 
 
 def init(
@@ -81,11 +91,12 @@ def init(
         created += ["ca", "intermediate"]
         force = True  # identities signed by an old CA would no longer verify
     for name in policy.services + policy.clients:
-        if force or _needs_renewal(layout.cert(name)):
+        if force or _needs_renewal(layout.cert(name), policy, name):
             issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type, replace=True)
             created.append(name)
-    if crl_needs_renewal(layout):
-        write_crl(layout)  # from the revocation record: a lost crl.pem comes back with every revocation
+    if crl_needs_renewal(layout, policy.crl_lifetime):
+        # From the revocation record: a lost crl.pem comes back with every revocation.
+        write_crl(layout, policy.crl_lifetime)
         created.append("crl")
     render_allow_lists(layout, policy)
     return created
@@ -162,7 +173,7 @@ def issue_identity(
         )
     sans: dict[str, list[str]] = {"dns": [], "ips": [], "uris": [policy.spiffe_id(name)]}
     if not client_only:
-        for kind, values in service_sans(name).items():
+        for kind, values in service_sans(name, policy).items():
             sans[kind] += values
     others = (set(policy.services) | set(policy.clients)) - {name}
     for san in extra_sans:

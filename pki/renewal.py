@@ -12,7 +12,8 @@ renewal has time to be noticed and retried. A renewal is a rotation without a pe
 - by SPIFFE ID, the successor carries the same name: it is put in place at once, nothing else changes.
 
 The running services pick the new files up through their live reload and replace their outgoing pools.
-The renewer also re-signs the CRL before it expires — the job `make pki` otherwise needs a cron for.
+The renewer also re-signs every CRL whose CA key we hold (both intermediates' during a CA rollover) at half
+the policy's crl_lifetime — the job `make pki` otherwise needs a cron for.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
-from shared.certs import load_certificates
+from shared.certs import crl_blocks, load_certificates
 from shared.layout import Layout
 
 __all__ = ["RENEW_AT", "Renewer", "due"]
@@ -96,9 +97,12 @@ class Renewer:
             render_allow_lists(self.layout, self.policy)
             log.info("unlisted", extra={"identities": finished})
             changed = True
-        if crl_needs_renewal(self.layout):
-            write_crl(self.layout)
-            log.info("crl_resigned")
+        if crl_needs_renewal(self.layout, self.policy.crl_lifetime):
+            # Every CRL whose CA key we hold: during a stalled CA rollover the other intermediate's too.
+            write_crl(self.layout, self.policy.crl_lifetime)
+            crls = [x509.load_pem_x509_crl(block) for block in crl_blocks(self.layout.crl.read_bytes())]
+            until = {crl.issuer.rfc4514_string(): f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}" for crl in crls}
+            log.info("crl_resigned", extra={"next_update": until})
             changed = True
         if changed:
             self.on_change()

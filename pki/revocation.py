@@ -18,15 +18,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from pki import ledger
-from pki.authority import CLOCK_SKEW, PKIError, load_issuer, now
+from pki.authority import CLOCK_SKEW, CertificateAuthority, PKIError, load_issuer, now
 from pki.output import write_file
-from shared.certs import crl_number, load_certificates, load_crl, thumbprint
+from shared.certs import crl_blocks, crl_number, load_certificates, load_crl, thumbprint
+from shared.files import MaterialError
 from shared.layout import Layout
 
 __all__ = [
     "CRL_VALIDITY",
     "REVOCATION_REASONS",
     "crl_needs_renewal",
+    "first_crl",
     "revoke",
     "revoke_certificate",
     "revoke_serial",
@@ -35,10 +37,12 @@ __all__ = [
     "write_crl",
 ]
 
-# Peers refuse a CRL past its next-update time, and with CRL checking on, that means refusing everyone.
-# `make pki` re-signs the CRL when it has RENEW_BEFORE left; run it from cron in anything long-lived.
-CRL_VALIDITY = dt.timedelta(days=30)
-RENEW_BEFORE = dt.timedelta(days=7)
+# Peers refuse a CRL past its nextUpdate, and with CRL checking on, that means refusing every leaf of its CA.
+# So every CRL we can sign is re-signed once half its lifetime (the policy's crl_lifetime) has passed: by the
+# renewer (`python -m pki renew --watch`) on schedule, or by `make pki`. The services warn at a quarter left.
+CRL_VALIDITY = dt.timedelta(days=30)  # the policy's default crl_lifetime, and what `pki revoke` signs for
+RESIGN_AT = 0.5  # of crl_lifetime left
+# RFC 5280 §5.3.1: rather than the reason code `unspecified`, no reason code at all.
 REVOCATION_REASONS = {
     "unspecified": x509.ReasonFlags.unspecified,
     "key-compromise": x509.ReasonFlags.key_compromise,
@@ -48,12 +52,20 @@ REVOCATION_REASONS = {
 }
 
 
-def crl_needs_renewal(layout: Layout) -> bool:
-    """No crl.pem, or one within RENEW_BEFORE of its nextUpdate."""
+def crl_needs_renewal(layout: Layout, lifetime: dt.timedelta = CRL_VALIDITY) -> bool:
+    """No crl.pem; or any CRL in it (one per CA in play: two during a rollover) with less than half of
+    `lifetime` left — or with more than `lifetime` left, signed before the policy shortened it."""
     if not layout.crl.exists():
         return True
-    next_update = load_crl(layout.crl).next_update_utc
-    return next_update is None or next_update - RENEW_BEFORE < now()
+    left = [_time_left(x509.load_pem_x509_crl(block)) for block in crl_blocks(layout.crl.read_bytes())]
+    return not left or any(s is None or s < lifetime * RESIGN_AT or s > lifetime + SLACK for s in left)
+
+
+SLACK = dt.timedelta(seconds=1)  # `now()` drops the fractions of a second the CRL was signed at
+
+
+def _time_left(crl: x509.CertificateRevocationList) -> dt.timedelta | None:
+    return None if crl.next_update_utc is None else crl.next_update_utc - now()
 
 
 def _read_record(layout: Layout) -> dict[str, Any]:
@@ -73,20 +85,13 @@ def _read_record(layout: Layout) -> dict[str, Any]:
         crl = load_crl(layout.crl)
         record["crl_number"] = crl_number(crl)
         record["last_update"] = crl.last_update_utc.isoformat()
-        for entry in crl:
-            try:
-                reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-            except x509.ExtensionNotFound:
-                reason = x509.ReasonFlags.unspecified
-            name = next((k for k, v in REVOCATION_REASONS.items() if v == reason), "unspecified")
-            record["revoked"].append(
-                {"serial": f"{entry.serial_number:x}", "date": entry.revocation_date_utc.isoformat(), "reason": name}
-            )
+        record["revoked"] = [_as_record(entry) for entry in crl]
     return record
 
 
-def write_crl(layout: Layout) -> x509.CertificateRevocationList:
-    """Sign a new CRL with the intermediate from the revocation record: the next number, valid for CRL_VALIDITY.
+def write_crl(layout: Layout, lifetime: dt.timedelta = CRL_VALIDITY) -> x509.CertificateRevocationList:
+    """Sign every CRL whose CA key we hold, valid for `lifetime`, and write them into crl.pem: the
+    intermediate's from the revocation record (returned), and during a CA rollover the other intermediate's.
 
     The CRL lists serial numbers, not names: it revokes one certificate, and a re-issued certificate for
     the same name (a new serial) is unaffected. Numbers and dates only go up, even if crl.pem was lost:
@@ -94,44 +99,102 @@ def write_crl(layout: Layout) -> x509.CertificateRevocationList:
     """
     issuing = load_issuer(layout)
     record = _read_record(layout)
+    previous = load_crl(layout.crl) if layout.crl.exists() else None
+    floor = dt.datetime.fromisoformat(record["last_update"]) if record["last_update"] else None
+    if previous is not None:
+        floor = max(floor or previous.last_update_utc, previous.last_update_utc)
+    number = max(record["crl_number"], crl_number(previous) if previous is not None else 0) + 1
+    crl = _sign(issuing, record["revoked"], number, floor, lifetime)
+    record |= {"crl_number": number, "last_update": crl.last_update_utc.isoformat()}
+    _write_record(layout, record)
+    write_file(layout.crl, _pem(crl) + _resign_other(layout, record["revoked"], lifetime))
+    return crl
+
+
+def first_crl(issuer: CertificateAuthority, lifetime: dt.timedelta = CRL_VALIDITY) -> bytes:
+    """A new intermediate's first CRL: no entries yet, but peers need one to accept its leaves."""
+    return _pem(_sign(issuer, [], 1, None, lifetime))
+
+
+def _resign_other(layout: Layout, record: list[dict[str, Any]], lifetime: dt.timedelta) -> bytes:
+    """During a CA rollover, the other intermediate's CRL, re-signed with its key (rollover/intermediate.key):
+    left as it was, it would expire mid-rollover, and a service refuses a crl.pem with an expired CRL whole.
+
+    It keeps its own entries and takes the record's for certificates that CA signed — and those whose issuer
+    the record does not say (made before it did): serials are random 159-bit numbers, so a serial listed under
+    the other CA revokes nothing else.
+    """
+    path = layout.rollover / "crl.pem"
+    if not path.exists():
+        return b""
+    previous = load_crl(path)
+    cert, key = layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key"
+    try:
+        signer = CertificateAuthority.load(cert, key)
+    except MaterialError as e:
+        raise PKIError(
+            f"{path}: the CRL of {previous.issuer.rfc4514_string()} cannot be re-signed without its CA ({key}: "
+            f"{e}); restore {cert.name} and {key.name} from backup, then run `make rotate-ca` to finish the rollover"
+        ) from None
+    if signer.cert.subject != previous.issuer or not previous.is_signature_valid(signer.cert.public_key()):
+        raise PKIError(f"{path}: not signed by {cert} — the rollover's files do not belong together")
+    key_id = x509.SubjectKeyIdentifier.from_public_key(signer.key.public_key()).digest.hex()
+    its_own = [entry for entry in record if entry.get("issuer_key_id", key_id) in (key_id, "")]
+    entries = {entry["serial"]: entry for entry in [*map(_as_record, previous), *its_own]}
+    crl = _sign(signer, list(entries.values()), crl_number(previous) + 1, previous.last_update_utc, lifetime)
+    write_file(path, _pem(crl))
+    return _pem(crl)
+
+
+def _sign(
+    issuer: CertificateAuthority,
+    entries: list[dict[str, Any]],
+    number: int,
+    floor: dt.datetime | None,
+    lifetime: dt.timedelta,
+) -> x509.CertificateRevocationList:
+    """A CRL valid for `lifetime` from now, its lastUpdate back-dated for slow clocks but later than `floor`."""
     signed = now()
-    number, last_update = record["crl_number"] + 1, signed - CLOCK_SKEW
-    previous_updates = [dt.datetime.fromisoformat(record["last_update"])] if record["last_update"] else []
-    if layout.crl.exists():
-        previous = load_crl(layout.crl)
-        number = max(number, crl_number(previous) + 1)
-        previous_updates.append(previous.last_update_utc)
-    if previous_updates:
+    # Back-dated like certificates (a peer whose clock runs behind must accept it), but never by more than a
+    # quarter of its life: a 20-second CRL back-dated 5 minutes would spend its whole validity in the past.
+    last_update = signed - min(CLOCK_SKEW, dt.timedelta(seconds=lifetime.total_seconds() // 4))
+    if floor is not None:
         # OpenSSL keeps every CRL a running service has loaded and checks against the one with the latest
         # lastUpdate — keeping the *first* on a tie. So each CRL must be strictly newer than the one before,
         # even when two revocations come within the same second.
-        last_update = min(max(last_update, max(previous_updates) + dt.timedelta(seconds=1)), signed)
+        last_update = min(max(last_update, floor + dt.timedelta(seconds=1)), signed)
     builder = (
         x509.CertificateRevocationListBuilder()
-        .issuer_name(issuing.cert.subject)
+        .issuer_name(issuer.cert.subject)
         .last_update(last_update)
-        .next_update(signed + CRL_VALIDITY)
+        .next_update(signed + lifetime)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuing.key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
     )
-    for entry in record["revoked"]:
-        revoked = (
+    for entry in entries:
+        revoked_cert = (
             x509.RevokedCertificateBuilder()
             .serial_number(int(entry["serial"], 16))
             .revocation_date(dt.datetime.fromisoformat(entry["date"]))
-            .add_extension(x509.CRLReason(REVOCATION_REASONS[entry["reason"]]), critical=False)
-            .build()
         )
-        builder = builder.add_revoked_certificate(revoked)
-    crl = builder.sign(issuing.key, hashes.SHA256())
-    record |= {"crl_number": number, "last_update": last_update.isoformat()}
-    _write_record(layout, record)
-    # During a CA rollover the other intermediate's CRL travels along: peers need one for each issuer in play.
-    other = layout.rollover / "crl.pem"
-    write_file(
-        layout.crl, crl.public_bytes(serialization.Encoding.PEM) + (other.read_bytes() if other.exists() else b"")
-    )
-    return crl
+        if (reason := REVOCATION_REASONS[entry["reason"]]) != x509.ReasonFlags.unspecified:  # RFC 5280 §5.3.1
+            revoked_cert = revoked_cert.add_extension(x509.CRLReason(reason), critical=False)
+        builder = builder.add_revoked_certificate(revoked_cert.build())
+    return builder.sign(issuer.key, hashes.SHA256())
+
+
+def _as_record(entry: x509.RevokedCertificate) -> dict[str, str]:
+    """A CRL entry as the record writes it; no reason code is `unspecified` (RFC 5280 §5.3.1)."""
+    try:
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        flag = x509.ReasonFlags.unspecified
+    reason = next((name for name, known in REVOCATION_REASONS.items() if known == flag), "unspecified")
+    return {"serial": f"{entry.serial_number:x}", "date": entry.revocation_date_utc.isoformat(), "reason": reason}
+
+
+def _pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def _write_record(layout: Layout, record: dict[str, Any]) -> None:

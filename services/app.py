@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
-from services.reloader import Reloader
+from services.reloader import CrlFreshness, Reloader
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
@@ -161,7 +161,8 @@ def base_app(
     """
     metrics_guard = Guard(config.name, service_policy(AllowList.load(config.files.metrics_allow_list)), "metrics")
     guards = {**guards, config.files.metrics_allow_list: metrics_guard}
-    _gauges(live)
+    freshness = CrlFreshness(live)
+    _gauges(live, freshness)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -177,8 +178,10 @@ def base_app(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
+        checking = asyncio.create_task(freshness.watch(config.reload_interval))
         yield
         watching.cancel()
+        checking.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         for callee in callees:
             await callee.aclose()
@@ -224,19 +227,14 @@ def base_app(
     return app
 
 
-def _gauges(live: tls.LiveTLS) -> None:
-    # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
+def _gauges(live: tls.LiveTLS, freshness: CrlFreshness) -> None:
+    # An expired CRL makes every handshake with its CA's leaves fail: alert well before (services.reloader).
     Gauge(
         "mesh_crl_next_update_seconds",
-        "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
-        lambda: min(
-            (
-                (crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
-                for crl in live.crls
-                if crl.next_update_utc
-            ),
-            default=None,
-        ),
+        "Seconds until each CRL in force expires (every peer of its CA is refused after that); the renewer "
+        "re-signs it at half its life",
+        freshness.seconds_left,
+        label="issuer",
     )
     Gauge(
         "mesh_certificate_expiry_seconds",
