@@ -18,14 +18,14 @@ from hypothesis import event, example, given, note
 from hypothesis import strategies as st
 
 from tests.fuzz.profiles import examples
-from tests.fuzz.tokens import assert_acceptable, changed, claim_changes, hashable_kid, header_changes
+from tests.fuzz.tokens import assert_acceptable, changed, claim_changes, header_changes
 from tests.support import Mesh, attacker_context, forge, get, identity_of, token_claims
 
 pytestmark = pytest.mark.e2e
 
 
 @examples(15)
-@given(st.one_of(st.just({}), header_changes.filter(hashable_kid)), claim_changes)
+@given(st.one_of(st.just({}), header_changes), claim_changes)
 @example({}, {}).via("the unchanged token: the property is not vacuous")
 @example({}, {"exp": math.nan}).via("found by fuzzing: 500 (ValueError) before the fix")
 @example({}, {"exp": -(10**400)}).via("found by fuzzing: 500 (OverflowError) before the fix")

@@ -95,11 +95,5 @@ def assert_acceptable(
     assert isinstance(claims.get("cnf"), dict) and isinstance(claims["cnf"].get("x5t#S256"), str)
 
 
-# A kid that is a JSON list or object is issue 20 item 8 (its fix belongs to the token helper's branch):
-# the properties leave it out, and test_parsers.py shows it by a strict xfail until that fix lands.
-def hashable_kid(header: dict[str, Any]) -> bool:
-    return not isinstance(header.get("kid"), list | dict)
-
-
 def finite_number(value: Any) -> bool:
     return type(value) is int or (type(value) is float and math.isfinite(value))
