@@ -38,6 +38,7 @@ from shared.tokens import MAX_ACTORS, TokenRefused, verify
 from tests.fuzz.profiles import examples
 from tests.fuzz.tokens import (
     AUDIENCE,
+    DELETE,
     ISSUER,
     KEY,
     KEYS,
@@ -340,12 +341,13 @@ def test_a_lifetime_is_a_whole_number_and_a_unit_or_a_pki_error(scratch: Path, d
 
 
 @examples(200)
-@given(st.one_of(st.just({}), header_changes), claim_changes, signers)
+@given(st.one_of(st.just({}), header_changes), st.one_of(st.just({}), claim_changes), signers)
 @example({}, {"exp": math.nan}, KEY).via("found by fuzzing: ValueError, and a NaN expiry never expires")
 @example({}, {"exp": math.inf}, KEY).via("found by fuzzing: OverflowError")
 @example({}, {"nbf": math.nan}, KEY).via("a NaN not-before was no rule at all")
 @example({}, {"nbf": 10**400}, KEY).via("found by fuzzing the first fix: OverflowError in math.isfinite")
 @example({}, {"exp": -(10**400)}, KEY).via("found by fuzzing: OverflowError in the expiry's message")
+@example({"typ": DELETE}, {}, KEY).via("joserfc does not check typ: verify() must")
 def test_a_token_passes_only_signed_by_us_with_every_claim_rule_met(
     header: dict[str, Any], claims: dict[str, Any], signer: Any
 ) -> None:

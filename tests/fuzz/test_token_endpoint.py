@@ -10,12 +10,10 @@ verify, be bound to the caller, and name a user, audience and scopes the policy 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 import pytest
@@ -148,9 +146,10 @@ def forms(draw: st.DrawFn, service: TokenService, caller: str) -> bytes:
     """A grant's form as `caller` would send it (often one the policy allows), then, half the time, up to three
     fields dropped, replaced, repeated or added."""
     callees = sorted(service.policy.may_call.get(caller, ())) or ["service-a"]
-    # Mostly the grant this caller can get: an edge asks in a user's name, a service exchanges.
-    if draw(st.sampled_from([True, True, True, False])) == (caller in service.policy.edges):
-        pairs = [("grant_type", USER_GRANT), ("user", draw(field_values["user"]))]
+    # Mostly the grant this caller can get (an edge asks in a user's name, a service exchanges); else the other.
+    if draw(st.sampled_from([True, True, False])) == (caller in service.policy.edges):
+        user = draw(st.one_of(st.sampled_from(sorted(service.policy.users)), field_values["user"]))
+        pairs = [("grant_type", USER_GRANT), ("user", user)]
     else:
         pairs = [
             ("grant_type", EXCHANGE_GRANT),
@@ -186,8 +185,9 @@ content_types = st.sampled_from(
 )
 
 
-def check(service: TokenService, caller_name: str, response: httpx.Response) -> None:
-    """Never a 5xx; a refusal is an RFC 6749 error document; a grant is one the token policy allows."""
+def check(service: TokenService, caller_name: str, sent: bytes, response: httpx.Response) -> None:
+    """Never a 5xx; a refusal is an RFC 6749 error document; a grant is one the token policy allows for the form
+    that was `sent` (its fields as any form reader sees them: each named once, or not at all)."""
     note(f"{caller_name}: {response.status_code} {response.text[:300]}")
     event(f"{response.status_code} {response.json().get('error') or response.json().get('title')}")
     assert response.status_code < 500, f"POST /token answered {response.status_code}: {response.text[:500]}"
@@ -195,28 +195,23 @@ def check(service: TokenService, caller_name: str, response: httpx.Response) -> 
     if response.status_code != 200:
         assert response.status_code in (400, 401, 403, 413), response.status_code
         return
-    caller, policy = service.callers[caller_name], service.policy
-    holder = caller_name
-    token = verify(body["access_token"], service.keys, issuer=service.issuer, audience=_audience(body["access_token"]))
+    fields = parse_qs(sent.decode("utf-8", errors="replace"), keep_blank_values=True)
+    form = {name: values[0] for name, values in fields.items() if len(values) == 1}
+    caller, policy, holder = service.callers[caller_name], service.policy, caller_name
+    token = verify(body["access_token"], service.keys, issuer=service.issuer, audience=form.get("audience", ""))
     check_holder(token, caller)  # bound to this caller's certificate, held by it
     assert token.audience in policy.may_call.get(holder, frozenset()), f"{holder} got a token for {token.audience}"
     assert token.subject in policy.users and token.scopes <= policy.users[token.subject]
     assert body["scope"] == " ".join(sorted(token.scopes))
-    if holder not in policy.edges:
-        # Only by exchange: some token we saw granted to this holder, for the same user, at least as wide.
-        assert any(
-            given.audience == holder
-            and given.subject == token.subject
-            and token.scopes <= given.scopes
-            and token.expires_at <= given.expires_at
-            for given in service.given.values()
-        ), f"{holder} is no edge, yet got {token} without a token of its own to exchange"
-
-
-def _audience(raw: str) -> str:
-    """The audience a granted token claims, to verify it against."""
-    payload = raw.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["aud"]
+    if form.get("grant_type") == USER_GRANT:
+        assert holder in policy.edges, f"{holder} is no edge, yet got a token in {token.subject}'s name"
+        assert token.subject == form.get("user")
+    else:
+        assert form.get("grant_type") == EXCHANGE_GRANT, f"a token for the grant {form.get('grant_type')!r}"
+        given = service.given.get(form.get("subject_token", ""))
+        assert given is not None, "an exchange granted for a subject token the service never issued"
+        assert given.audience == holder and given.subject == token.subject, f"{holder} exchanged {given}"
+        assert token.scopes <= given.scopes and token.expires_at <= given.expires_at, "an exchange widened the token"
 
 
 @examples(100)
@@ -225,14 +220,14 @@ def test_post_token_never_fails_and_grants_only_what_the_policy_allows(
     token_service: TokenService, data: st.DataObject, caller: str, content_type: str | None
 ) -> None:
     body = data.draw(forms(token_service, caller), label="body")
-    check(token_service, caller, token_service.post(caller, body, content_type))
+    check(token_service, caller, body, token_service.post(caller, body, content_type))
 
 
 @examples(30)
 @given(raw_bodies, st.sampled_from(CALLERS))
 @example(b"grant_type=%FF%FE&audience=service-a", "client")
 def test_post_token_bytes_that_are_no_form_are_refused(token_service: TokenService, body: bytes, caller: str) -> None:
-    check(token_service, caller, token_service.post(caller, body, "application/x-www-form-urlencoded"))
+    check(token_service, caller, body, token_service.post(caller, body, "application/x-www-form-urlencoded"))
 
 
 def test_the_fuzzed_token_service_grants_at_all(token_service: TokenService) -> None:
