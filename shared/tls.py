@@ -18,7 +18,7 @@ import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -287,18 +287,19 @@ class LiveTLS:
         der = ssl_object.getpeercert(True)
         if not der:
             return None  # no certificate: CERT_REQUIRED refused it already, CERT_OPTIONAL leaves it to the app
-        peer = replace(CallerIdentity.from_der(der), anchor=verified_anchor(ssl_object))
-        if peer.anchor is None and ssl_object.context not in (self.server, self.client):
+        anchor = verified_anchor(ssl_object)
+        if anchor is None and ssl_object.context not in (self.server, self.client):
             return "resumed a session made under trust that has changed since (a full handshake is needed)"
-        return self.refusal(peer)
+        return self.refusal(CallerIdentity.from_der(der), anchor)
 
-    def refusal(self, peer: CallerIdentity) -> str | None:
-        """Why a peer certificate verified earlier would be refused now, or None (set lookups only)."""
-        trust = self.trust
+    def refusal(self, peer: CallerIdentity, anchor: str | None = None) -> str | None:
+        """Why a peer certificate verified earlier, against `anchor` (default: `peer.anchor`), would be refused
+        now, or None. Set lookups only: this runs on every handshake."""
+        trust, anchor = self.trust, anchor or peer.anchor
         if peer.not_after is not None and dt.datetime.now(dt.UTC) > peer.not_after:
             return "certificate has expired"
-        if peer.anchor is not None and peer.anchor not in trust.anchors:
-            return f"its root CA (SHA-256 {peer.anchor[:16]}…) is no longer trusted: it is not in ca.crt"
+        if anchor is not None and anchor not in trust.anchors:
+            return f"its root CA (SHA-256 {anchor[:16]}…) is no longer trusted: it is not in ca.crt"
         if trust.issuers is not None and peer.issuer_key_id not in trust.issuers:
             issuer = peer.issuer_key_id[:16] or "none"
             return f"its issuing CA (key id {issuer}…) is no longer trusted: no CRL of it is in force"

@@ -25,10 +25,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pki import CertificateAuthority, Policy, init, revoke, write_crl
+from pki import CertificateAuthority, Policy, init, load_issuer, revoke, write_crl
 from pki.output import write_file
 from services.local import chain_environments, running
+from shared.certs import load_certificates, thumbprint
+from shared.files import MaterialError
+from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.tls import LiveTLS
 from tests.support import (
     TLS_REFUSALS,
     Credentials,
@@ -37,11 +41,10 @@ from tests.support import (
     attacker_context,
     free_ports,
     get,
+    identity_of,
     start_services,
     wait_until,
 )
-
-pytestmark = pytest.mark.e2e
 
 POLICY = dataclasses.replace(Policy.load(), authorize_by="spiffe-id")  # so that a second CA's client is listed
 RELOAD = {"MESH_RELOAD_INTERVAL": "0.25"}
@@ -123,6 +126,7 @@ def assert_nothing_got_through(mesh: Mesh, marks: dict[str, int], answer: bytes)
 # ── 1. a handshake that straddles a trust change ─────────────────────────────────────────────────────────────
 
 
+@pytest.mark.e2e
 def test_a_handshake_that_straddles_a_revocation_is_refused(layout: Layout, tmp_path: Path) -> None:
     with a_and_b(layout, tmp_path) as mesh:
         service = mesh["service-a"]
@@ -137,6 +141,7 @@ def test_a_handshake_that_straddles_a_revocation_is_refused(layout: Layout, tmp_
         assert [e["reason"] for e in refusals] == ["certificate revoked"]
 
 
+@pytest.mark.e2e
 def test_a_handshake_that_straddles_the_removal_of_its_ca_is_refused(layout: Layout, tmp_path: Path) -> None:
     """A second CA is trusted (its root in ca.crt, its intermediate's CRL in crl.pem) and then taken out of
     ca.crt only: its handshake in flight is refused, and its open keep-alive connection is closed."""
@@ -162,6 +167,7 @@ def test_a_handshake_that_straddles_the_removal_of_its_ca_is_refused(layout: Lay
         assert any(e.get("revoked_connections_closed") == 1 for e in service.events_since(marks["service-a"]))
 
 
+@pytest.mark.e2e
 def test_a_callee_whose_handshake_straddles_its_revocation_gets_no_request(layout: Layout, tmp_path: Path) -> None:
     """service-a calls "service-b" — the real service-b key, in an attacker's hands — which delays its side of
     the handshake until service-b is revoked and A has taken the CRL in: A must not send it the request."""
@@ -204,6 +210,7 @@ def test_a_callee_whose_handshake_straddles_its_revocation_gets_no_request(layou
 # ── 4. a CA is recognised by its key ─────────────────────────────────────────────────────────────────────────
 
 
+@pytest.mark.e2e
 def test_a_new_ca_under_a_running_mesh_is_taken_whole(layout: Layout, tmp_path: Path) -> None:
     """`pki init --force` into the live PKI directory: a new root and intermediate with the old names. The
     services take the new CA whole: the old CA's open connection is cut and its certificate refused, the new
@@ -238,6 +245,68 @@ def test_a_new_ca_under_a_running_mesh_is_taken_whole(layout: Layout, tmp_path: 
         assert mesh.events_since(marks) == {"service-a": [], "service-b": []}
 
 
+# ── the rules themselves, on LiveTLS (no process) ───────────────────────────────────────────────────────────
+
+
+def live_tls(layout: Layout) -> LiveTLS:
+    return LiveTLS(layout.material("service-a"))
+
+
+def peer(layout: Layout, name: str) -> CallerIdentity:
+    """`name`'s identity as a connection records it: with the anchor its chain was verified against."""
+    return dataclasses.replace(identity_of(Credentials(layout.cert(name), layout.key(name))), anchor=anchor(layout))
+
+
+def anchor(layout: Layout) -> str:
+    return thumbprint(load_certificates(layout.ca_cert)[0])
+
+
+def test_revocation_expiry_and_anchors_are_rechecked_by_key(layout: Layout) -> None:
+    live = live_tls(layout)
+    client = peer(layout, "client")
+    assert live.refusal(client) is None
+    revoke(layout, "client")
+    live.reload()
+    assert live.refusal(client) == "certificate revoked"
+    assert live.refusal(dataclasses.replace(client, serial=client.serial + 1)) is None  # a serial, not a name
+    service_b = peer(layout, "service-b")
+    assert live.refusal(dataclasses.replace(service_b, not_after=dt.datetime.now(dt.UTC))) == "certificate has expired"
+    assert "not in ca.crt" in (live.refusal(dataclasses.replace(service_b, anchor="00" * 32)) or "")
+    # The issuer is its key: the same issuer name with another key id has no CRL in force.
+    assert "no CRL of it is in force" in (live.refusal(dataclasses.replace(service_b, issuer_key_id="ab" * 20)) or "")
+
+
+def test_a_new_ca_with_the_old_names_is_a_new_issuer(layout: Layout) -> None:
+    """`pki init --force`: its first CRL (number 1) is not an "older CRL from the same issuer" than the old CA's
+    number 3 — the keys differ — so it is taken, and the old CA's certificates are refused."""
+    write_crl(layout), write_crl(layout)
+    live = live_tls(layout)
+    old_client = peer(layout, "client")
+    init(layout, POLICY, force=True)
+    live.reload()
+    assert "its root CA" in (live.refusal(old_client) or "")  # by fingerprint: the old root left ca.crt
+    assert "its issuing CA" in (live.refusal(dataclasses.replace(old_client, anchor=None)) or "")  # by key id
+    assert live.refusal(peer(layout, "client")) is None
+
+
+def test_an_older_crl_of_the_same_key_is_refused_naming_the_fix(layout: Layout) -> None:
+    live = live_tls(layout)
+    older = layout.crl.read_bytes()
+    revoke(layout, "client")
+    live.reload()
+    write_file(layout.crl, older)
+    with pytest.raises(MaterialError, match=r"the same key as the one in force.*un-revoke.*run `make pki`"):
+        live.reload()
+    assert live.refusal(peer(layout, "client")) == "certificate revoked"  # and nothing changed
+
+
+def test_an_expired_crl_is_refused_naming_the_fix(layout: Layout) -> None:
+    issuer = load_issuer(layout)
+    write_file(layout.crl, empty_crl(issuer, next_update=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)))
+    with pytest.raises(MaterialError, match=r"crl.pem: the CRL of CN=.* expired on .* run `make pki` to re-sign it"):
+        live_tls(layout)
+
+
 def _copy(layout: Layout, name: str, directory: Path) -> tuple[Path, Path]:
     """A copy of `name`'s certificate and key (and of ca.crt), as they are now: the old CA's, soon."""
     directory.mkdir()
@@ -247,13 +316,13 @@ def _copy(layout: Layout, name: str, directory: Path) -> tuple[Path, Path]:
     return directory / "client.crt", directory / "client.key"
 
 
-def empty_crl(issuer: CertificateAuthority) -> bytes:
+def empty_crl(issuer: CertificateAuthority, next_update: dt.datetime | None = None) -> bytes:
     now = dt.datetime.now(dt.UTC)
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.cert.subject)
-        .last_update(now - dt.timedelta(minutes=1))
-        .next_update(now + dt.timedelta(days=1))
+        .last_update(now - dt.timedelta(minutes=2))
+        .next_update(next_update or now + dt.timedelta(days=1))
         .add_extension(x509.CRLNumber(1), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
         .sign(issuer.key, hashes.SHA256())
