@@ -29,11 +29,12 @@ class CallerIdentity:
     client_auth: bool  # the certificate was issued for TLS client authentication (EKU clientAuth)
     issuer: str = ""  # RFC 4514; informative only: a new CA may carry the old one's name
     serial: int = 0
-    # The issuing CA's key identifier (the leaf's AKI, hex): with the serial, what a CRL in force names.
+    # The issuing CA's key identifier (hex): with the serial, what a CRL in force names. The leaf's AKI here;
+    # per connection, the key of the CA its chain was verified with (shared.tls.connection_peer).
     issuer_key_id: str = ""
     not_after: dt.datetime | None = None
     # SHA-256 of the CA certificate the chain was verified against: known per connection, not per certificate
-    # (shared.peer fills it in), and None when the handshake resumed a session, which carries no chain.
+    # (shared.tls.connection_peer), and None when the handshake resumed a session, which carries no chain.
     anchor: str | None = None
 
     @classmethod

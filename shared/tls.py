@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import _ssl
 import datetime as dt
+import functools
 import hashlib
 import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -284,22 +285,20 @@ class LiveTLS:
         since: a revocation, a CA retired or replaced. A resumed session carries no chain to name its CA: it
         passes only on the context in force, under which the full handshake it resumes was made.
         """
-        der = ssl_object.getpeercert(True)
-        if not der:
+        peer = connection_peer(ssl_object)
+        if peer is None:
             return None  # no certificate: CERT_REQUIRED refused it already, CERT_OPTIONAL leaves it to the app
-        anchor = verified_anchor(ssl_object)
-        if anchor is None and ssl_object.context not in (self.server, self.client):
+        if peer.anchor is None and ssl_object.context not in (self.server, self.client):
             return "resumed a session made under trust that has changed since (a full handshake is needed)"
-        return self.refusal(CallerIdentity.from_der(der), anchor)
+        return self.refusal(peer)
 
-    def refusal(self, peer: CallerIdentity, anchor: str | None = None) -> str | None:
-        """Why a peer certificate verified earlier, against `anchor` (default: `peer.anchor`), would be refused
-        now, or None. Set lookups only: this runs on every handshake."""
-        trust, anchor = self.trust, anchor or peer.anchor
+    def refusal(self, peer: CallerIdentity) -> str | None:
+        """Why a peer verified earlier would be refused now, or None. Set lookups only: it runs on every handshake."""
+        trust = self.trust
         if peer.not_after is not None and dt.datetime.now(dt.UTC) > peer.not_after:
             return "certificate has expired"
-        if anchor is not None and anchor not in trust.anchors:
-            return f"its root CA (SHA-256 {anchor[:16]}…) is no longer trusted: it is not in ca.crt"
+        if peer.anchor is not None and peer.anchor not in trust.anchors:
+            return f"its root CA (SHA-256 {peer.anchor[:16]}…) is no longer trusted: it is not in ca.crt"
         if trust.issuers is not None and peer.issuer_key_id not in trust.issuers:
             issuer = peer.issuer_key_id[:16] or "none"
             return f"its issuing CA (key id {issuer}…) is no longer trusted: no CRL of it is in force"
@@ -308,20 +307,32 @@ class LiveTLS:
         return None
 
 
-def verified_anchor(ssl_object: ssl.SSLObject) -> str | None:
-    """SHA-256 of the CA certificate OpenSSL verified this connection's peer against; None if resumed.
+def connection_peer(ssl_object: ssl.SSLObject) -> CallerIdentity | None:
+    """The peer of this connection, with the CAs its chain was verified with: the CA certificate it chained to
+    (`anchor`) and the key of the CA that issued it — what OpenSSL verified, not what the leaf claims (a leaf
+    need not carry an AKI). A resumed session has no chain: then no anchor, and the issuer key the leaf names.
 
     Python 3.13 has `get_verified_chain()` (DER bytes); 3.10 to 3.12 have it on the inner `_sslobj` only
     (certificate objects). A blocking socket (the CLI client's) is that inner object itself.
     """
+    der = ssl_object.getpeercert(True)
+    if not der:
+        return None
+    peer = CallerIdentity.from_der(der)
     get_chain = getattr(ssl_object, "get_verified_chain", None) or getattr(
         getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
     )
-    chain = get_chain() if get_chain is not None else None
+    chain = [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in (get_chain() or [])]
     if not chain:
-        return None
-    root = chain[-1]
-    return hashlib.sha256(root if isinstance(root, bytes) else root.public_bytes(_ssl.ENCODING_DER)).hexdigest()
+        return peer
+    issuer = chain[1] if len(chain) > 1 else chain[0]  # a chain of one: a self-signed certificate we trust as such
+    return replace(peer, anchor=hashlib.sha256(chain[-1]).hexdigest(), issuer_key_id=_key_id(issuer))
+
+
+@functools.lru_cache(maxsize=64)
+def _key_id(der: bytes) -> str:
+    """The key id (hex) of a CA certificate: parsed once, since every peer of a mesh shows the same few CAs."""
+    return (key_id(x509.load_der_x509_certificate(der)) or b"").hex()
 
 
 @contextmanager
