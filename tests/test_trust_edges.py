@@ -86,7 +86,9 @@ class HeldBackHandshake:
                 break
             except ssl.SSLWantReadError:
                 self.sock.sendall(self.outgoing.read())  # the ClientHello
-                self.incoming.write(self.sock.recv(65536))  # the server's flight, up to its Finished
+                if not (flight := self.sock.recv(65536)):  # the server's flight, up to its Finished
+                    raise AssertionError("the server closed the connection during the handshake") from None
+                self.incoming.write(flight)
         self.last_flight = self.outgoing.read()
         assert self.last_flight, "the client's Certificate, CertificateVerify and Finished are held back"
 
@@ -98,10 +100,12 @@ class HeldBackHandshake:
             self.sock.sendall(self.last_flight + self.outgoing.read())
             while chunk := self.sock.recv(65536):
                 self.incoming.write(chunk)
-                while True:
-                    answer += self.tls.read(65536)
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-            pass
+                try:
+                    while data := self.tls.read(65536):
+                        answer += data
+                except ssl.SSLWantReadError:
+                    continue
+                break  # read() gave b"": the server's close_notify
         except (ssl.SSLError, OSError):
             pass  # reset or torn down: the server said nothing more
         finally:
