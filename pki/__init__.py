@@ -4,7 +4,7 @@ One entry point, `python -m pki` (`make pki` runs `init`); as a library::
 
     from pki import CertificateAuthority, Policy, init, revoke
     init(Layout(Path("pki/out")))                  # CA, identities, CRL, allow-lists, from policy.toml
-    revoke(Layout(Path("pki/out")), "service-b", "key-compromise")
+    revoke(Layout(Path("pki/out")), "service-b", "key-compromise")   # every certificate it was ever issued
 
 One module per task:
 
@@ -12,7 +12,9 @@ One module per task:
     policy       policy.toml: which identities exist and who may call whom
     identities   init (make pki) and issue: the mesh's identities, and the rules for their names and SANs
     allowlists   the policy rendered into allow/<service>.txt
+    ledger       every certificate issued: what `revoke NAME` revokes, what `list` shows
     revocation   the revocation record and the CRL rendered from it
+    lock         the one lock every writer of pki/out holds (commands, renewer ticks, rollover stages)
     rotation     a new key and certificate without failing a request (begin, finish, retire)
     renewal      the same, by itself, at half a certificate's life (`renew --watch`)
     rollover     a new CA, live: publish, issue, retire, each behind a gate (`rotate-ca`)
@@ -28,8 +30,8 @@ from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer,
 from pki.deploy import deploy
 from pki.identities import init, issue_identity, parse_san
 from pki.policy import POLICY_FILE, Policy
-from pki.revocation import REVOCATION_REASONS, revoke, write_crl
-from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
+from pki.revocation import REVOCATION_REASONS, revoke, revoke_certificate, revoke_serial, write_crl
+from pki.rotation import ROTATION_GRACE, replace_now, retire, rotate_begin, rotate_finish
 
 __all__ = [
     "POLICY_FILE",
@@ -46,8 +48,11 @@ __all__ = [
     "new_key",
     "parse_san",
     "render_allow_lists",
+    "replace_now",
     "retire",
     "revoke",
+    "revoke_certificate",
+    "revoke_serial",
     "rotate_begin",
     "rotate_finish",
     "self_signed",

@@ -4,33 +4,56 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from pki import ledger
 from pki.allowlists import render_allow_lists
-from pki.authority import PKIError
+from pki.authority import Identity, PKIError
 from pki.deploy import deploy
-from pki.identities import init, issue_identity
+from pki.identities import discarded_by_force, init, issue_identity
+from pki.lock import pki_lock
 from pki.policy import POLICY_FILE, Policy
 from pki.renewal import Renewer
-from pki.revocation import REVOCATION_REASONS, revoke, revoked_in_place
+from pki.revocation import (
+    REVOCATION_REASONS,
+    revoke,
+    revoke_certificate,
+    revoke_serial,
+    revoked,
+    revoked_in_place,
+)
 from pki.rollover import RollOver, run_command
-from pki.rotation import ROTATION_GRACE, retire, rotate_begin, rotate_finish
+from pki.rotation import ROTATION_GRACE, replace_now, retire, rotate_begin, rotate_finish
 from shared import log
+from shared.allowlist import AllowList
 from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
 from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
 
+# Commands that only read pki/out take no lock; `renew` takes it for each tick and `rotate-ca` for each stage
+# (a lock held for ever by `renew --watch` would shut every other command out). Every other command holds
+# it from start to end, so that no two writers of pki/out ever interleave (pki.lock).
+READ_ONLY = {"inspect", "fingerprint", "list"}
+LOCKS_ITSELF = {"renew", "rotate-ca"}
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    layout = Layout(args.out)
     try:
-        COMMANDS[args.command](args, Layout(args.out))
+        if args.command in READ_ONLY | LOCKS_ITSELF:
+            COMMANDS[args.command](args, layout)
+        else:
+            with pki_lock(layout, f"python -m pki {args.command}"):
+                COMMANDS[args.command](args, layout)
     except (PKIError, MaterialError, ValueError) as e:
         print(f"pki: {e}", file=sys.stderr)
         return 1
@@ -53,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="create the CA, every identity in the policy and the allow-lists (keeps what exists)",
         description="Create what is missing under --out: root and intermediate CA, one certificate and key per "
         "identity named in the policy, and one allow-list per service. Existing material is kept, so it is "
-        "safe to run again; a leaf within 7 days of expiry is re-issued.",
+        "safe to run again; a leaf within 7 days of expiry is re-issued. Half a CA (a key without its "
+        "certificate, or the reverse) is refused, never replaced.",
     )
-    p.add_argument("--force", action="store_true", help="throw everything away and start a new CA")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="throw the CA away and start a new one: every identity re-issued, every revocation forgotten (says what)",
+    )
     p.add_argument("--key-type", choices=["ecdsa", "rsa"], default="ecdsa", help="ECDSA P-256 (default) or RSA-2048")
 
     p = commands.add_parser(
@@ -63,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="issue a new identity signed by our intermediate (on no allow-list until the policy says so)",
         description="Issue NAME.crt and NAME.key (0600) under --out, signed by our intermediate. The certificate "
         "chains to ca.crt, so TLS accepts it everywhere; no service lets it in until the policy lists it. "
-        "That is the point: being trusted by the CA is not the same as being allowed.",
+        "That is the point: being trusted by the CA is not the same as being allowed. An existing identity is "
+        "refused: a new key for it is `make rotate NAME=…`.",
     )
     p.add_argument("name")
     p.add_argument(
@@ -75,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-only", action="store_true", help="clientAuth only, no localhost SANs (like `client`)")
     p.add_argument("--key-type", choices=["ecdsa", "rsa"], default=None, help="default: the CA's key type")
 
-    p = commands.add_parser("inspect", help="show subject, SANs, EKU, validity, issuer and thumbprint")
+    p = commands.add_parser("inspect", help="show subject, SANs, EKU, validity, issuer, thumbprint, revocation")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
 
     p = commands.add_parser("fingerprint", help="print the SHA-256 thumbprint of the (first) certificate in FILE")
@@ -85,13 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "revoke",
-        help="put an identity's current certificate on the CRL (pki/out/crl.pem)",
-        description="Add NAME's current certificate to the intermediate's CRL (CRL number incremented, signed "
-        "by the intermediate). Running services re-read the CRL within a second: new handshakes with the "
-        "certificate fail, and open connections that used it are closed.",
+        help="revoke every certificate NAME was ever issued and give it a fresh one (--serial/--cert: just one)",
+        description="Put every unexpired certificate the ledger (issued.json) has for NAME on the intermediate's "
+        "CRL — not only the one in place: after a renewal, a stolen copy of the old one is still valid — then "
+        "issue NAME a fresh key and certificate and re-render the allow-lists. Running services re-read the "
+        "CRL within a second: new handshakes with a revoked certificate fail, and open connections that used "
+        "it are closed. --serial S or --cert FILE revoke that one certificate only.",
     )
-    p.add_argument("name")
-    p.add_argument("--reason", choices=sorted(REVOCATION_REASONS), default="unspecified")
+    p.add_argument("name", nargs="?", help="the identity (omit with --serial or --cert)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--serial", type=lambda text: int(text.replace(":", ""), 16), help="a serial number, in hex")
+    which.add_argument("--cert", type=Path, metavar="FILE", help="a certificate file (e.g. a copy found elsewhere)")
+    p.add_argument(
+        "--reason",
+        choices=sorted(REVOCATION_REASONS),
+        default="unspecified",
+        help="the CRL entries' reason code; unspecified (the default) writes none, as RFC 5280 §5.3.1 asks",
+    )
+
+    p = commands.add_parser(
+        "list",
+        help="every identity and its certificates: serial, expiry, issuer, revoked or not, on which allow-lists",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable")
 
     p = commands.add_parser(
         "rotate",
@@ -158,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_init(args: argparse.Namespace, layout: Layout) -> None:
     policy = Policy.load(args.policy)
+    if args.force and (lost := discarded_by_force(layout)):
+        print(f"init --force: throwing away {'; '.join(lost)}")
     created = init(layout, policy, key_type=args.key_type, force=args.force)
     print(f"created: {', '.join(created)}" if created else f"{shown(args.out)}: up to date, nothing created")
     print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
@@ -180,7 +227,7 @@ def cmd_issue(args: argparse.Namespace, layout: Layout) -> None:
 
 def cmd_inspect(args: argparse.Namespace, layout: Layout) -> None:
     for path in args.files:
-        print(describe(path))
+        print(describe(path, layout))
 
 
 def cmd_fingerprint(args: argparse.Namespace, layout: Layout) -> None:
@@ -188,8 +235,98 @@ def cmd_fingerprint(args: argparse.Namespace, layout: Layout) -> None:
 
 
 def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
-    serial = revoke(layout, args.name, args.reason)
-    print(f"revoked {args.name} (serial {serial:x}, reason {args.reason}) in {shown(layout.crl)}")
+    policy = Policy.load(args.policy)
+    said = "no reason given" if args.reason == "unspecified" else f"reason {args.reason}"  # RFC 5280 §5.3.1
+    one = args.serial is not None or args.cert is not None
+    if one == bool(args.name):
+        raise PKIError("name the identity to revoke (all of its certificates), or give --serial S or --cert FILE")
+    if one:
+        entry = revoke_serial(layout, args.serial, args.reason) if args.cert is None else None
+        entry = entry or revoke_certificate(layout, args.cert, args.reason)
+        name = entry.name
+        print(f"revoked {name}'s certificate {entry.serial} ({said}) in {shown(layout.crl)}")
+    else:
+        name = args.name
+        serials = revoke(layout, name, args.reason)
+        listed = ", ".join(f"{serial:x}" for serial in serials)
+        print(f"revoked every unexpired certificate of {name} ({listed}; {said}) in {shown(layout.crl)}")
+    if fresh := _take_revoked_out_of_use(layout, policy, name):
+        print(f"{name}: fresh key and certificate in place, sha256 {fresh.sha256}")
+    print(
+        "next: services that read pki/out (make run) refuse the revoked certificates within a second; the "
+        "Docker mesh gets them from `make revoke` (or `docker compose run --rm --no-deps pki`). "
+        f"`python -m pki list` shows {name}'s certificates."
+    )
+
+
+def _take_revoked_out_of_use(layout: Layout, policy: Policy, name: str) -> Identity | None:
+    """A revoked certificate is neither presented nor listed: drop it from next/ and previous/ (by thumbprint it
+    would stay on the allow-lists), and put a fresh one in place of the one in use. Returns the fresh one."""
+    serials = revoked(layout)
+
+    def is_revoked(path: Path) -> bool:
+        return path.exists() and f"{load_certificates(path)[0].serial_number:x}" in serials
+
+    if is_revoked(layout.next_cert(name)):
+        layout.next_cert(name).unlink()
+        layout.next_key(name).unlink(missing_ok=True)
+    if is_revoked(layout.previous_cert(name)):
+        layout.previous_cert(name).unlink()
+    fresh = replace_now(layout, policy, name) if is_revoked(layout.cert(name)) else None
+    render_allow_lists(layout, policy)
+    return fresh
+
+
+def cmd_list(args: argparse.Namespace, layout: Layout) -> None:
+    identities = inventory(layout, Policy.load(args.policy))
+    if args.json:
+        print(json.dumps(identities, indent=2))
+        return
+    for name, certificates in identities.items():
+        print(name + ("" if certificates else "  (no certificate in the ledger)"))
+        for c in certificates:
+            state = f"REVOKED ({c['revoked']['reason']})" if c["revoked"] else "valid"
+            if c["expired"]:
+                state = "expired" + (" and revoked" if c["revoked"] else "")
+            where = f", {c['where']}" if c["where"] else ""
+            allowed = ", ".join(c["allow_lists"]) or "none"
+            print(
+                f"  serial {c['serial']}  until {c['not_after']:.16}Z  issuer key {c['issuer_key_id'][:16]}  "
+                f"{state}{where}  allow-lists: {allowed}"
+            )
+
+
+def inventory(layout: Layout, policy: Policy) -> dict[str, list[dict[str, object]]]:
+    """Every identity (the policy's, then any other the ledger knows) → its certificates, oldest first."""
+    serials = revoked(layout)
+    allow_lists = {path.stem: AllowList.load(path) for path in sorted((layout.out / "allow").glob("*.txt"))}
+    places = {
+        "in place": layout.cert,
+        "next (rotation under way)": layout.next_cert,
+        "previous (until retired)": layout.previous_cert,
+    }
+    at = dt.datetime.now(dt.UTC)
+    result: dict[str, list[dict[str, object]]] = {name: [] for name in [*policy.services, *policy.clients]}
+    for entry in ledger.entries(layout):
+        in_use = [
+            where
+            for where, path in places.items()
+            if path(entry.name).exists() and thumbprint(load_certificates(path(entry.name))[0]) == entry.sha256
+        ]
+        result.setdefault(entry.name, []).append(
+            {
+                **asdict(entry),
+                "expired": entry.expires <= at,
+                "revoked": serials.get(entry.serial),
+                "where": ", ".join(in_use),
+                "allow_lists": [
+                    service
+                    for service, allow in allow_lists.items()
+                    if entry.sha256 in allow or entry.spiffe_id in {str(i) for i in allow.ids}
+                ],
+            }
+        )
+    return result
 
 
 def cmd_rotate(args: argparse.Namespace, layout: Layout) -> None:
@@ -265,6 +402,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Layout], None]] = {
     "init": cmd_init,
     "issue": cmd_issue,
     "inspect": cmd_inspect,
+    "list": cmd_list,
     "fingerprint": cmd_fingerprint,
     "revoke": cmd_revoke,
     "rotate": cmd_rotate,
@@ -287,9 +425,11 @@ def shown(path: Path) -> Path:
         return path
 
 
-def describe(path: Path) -> str:
-    """A human summary of every certificate in a PEM file."""
+def describe(path: Path, layout: Layout | None = None) -> str:
+    """A human summary of every certificate in a PEM file; with `layout`, whether its CA revoked them."""
     certs = load_certificates(path)
+    serials = revoked(layout) if layout is not None and layout.revocations.exists() else {}
+    issued = {e.serial for e in ledger.entries(layout)} if layout is not None and layout.out.is_dir() else set()
     blocks = []
     for i, cert in enumerate(certs, 1):
         rows = {
@@ -303,6 +443,12 @@ def describe(path: Path) -> str:
             "CA": "yes" if is_ca(cert) else "no",
             "sha256": thumbprint(cert),
         }
+        if layout is not None and not is_ca(cert):
+            serial = f"{cert.serial_number:x}"
+            if entry := serials.get(serial):
+                rows["revoked"] = f"YES, {entry['date']:.19}Z ({entry['reason']})"
+            else:
+                rows["revoked"] = "no" if serial in issued else f"unknown: not in {shown(layout.ledger)}"
         heading = f"{path}" + (f"  (certificate {i} of {len(certs)})" if len(certs) > 1 else "")
         blocks.append(heading + "\n" + "\n".join(f"  {k:<8} {v}" for k, v in rows.items()))
     return "\n\n".join(blocks)

@@ -175,15 +175,15 @@ class CertificateAuthority(Identity):
             *(x509.UniformResourceIdentifier(u) for u in uris),
         ]
         ekus = [EKU_OIDS[f"{u}Auth"] for u in usages]  # server → serverAuth, client → clientAuth
-        digital_signature_only = isinstance(key, ec.EllipticCurvePrivateKey)
         builder = (
             self._builder(name, key, not_before or start - CLOCK_SKEW, not_after or start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
+                    # Signatures only, for ECDSA and RSA keys alike: every suite we allow is (EC)DHE, so no peer
+                    # encrypts a key to an RSA leaf (keyEncipherment), and RFC 5280 lints flag it beside TLS EKUs.
                     digital_signature=True,
-                    # RSA key exchange (TLS 1.2 without ECDHE) needs keyEncipherment; ECDSA keys never do.
-                    key_encipherment=not digital_signature_only,
+                    key_encipherment=False,
                     content_commitment=False,
                     data_encipherment=False,
                     key_agreement=False,

@@ -4,7 +4,8 @@
     issue_identity(Layout(), Policy.load(), "billing", client_only=True)
 
 A service is reached by its name: its certificate carries `DNS:<name>` (callers check it), plus
-`DNS:localhost` and `IP:127.0.0.1` for `make run`; every identity carries `spiffe://<trust-domain>/<name>`.
+`DNS:localhost` and `IP:127.0.0.1` where the policy's loopback_sans says so (`make run`, not Docker or
+Kubernetes); every identity carries `spiffe://<trust-domain>/<name>`.
 Peers identify a service by these Subject Alternative Names, never by the Common Name (RFC 6125).
 """
 
@@ -12,36 +13,47 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from pki import ledger
 from pki.allowlists import render_allow_lists
 from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer, now
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
-from shared.certs import KeyType, load_certificates
+from shared.certs import KeyType, load_certificates, subject_alt_names
 from shared.layout import Layout
 
-__all__ = ["SAN_KINDS", "init", "issue_identity", "parse_san", "service_sans"]
+__all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_san", "service_sans"]
 
 # `init` re-issues a leaf that is this close to expiry.
 RENEW_BEFORE = dt.timedelta(days=7)
 # How `python -m pki inspect` labels a SAN → the keyword `CertificateAuthority.issue` takes it by.
 SAN_KINDS = {"DNS": "dns", "IP": "ips", "URI": "uris"}
+LOOPBACK_DNS, LOOPBACK_IP = "localhost", "127.0.0.1"
 
 
-def service_sans(name: str) -> dict[str, list[str]]:
-    """A service is reached by its name inside the mesh, and by localhost/127.0.0.1 when run locally."""
-    return {"dns": [name, "localhost"], "ips": ["127.0.0.1"]}
+def service_sans(name: str, policy: Policy) -> dict[str, list[str]]:
+    """A service is reached by its name inside the mesh; by localhost/127.0.0.1 only on one machine
+    (policy.loopback_sans): in a container or a pod, a name that every process has would prove nothing."""
+    if policy.loopback_sans:
+        return {"dns": [name, LOOPBACK_DNS], "ips": [LOOPBACK_IP]}
+    return {"dns": [name], "ips": []}
 
 
-def _needs_renewal(path: Path) -> bool:
+def _needs_renewal(path: Path, policy: Policy, name: str) -> bool:
+    """Missing, close to expiry, or a service's certificate with loopback SANs where the deployment wants none
+    (a pki/out made by `make run`, then used by Docker or Kubernetes). Not the other way round: no caller
+    needs them (every caller checks the service's name), and renewals keep a certificate's SANs as they are."""
     if not path.exists():
         return True
     leaf = load_certificates(path)[0]
-    return leaf.not_valid_after_utc - RENEW_BEFORE < now()
+    loopback = {("DNS", LOOPBACK_DNS), ("IP", LOOPBACK_IP)} & set(subject_alt_names(leaf))
+    unwanted = name in policy.services and not policy.loopback_sans and bool(loopback)
+    return unwanted or leaf.not_valid_after_utc - RENEW_BEFORE < now()
 
 
 def init(
@@ -55,16 +67,21 @@ def init(
 
     Existing material is kept, so running it twice changes nothing: a thumbprint that was already on an
     allow-list stays valid. A leaf close to expiry is re-issued. Returns what was created, for the log.
+
+    A new CA is made only where there is none at all. Half a CA — a key without its certificate, or the
+    reverse — or a revocation record without a CA is refused: replacing it would re-issue every identity
+    under a new CA and forget every revocation, quietly. Only `force` throws the old CA away (see
+    `discarded_by_force` for what that loses).
     """
     policy = policy or Policy.load()
     created: list[str] = []
-    if force or not layout.ca_cert.exists() or not layout.intermediate_cert.exists():
+    if force or _no_ca(layout):
         # A new CA: nothing of the old one may linger — not its rotation leftovers (they would stay listed),
-        # not its revocations (its serials mean nothing to the new intermediate), not its CRL.
-        for leftover in (layout.out / "next", layout.out / "previous"):
+        # not its revocations and ledger (its serials mean nothing to the new intermediate), not its CRL.
+        for leftover in (layout.out / "next", layout.out / "previous", layout.rollover):
             shutil.rmtree(leftover, ignore_errors=True)
-        layout.revocations.unlink(missing_ok=True)
-        layout.crl.unlink(missing_ok=True)
+        for record in (layout.revocations, layout.ledger, layout.crl):
+            record.unlink(missing_ok=True)
         root = CertificateAuthority.root(key_type=key_type)
         issuing = root.intermediate()
         write_file(layout.ca_key, root.key_pem(), private=True)
@@ -74,14 +91,58 @@ def init(
         created += ["ca", "intermediate"]
         force = True  # identities signed by an old CA would no longer verify
     for name in policy.services + policy.clients:
-        if force or _needs_renewal(layout.cert(name)):
-            issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type)
+        if force or _needs_renewal(layout.cert(name), policy, name):
+            issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type, replace=True)
             created.append(name)
-    if crl_needs_renewal(layout):
-        write_crl(layout)  # from the revocation record: a lost crl.pem comes back with every revocation
+    if crl_needs_renewal(layout, policy.crl_lifetime):
+        # From the revocation record: a lost crl.pem comes back with every revocation.
+        write_crl(layout, policy.crl_lifetime)
         created.append("crl")
     render_allow_lists(layout, policy)
     return created
+
+
+def _ca_files(layout: Layout) -> list[Path]:
+    return [layout.ca_cert, layout.ca_key, layout.intermediate_cert, layout.intermediate_key]
+
+
+def _no_ca(layout: Layout) -> bool:
+    """True when there is no CA at all and nothing that belonged to one; refuses (PKIError) half of one."""
+    present = [path for path in _ca_files(layout) if path.exists()]
+    if present and len(present) < len(_ca_files(layout)):
+        missing = [path for path in _ca_files(layout) if not path.exists()]
+        raise PKIError(
+            f"half a CA in {layout.out}: {', '.join(p.name for p in present)} present, "
+            f"{', '.join(p.name for p in missing)} missing. Nothing was changed: a new CA would re-issue every "
+            "identity and forget every revocation. Restore the missing file(s) from backup; or, to throw this CA "
+            "away for good, run `python -m pki init --force` (`make pki-force`), which lists what it discards"
+        )
+    if present:
+        return False
+    records = [path for path in (layout.revocations, layout.ledger) if path.exists()]
+    if records:
+        raise PKIError(
+            f"no CA in {layout.out}, but {' and '.join(p.name for p in records)} of one: restore ca.crt, ca.key, "
+            "intermediate.crt and intermediate.key from backup; or, to start a new CA and drop its revocations, "
+            "run `python -m pki init --force` (`make pki-force`)"
+        )
+    return True
+
+
+def discarded_by_force(layout: Layout) -> list[str]:
+    """What `init --force` throws away, in words: said before it happens."""
+    lost = [path.name for path in _ca_files(layout) if path.exists()]
+    if layout.revocations.exists():
+        try:
+            count = len(json.loads(layout.revocations.read_text())["revoked"])
+            lost.append(f"{layout.revocations.name} ({count} revocations: those certificates are forgotten)")
+        except (OSError, ValueError, KeyError, TypeError):
+            lost.append(f"{layout.revocations.name} (unreadable)")
+    if layout.ledger.exists():
+        lost.append(f"{layout.ledger.name} (the ledger of issued certificates)")
+    lost += [f"{d.name}/ (a rotation or rollover under way)" for d in (layout.out / "next", layout.out / "previous",
+             layout.rollover) if d.is_dir() and any(d.iterdir())]  # fmt: skip
+    return lost
 
 
 def issue_identity(
@@ -92,17 +153,27 @@ def issue_identity(
     extra_sans: Sequence[str] = (),
     client_only: bool = False,
     key_type: KeyType | None = None,
+    replace: bool = False,
 ) -> Identity:
     """Issue `name` from our intermediate and write it into the layout. It is on no allow-list by itself.
+
+    An identity that exists is not replaced unless `replace` (init re-issuing an expiring leaf): overwriting a
+    running service's key takes it down. A new key for an existing identity is a rotation (`make rotate`).
 
     Extra SANs may add addresses, never another identity: callers check a callee by its name, so a
     certificate for `billing` that also said `DNS:service-b` would pass as service-b. The SPIFFE ID always
     comes from `name`.
     """
     check_identity_name(name)
+    if not replace and (layout.cert(name).exists() or layout.key(name).exists()):
+        raise PKIError(
+            f"{name} exists ({layout.cert(name)}): issuing again would overwrite the key it runs with. For a new "
+            f"key and certificate without failing a request: `make rotate NAME={name}`; if its key was stolen: "
+            f"`python -m pki revoke {name}` (revokes every certificate it has and issues a fresh one)"
+        )
     sans: dict[str, list[str]] = {"dns": [], "ips": [], "uris": [policy.spiffe_id(name)]}
     if not client_only:
-        for kind, values in service_sans(name).items():
+        for kind, values in service_sans(name, policy).items():
             sans[kind] += values
     others = (set(policy.services) | set(policy.clients)) - {name}
     for san in extra_sans:
@@ -122,6 +193,7 @@ def issue_identity(
         key_type=key_type,
         lifetime=policy.leaf_lifetime,
     )
+    ledger.record(layout, name, identity.cert)
     identity.write(layout.out, name)
     return identity
 

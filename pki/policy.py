@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ __all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 
 POLICY_FILE = Path(__file__).with_name("policy.toml")
 AUTHORIZE_BY = ("thumbprint", "spiffe-id")
+MIN_CRL_LIFETIME = dt.timedelta(seconds=10)
 # These file names belong to the CA itself; an identity may not take them.
 RESERVED_NAMES = frozenset(
     {"ca", "intermediate", "crl", "allow", "next", "previous", "metrics", "revocations", "rollover"}
@@ -25,13 +27,24 @@ RESERVED_NAMES = frozenset(
 IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
-def parse_duration(text: str) -> dt.timedelta:
+def parse_duration(text: str, key: str = "leaf_lifetime") -> dt.timedelta:
     """ "90d", "1h", "3m", "30s" → a timedelta; ValueError for anything else."""
     match = re.fullmatch(r"(\d+)([dhms])", text.strip())
     if not match or int(match.group(1)) == 0:
-        raise ValueError(f'leaf_lifetime = {text!r}: write a whole number and a unit, like "90d", "1h", "3m"')
+        raise ValueError(f'{key} = {text!r}: write a whole number and a unit, like "90d", "1h", "3m"')
     unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match.group(2)]
     return dt.timedelta(**{unit: int(match.group(1))})
+
+
+def _loopback_sans(value: object) -> bool:
+    """The policy's loopback_sans, unless the deployment overrides it: MESH_LOOPBACK_SANS=false is set where no
+    service is reached as localhost (the Docker pki job and renewer, `make k8s-secrets`)."""
+    value = os.environ.get("MESH_LOOPBACK_SANS", value)
+    if value in (True, "true"):
+        return True
+    if value in (False, "false"):
+        return False
+    raise ValueError(f"loopback_sans = {value!r} (or MESH_LOOPBACK_SANS): write true or false")
 
 
 def check_identity_name(name: str) -> None:
@@ -60,6 +73,10 @@ class Policy:
     edges: tuple[str, ...] = ()
     users: dict[str, tuple[str, ...]] = field(default_factory=dict)
     token_lifetime: dt.timedelta = dt.timedelta(minutes=5)
+    # How long a CRL is valid; the renewer re-signs every CRL whose CA key we hold at half of it.
+    crl_lifetime: dt.timedelta = dt.timedelta(days=30)
+    # Whether services' certificates also carry DNS:localhost and IP:127.0.0.1, for a mesh on one machine.
+    loopback_sans: bool = True
 
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
@@ -76,12 +93,19 @@ class Policy:
                 leaf_lifetime=parse_duration(data.get("leaf_lifetime", "90d")),
                 edges=tuple(tokens.get("edges", ())),
                 users={user: tuple(scopes) for user, scopes in tokens.get("users", {}).items()},
-                token_lifetime=parse_duration(tokens.get("lifetime", "5m")),
+                token_lifetime=parse_duration(tokens.get("lifetime", "5m"), "[tokens] lifetime"),
+                crl_lifetime=parse_duration(data.get("crl_lifetime", "30d"), "crl_lifetime"),
+                loopback_sans=_loopback_sans(data.get("loopback_sans", True)),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
         except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
+        if policy.crl_lifetime < MIN_CRL_LIFETIME:
+            raise PKIError(
+                f"{path}: crl_lifetime = {data['crl_lifetime']!r} is too short: the renewer re-signs a CRL at half "
+                f"its life, checking once a second; give it at least {MIN_CRL_LIFETIME.seconds} s"
+            )
         if policy.authorize_by not in AUTHORIZE_BY:
             raise PKIError(f"{path}: authorize_by = {policy.authorize_by!r}: use one of {', '.join(AUTHORIZE_BY)}")
         try:

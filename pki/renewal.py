@@ -12,13 +12,15 @@ renewal has time to be noticed and retried. A renewal is a rotation without a pe
 - by SPIFFE ID, the successor carries the same name: it is put in place at once, nothing else changes.
 
 The running services pick the new files up through their live reload and replace their outgoing pools.
-The renewer also re-signs the CRL before it expires — the job `make pki` otherwise needs a cron for.
+The renewer also re-signs every CRL whose CA key we hold (both intermediates' during a CA rollover) at half
+the policy's crl_lifetime — the job `make pki` otherwise needs a cron for.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
 import time
 from collections.abc import Callable
 
@@ -26,15 +28,18 @@ from cryptography import x509
 
 from pki.allowlists import render_allow_lists
 from pki.authority import CLOCK_SKEW, now
+from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
-from shared.certs import load_certificates
+from shared.certs import crl_blocks, load_certificates
 from shared.layout import Layout
 
 __all__ = ["RENEW_AT", "Renewer", "due"]
 
 RENEW_AT = 0.5  # of a certificate's life
+# A rotation begun this long ago and not finished was abandoned: `make rotate` finishes within seconds.
+ABANDONED = dt.timedelta(minutes=2)
 log = logging.getLogger("mesh.renewer")
 
 
@@ -72,11 +77,16 @@ class Renewer:
         self.replaced: dict[str, float] = {}  # name → when its predecessor stopped being presented
 
     def tick(self) -> bool:
-        """One look: renew what is due, unlist old predecessors, re-sign the CRL. True if anything changed."""
+        """One look, holding pki/out's lock (pki.lock): renew what is due, unlist old predecessors, re-sign the
+        CRL. True if anything changed."""
+        with pki_lock(self.layout, "the renewer"):
+            return self._tick()
+
+    def _tick(self) -> bool:
         if self.reread is not None:
             self.policy = self.reread()
         changed = False
-        if names := due(self.layout, self.policy):
+        if names := self._not_being_rotated(due(self.layout, self.policy)):
             self.renew(names)
             changed = True
         grace = ROTATION_GRACE.total_seconds()
@@ -87,13 +97,30 @@ class Renewer:
             render_allow_lists(self.layout, self.policy)
             log.info("unlisted", extra={"identities": finished})
             changed = True
-        if crl_needs_renewal(self.layout):
-            write_crl(self.layout)
-            log.info("crl_resigned")
+        if crl_needs_renewal(self.layout, self.policy.crl_lifetime):
+            # Every CRL whose CA key we hold: during a stalled CA rollover the other intermediate's too.
+            write_crl(self.layout, self.policy.crl_lifetime)
+            crls = [x509.load_pem_x509_crl(block) for block in crl_blocks(self.layout.crl.read_bytes())]
+            until = {crl.issuer.rfc4514_string(): f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}" for crl in crls}
+            log.info("crl_resigned", extra={"next_update": until})
             changed = True
         if changed:
             self.on_change()
         return changed
+
+    def _not_being_rotated(self, names: list[str]) -> list[str]:
+        """A rotation someone began (`make rotate` runs its steps as separate commands) is theirs to finish:
+        renewing in between would replace their successor, and their `--finish` would find none. One begun
+        longer than ABANDONED ago was abandoned (a process killed between the steps): renewal takes over."""
+        cutoff = time.time() - ABANDONED.total_seconds()
+        waiting = [
+            name
+            for name in names
+            if self.layout.next_cert(name).exists() and self.layout.next_cert(name).stat().st_mtime > cutoff
+        ]
+        if waiting:
+            log.warning("renewal_deferred", extra={"identities": waiting, "reason": "a rotation is under way"})
+        return [name for name in names if name not in waiting]
 
     def renew(self, names: list[str]) -> None:
         """Rotate every identity in `names` at once: one grace period for all of them."""
@@ -116,10 +143,19 @@ class Renewer:
             )
 
     def watch(self, interval: float = 1.0) -> None:
-        """Tick every `interval` seconds, for ever (Ctrl-C, or SIGTERM in a container, stops it)."""
-        while True:
+        """Tick every `interval` seconds, until SIGTERM (a container stopping) or Ctrl-C. SIGTERM lets the tick
+        under way finish: stopped between a rotation's two steps, it would leave a successor in next/."""
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        while not stopping:
             try:
                 self.tick()
             except Exception as e:  # a failed renewal is retried at the next tick, and said
                 log.error("renewal_failed", extra={"reason": f"{type(e).__name__}: {e}"})
-            time.sleep(interval)
+            if not stopping:
+                time.sleep(interval)

@@ -12,7 +12,9 @@ are known for (a root removed before every peer trusted its successor).
                Gate: every service reports only the new.
 
 A gate that does not hold within its time stops the rollover, naming the service and the stage; what was
-published stays, and the mesh keeps working in that stage (`rotate-ca` then continues where it stopped).
+published stays, and the mesh keeps working in that stage (`rotate-ca` then continues where it stopped) —
+for as long as it takes: while both intermediates are in play, rollover/ holds the other one's key and CRL,
+and every re-signing of crl.pem (the renewer's, `make pki`'s, `pki revoke`'s) re-signs both.
 
     RollOver(layout, policy, services={"service-a": "https://127.0.0.1:8443"}, root=True).run()
 """
@@ -29,14 +31,14 @@ from typing import Any
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from pki.allowlists import render_allow_lists
 from pki.authority import CertificateAuthority, PKIError, load_issuer, now
+from pki.lock import pki_lock
 from pki.output import write_file
 from pki.policy import Policy
 from pki.renewal import Renewer
-from pki.revocation import CRL_VALIDITY, write_crl
+from pki.revocation import first_crl, write_crl
 from pki.rotation import ROTATION_GRACE
 from shared.certs import crl_blocks, load_certificates, thumbprint
 from shared.layout import Layout
@@ -70,12 +72,15 @@ class RollOver:
             if stage in done:
                 continue
             started = time.monotonic()
-            getattr(self, stage)()
-            self.after_each_stage()
-            self._gate(stage)
-            if stage != "retire":
-                done = done or ["root" if self.root else "intermediate"]
-                write_file(self._stage_file, " ".join([*done, stage]).encode())
+            # One stage, gate included, holds pki/out's lock: the renewer must not rotate an identity while
+            # the issue stage does (both rotated service-b, and one found its successor gone).
+            with pki_lock(self.layout, f"python -m pki rotate-ca, stage {stage}"):
+                getattr(self, stage)()
+                self.after_each_stage()
+                self._gate(stage)
+                if stage != "retire":
+                    done = done or ["root" if self.root else "intermediate"]
+                    write_file(self._stage_file, " ".join([*done, stage]).encode())
             self.log(f"stage {stage}: done in {time.monotonic() - started:.1f} s, every service reports it")
 
     # ── the stages ────────────────────────────────────────────────────────────────────────────────────────
@@ -92,8 +97,8 @@ class RollOver:
             write_file(out / "ca.key", new_root.key_pem(), private=True)
             write_file(out / "ca.crt", new_root.cert_pem())
             write_file(self.layout.ca_cert, old_root.cert_pem() + new_root.cert_pem())
-        write_file(out / "crl.pem", _empty_crl(new_issuer))
-        write_crl(self.layout)  # the current CRL, with the new intermediate's appended
+        write_file(out / "crl.pem", first_crl(new_issuer, self.policy.crl_lifetime))
+        write_crl(self.layout, self.policy.crl_lifetime)  # the current CRL, and the new intermediate's re-signed
 
     def issue(self) -> None:
         out, layout = self.layout.rollover, self.layout
@@ -104,7 +109,7 @@ class RollOver:
         write_file(out / "intermediate.key", old_key, private=True)  # now the *old* one, until retired
         write_file(out / "intermediate.crt", old_cert)
         write_file(out / "crl.pem", old_crl)
-        write_crl(layout)  # the new intermediate's CRL, with the old one's appended
+        write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL, and the old one's re-signed
         renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
         renewer.renew([*self.policy.services, *self.policy.clients])
         self.after_each_stage()  # the switch reaches every peer before anything is unlisted
@@ -119,7 +124,7 @@ class RollOver:
             write_file(layout.ca_key, (out / "ca.key").read_bytes(), private=True)
             write_file(layout.ca_cert, (out / "ca.crt").read_bytes())
         (out / "crl.pem").unlink()
-        write_crl(layout)  # the new intermediate's CRL alone
+        write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL alone
         shutil.rmtree(out)  # the old intermediate's key, and the rest of the rollover's state
 
     # ── the gates ─────────────────────────────────────────────────────────────────────────────────────────
@@ -168,21 +173,6 @@ class RollOver:
         context = client_context(TLSMaterial(material.ca, material.cert, material.key, None))
         with httpx.Client(verify=context, timeout=5) as client:
             return client.get(url.rstrip("/") + "/healthz", extensions={"sni_hostname": name}).json()
-
-
-def _empty_crl(issuer: CertificateAuthority) -> bytes:
-    """A first CRL for a new intermediate: no entries yet, but peers need one to accept its leaves."""
-    start = now()
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.cert.subject)
-        .last_update(start)
-        .next_update(start + CRL_VALIDITY)
-        .add_extension(x509.CRLNumber(1), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
-        .sign(issuer.key, hashes.SHA256())
-    )
-    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def run_command(command: str) -> Callable[[], None]:

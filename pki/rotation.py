@@ -14,16 +14,17 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from pki import ledger
 from pki.allowlists import render_allow_lists
 from pki.authority import Identity, PKIError, Usage, load_issuer
 from pki.identities import SAN_KINDS
 from pki.output import write_file
 from pki.policy import Policy
-from pki.revocation import revoke
+from pki.revocation import revoke_certificate
 from shared.certs import extended_key_usages, key_type, load_certificates, subject_alt_names
 from shared.layout import Layout
 
-__all__ = ["ROTATION_GRACE", "retire", "rotate_begin", "rotate_finish"]
+__all__ = ["ROTATION_GRACE", "replace_now", "retire", "rotate_begin", "rotate_finish"]
 
 # How long `rotate` waits between listing the new thumbprint and presenting the new certificate, so every
 # callee has re-read its allow-list first (services poll every second by default).
@@ -40,6 +41,7 @@ def rotate_begin(layout: Layout, policy: Policy, name: str) -> Identity:
     successor = load_issuer(layout).issue(
         name, **sans, usages=usages, key_type=key_type(current.public_key()), lifetime=policy.leaf_lifetime
     )
+    ledger.record(layout, name, successor.cert)
     successor.write(layout.out / "next", name)
     render_allow_lists(layout, policy)
     return successor
@@ -72,7 +74,17 @@ def retire(layout: Layout, policy: Policy, name: str) -> int | None:
         return None
     if (left := ROTATION_GRACE.total_seconds() - (time.time() - previous.stat().st_mtime)) > 0:
         time.sleep(left)
-    serial = revoke(layout, name, "superseded", cert_path=previous)
+    serial = int(revoke_certificate(layout, previous, "superseded").serial, 16)
     previous.unlink()
     render_allow_lists(layout, policy)
     return serial
+
+
+def replace_now(layout: Layout, policy: Policy, name: str) -> Identity:
+    """A successor put in place at once, with no overlap and nothing kept in previous/: after a revocation,
+    when the old certificate is refused everywhere anyway and must not stay on an allow-list."""
+    rotate_begin(layout, policy, name)
+    successor = rotate_finish(layout, policy, name)
+    layout.previous_cert(name).unlink(missing_ok=True)
+    render_allow_lists(layout, policy)
+    return successor

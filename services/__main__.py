@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import sys
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from services.config import ServiceConfig
 from shared import log, tls
 from shared.files import MaterialError
 from shared.handshake import tls_protocol
+from shared.limits import raise_open_files_limit
 
 AppFactory = Callable[[ServiceConfig, tls.LiveTLS], FastAPI]
 
@@ -62,6 +64,10 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
             "downstream": config.downstream_name,
             "client_cert": config.client_cert,
             "tls_profile": config.tls_profile,
+            # raised to the hard limit at start (run()); the connection caps are sized from it
+            "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "max_connections": config.max_connections,
+            "max_handshakes": config.max_handshakes,
         },
     )
     # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.handshake), so
@@ -74,6 +80,8 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
         http=protocol,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         h11_max_incomplete_event_size=config.max_header_bytes,
+        backlog=config.listen_backlog,
+        ws="none",  # no route speaks WebSocket; shared.limits refuses every upgrade before uvicorn sees it
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,
     )
@@ -84,6 +92,9 @@ def run(
     create: AppFactory = create_app,
 ) -> int:
     """Configure, check and serve; `protocol_for` picks the HTTP protocol class and the scheme it speaks."""
+    # Before the configuration, whose default max_connections is half of this limit. Under systemd or a
+    # shell the soft limit is often 1,024 while the hard one is far higher: the flood would find the lower.
+    raise_open_files_limit()
     try:
         config = load_config()
         live, app = build(config, create)

@@ -13,10 +13,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.config import ServiceConfig
-from services.reloader import Reloader
+from services.reloader import CrlFreshness, Reloader
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
@@ -28,7 +27,7 @@ from shared.limits import DeclaredBodyLimit
 from shared.metrics import Gauge, exposition
 from shared.onbehalf import OnBehalfOf
 from shared.peer import VerifiedPeer
-from shared.problem import Problem, http_error_response, problem_response, unexpected_error_response
+from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.token_client import TokenClient
@@ -137,7 +136,11 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         headers = {}
         if user is not None and on_behalf.tokens is not None:  # on behalf of the same user, held by us now
             headers["Authorization"] = f"Bearer {await on_behalf.tokens.exchange(user, downstream.name)}"
-        return {"hops": [hop, *(await downstream.get_json("/chain", headers))["hops"]]}
+        answer = await downstream.get_json("/chain", headers)
+        hops = answer.get("hops") if isinstance(answer, dict) else None
+        if not isinstance(hops, list):
+            raise downstream.failure(f"{downstream.name} answered without the hops of the chain behind it")
+        return {"hops": [hop, *hops]}
 
     app.include_router(mesh)
     return app
@@ -160,7 +163,8 @@ def base_app(
     """
     metrics_guard = Guard(config.name, service_policy(AllowList.load(config.files.metrics_allow_list)), "metrics")
     guards = {**guards, config.files.metrics_allow_list: metrics_guard}
-    _gauges(live)
+    freshness = CrlFreshness(live)
+    _gauges(live, freshness)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,17 +180,23 @@ def base_app(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
+        checking = asyncio.create_task(freshness.watch(config.reload_interval))
         yield
         watching.cancel()
+        checking.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
         for callee in callees:
             await callee.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
-    app = FastAPI(title=config.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(Problem, problem_response)
-    app.add_exception_handler(StarletteHTTPException, http_error_response)
-    app.add_exception_handler(Exception, unexpected_error_response)
+    app = FastAPI(
+        title=config.name,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
     app.add_middleware(DeclaredBodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(TraceMiddleware)  # outermost: every log line of the request carries the trace id
 
@@ -219,19 +229,14 @@ def base_app(
     return app
 
 
-def _gauges(live: tls.LiveTLS) -> None:
-    # An expired CRL makes every handshake fail: alert well before, and re-sign it (`make pki`, from cron).
+def _gauges(live: tls.LiveTLS, freshness: CrlFreshness) -> None:
+    # An expired CRL makes every handshake with its CA's leaves fail: alert well before (services.reloader).
     Gauge(
         "mesh_crl_next_update_seconds",
-        "Seconds until the CRL in force expires (every peer is refused after that): re-sign it with `make pki`",
-        lambda: min(
-            (
-                (crl.next_update_utc - dt.datetime.now(dt.UTC)).total_seconds()
-                for crl in live.crls
-                if crl.next_update_utc
-            ),
-            default=None,
-        ),
+        "Seconds until each CRL in force expires (every peer of its CA is refused after that); the renewer "
+        "re-signs it at half its life",
+        freshness.seconds_left,
+        label="issuer",
     )
     Gauge(
         "mesh_certificate_expiry_seconds",

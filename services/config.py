@@ -68,15 +68,26 @@ class ServiceConfig(BaseSettings):
     # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
     max_body_bytes: int = 64 * 1024
     max_header_bytes: int = 16 * 1024
-    # What one connection may take: a TLS handshake must finish, and a request (from the handshake or its
-    # first byte to its last) must arrive, within these seconds; idle keep-alive ends after 5 s (uvicorn).
+    # What one connection may take (why each bound exists: shared/limits.py). The peer's first byte (its
+    # ClientHello) and its whole TLS handshake must arrive, counted from the accept, and a request (from the
+    # handshake or its first byte to its last) must arrive within these seconds; idle keep-alive ends after
+    # 5 s (uvicorn); a closing connection waits this long for the peer's TLS close_notify.
+    first_byte_timeout: float = 3.0
     handshake_timeout: float = 10.0
     request_timeout: float = 10.0
-    # Connections (handshaking or open) and handshakes in progress; past them new connections are closed at
-    # once. Default: half the process's file-descriptor limit, at most 1024, so calls to the next hop and
-    # reloads always find descriptors left.
+    shutdown_timeout: float = 2.0
+    # Established connections, in all and per caller (a SPIFFE ID, else a certificate): past the caller's
+    # share its own idle connection is closed, never another caller's. Default: half the process's
+    # file-descriptor limit (raised to the hard limit at start), at most 1024, so that calls to the next hop
+    # and reloads always find descriptors left.
     max_connections: int = Field(default_factory=lambda: min(1024, _fd_limit() // 2))
-    max_handshakes: int = 64
+    max_connections_per_caller: int = 128
+    # Connections whose handshake has not finished: past it, the oldest of them is shed, never a newcomer.
+    # Default: a quarter of the file-descriptor limit, at most 1024.
+    max_handshakes: int = Field(default_factory=lambda: min(1024, _fd_limit() // 4))
+    # Connections the kernel completes and queues before we accept them (capped by net.core.somaxconn): a
+    # burst of sockets beyond it makes the kernel drop new SYNs, and a dropped SYN costs a caller a second.
+    listen_backlog: int = 4096
 
     @model_validator(mode="after")
     def _downstream_complete(self) -> ServiceConfig:
@@ -113,9 +124,12 @@ class ServiceConfig(BaseSettings):
     @property
     def limits(self) -> ConnectionLimits:
         return ConnectionLimits(
+            first_byte_timeout=self.first_byte_timeout,
             handshake_timeout=self.handshake_timeout,
             request_timeout=self.request_timeout,
+            shutdown_timeout=self.shutdown_timeout,
             max_connections=self.max_connections,
+            max_connections_per_caller=self.max_connections_per_caller,
             max_handshakes=self.max_handshakes,
             max_header_bytes=self.max_header_bytes,
             max_body_bytes=self.max_body_bytes,

@@ -9,10 +9,15 @@
   they are checked again too.
 
 Certificates are checked once per connection, which is why the last two steps exist.
+
+`CrlFreshness` watches the clock rather than the files: a CRL in force that expires makes every peer from its
+CA refused, with no file changing. It reports the time left per issuer (/metrics) and warns well before.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +30,19 @@ from shared.files import MaterialError
 from shared.guard import Guard
 from shared.tls import LiveTLS
 
-__all__ = ["Reloader"]
+__all__ = ["WARN_AT", "CrlFreshness", "Reloader"]
 
 log = logging.getLogger("mesh.reload")
+
+# The renewer re-signs a CRL at half its life (pki.revocation): a quarter left means it has not, for a while.
+WARN_AT = 0.25  # of a CRL's lifetime (nextUpdate − lastUpdate) left
+# What to do about it, in every warning: the renewer re-signs every CRL whose key we hold, both intermediates'
+# during a stalled CA rollover; `make pki` does the same once.
+FIX = (
+    "the renewer (`python -m pki renew --watch`: `make run` starts it, in Docker the `renewer` container) re-signs "
+    "every CRL at half its life — check that it runs and look for renewal_failed in its log; `make pki` re-signs "
+    "them now"
+)
 
 
 class Reloader:
@@ -70,3 +85,60 @@ class Reloader:
             for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})
+
+
+class CrlFreshness:
+    """How long each CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its
+    lifetime, an error once it has expired: from then on OpenSSL refuses every leaf of that CA.
+
+    freshness = CrlFreshness(live)
+    Gauge("mesh_crl_next_update_seconds", "…", freshness.seconds_left, label="issuer")
+    asyncio.create_task(freshness.watch(interval=1.0))
+    """
+
+    def __init__(self, live: LiveTLS) -> None:
+        self.live = live
+        self._said: set[tuple[str, str, dt.datetime]] = set()  # (event, issuer, lastUpdate): each said once
+
+    def seconds_left(self) -> dict[str, float]:
+        now = dt.datetime.now(dt.UTC)
+        return {
+            crl.issuer.rfc4514_string(): (crl.next_update_utc - now).total_seconds()
+            for crl in self.live.crls
+            if crl.next_update_utc is not None
+        }
+
+    def check(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        for crl in self.live.crls:
+            if crl.next_update_utc is None:
+                continue
+            left, lifetime = crl.next_update_utc - now, crl.next_update_utc - crl.last_update_utc
+            if left.total_seconds() <= 0:
+                level, event, when = logging.ERROR, "crl_expired", "expired"
+            elif left < lifetime * WARN_AT:
+                level, event, when = logging.WARNING, "crl_expiring", "expires"
+            else:
+                continue
+            issuer = crl.issuer.rfc4514_string()
+            if (event, issuer, crl.last_update_utc) in self._said:
+                continue
+            self._said.add((event, issuer, crl.last_update_utc))
+            log.log(
+                level,
+                event,
+                extra={
+                    "file": str(self.live.material.crl),
+                    "issuer": issuer,
+                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "seconds_left": round(left.total_seconds(), 1),
+                    "reason": f"the CRL of {issuer} {when} at {crl.next_update_utc:%Y-%m-%d %H:%M:%S}Z: from then "
+                    "on every certificate of that CA is refused",
+                    "fix": FIX,
+                },
+            )
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            self.check()
+            await asyncio.sleep(interval)

@@ -5,7 +5,9 @@ Two grants, each a short list of rules, each refusal naming the rule (RFC 6749 �
 - **a user token** (`grant_user_token`): only an *edge* — an identity that authenticates its users itself —
   may ask for a token in a user's name, only for a service it may call, with at most the user's scopes;
 - **an exchange** (`grant_exchange`, RFC 8693): a holder trades a token *it was given* (`aud` is the holder)
-  for one addressed to a service *it may call*, for the same user, with no scope the given token lacks.
+  for one addressed to a service *it may call*, for the same user, with no scope the given token lacks — and
+  none the policy no longer gives the user: the policy in force decides, not the one the given token was
+  issued under (a user removed from it gets no further token, however long the given one still lives).
 
     policy = TokenPolicy.load(Path("pki/out/tokens.json"))
     policy.grant_exchange("service-a", subject_token, audience="service-b", requested=None)   # → the scopes
@@ -20,6 +22,7 @@ from typing import Any
 
 from shared.files import MaterialError, read_protected
 from shared.identity import CallerIdentity
+from shared.problem import echo
 from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.tokens import UserToken
 
@@ -79,8 +82,7 @@ class TokenPolicy:
                 f"{holder} is not an edge: only {', '.join(sorted(self.edges)) or 'nobody'} may ask for a token "
                 "in a user's name; a service can only exchange a token it was given",
             )
-        if user not in self.users:
-            raise GrantRefused("invalid_grant", f"no user {user!r} in the policy")
+        self._known(user)
         self._may_call(holder, audience)
         return self._scopes(requested, self.users[user], f"{user}'s scopes")
 
@@ -92,17 +94,30 @@ class TokenPolicy:
                 "invalid_grant",
                 f"the subject token is for {subject.audience}, not for {holder}: it was not given to you",
             )
+        self._known(subject.subject)
         self._may_call(holder, audience)
-        return self._scopes(requested, subject.scopes, "the subject token's scope")
+        # The audience need not be among the scopes: whether it admits the user is its own check, as for any token.
+        scopes = subject.scopes & self.users[subject.subject]
+        return self._scopes(
+            requested, scopes, f"{subject.subject}'s scopes (the subject token's, as the policy now has them)"
+        )
+
+    def _known(self, user: str) -> None:
+        if user not in self.users:
+            raise GrantRefused("invalid_grant", f"no user {echo(user)} in the policy")
 
     def _may_call(self, holder: str, audience: str) -> None:
         if audience not in self.may_call.get(holder, frozenset()):
-            raise GrantRefused("invalid_target", f"{holder} may not call {audience}, so it gets no token for it")
+            raise GrantRefused(
+                "invalid_target", f"{holder} may not call {echo(audience, quote=False)}, so it gets no token for it"
+            )
 
     @staticmethod
     def _scopes(requested: frozenset[str] | None, allowed: frozenset[str], what: str) -> frozenset[str]:
         if requested is None:
             return allowed
         if wider := sorted(requested - allowed):
-            raise GrantRefused("invalid_scope", f"{', '.join(wider)} is not in {what}: scopes never widen")
+            raise GrantRefused(
+                "invalid_scope", f"{echo(', '.join(wider), quote=False)} is not in {what}: scopes never widen"
+            )
         return requested

@@ -37,6 +37,7 @@ from shared.files import MaterialError
 from shared.guard import Guard
 from shared.identity import CallerIdentity
 from shared.metrics import Counter
+from shared.problem import echo
 from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, USER_GRANT, TokenRefused, mint, verify
 
 __all__ = ["create_token_app"]
@@ -97,10 +98,10 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 user = previous.subject
                 scopes = policy.grant_exchange(holder, previous, audience, requested)
             else:
-                raise GrantRefused("unsupported_grant_type", f"grant_type {grant!r} is not one this service grants")
+                raise GrantRefused("unsupported_grant_type", f"grant_type {echo(grant)} is not one this service grants")
         except GrantRefused as refused:
             said = {"error": refused.error, "reason": refused.description}
-            log.info("token_refused", extra={"grant": grant, "caller": caller.spiffe_id, **said})
+            log.info("token_refused", extra={"grant": echo(grant, quote=False), "caller": caller.spiffe_id, **said})
             grants.inc(grant=_grant_name(grant), decision="deny", error=refused.error)
             status = 401 if refused.error == "invalid_client" else 400
             body = {"error": refused.error, "error_description": refused.description}

@@ -16,13 +16,16 @@ import httpx
 from shared import nativetls, trace
 from shared.authz import authorize_id
 from shared.callee import CalleeRefused, callee_check
-from shared.problem import Problem
+from shared.problem import Problem, echo
 from shared.spiffe import SpiffeId
 from shared.tls import Recheck
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").
 KEEPALIVE_EXPIRY = 4.0
+# A hop's answer is a few KB of JSON. A callee that sends more is broken or hostile, and what it sends would be
+# held in our memory: we stop reading at this bound (the connection is dropped) and answer 502.
+MAX_RESPONSE_BYTES = 1 << 20
 
 log = logging.getLogger("mesh.downstream")
 _KINDS = {
@@ -83,7 +86,10 @@ class Downstream:
         """GET `path` on the callee and return its JSON; any failure becomes a 502 (504 on timeout) naming this hop."""
         response = await self.send("GET", path, headers=headers)
         if response.status_code == 200:
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise self.failure(f"{self.name} answered HTTP 200 with a body that is not JSON") from None
         problem = _problem_body(response)
         if response.status_code in (502, 504) and "hop" in problem:
             # A hop further down failed: pass its account up unchanged, so the client learns where.
@@ -106,21 +112,32 @@ class Downstream:
     async def send(
         self, method: str, path: str, *, headers: dict[str, str] | None = None, data: dict[str, str] | None = None
     ) -> httpx.Response:
-        """One request to the callee, with the trace passed on; a failure to get any answer becomes a 502 (504
-        on timeout) naming this hop. What an answer means is the caller's to decide."""
+        """One request to the callee, with the trace passed on; a failure to get any answer, or an answer over
+        MAX_RESPONSE_BYTES, becomes a 502 (504 on timeout) naming this hop. What an answer means is the caller's
+        to decide."""
         span = trace.current.get()
-        headers = {**(headers or {}), **({"traceparent": span.child().traceparent()} if span else {})}
+        headers = {
+            **(headers or {}),
+            **({"traceparent": span.child().traceparent()} if span else {}),
+            # Uncompressed only: a few KB of gzip can inflate to gigabytes in one chunk, past any bound we count.
+            "Accept-Encoding": "identity",
+        }
+        request = self.client.build_request(
+            method,
+            self.url + path,
+            headers=headers,
+            data=data,
+            # The TLS server name, and so the name the callee's certificate must carry, is the service's
+            # name, whatever address we dial. Locally every leaf also carries 127.0.0.1 and localhost,
+            # so checking the dialled address alone could not tell service-b from service-c.
+            extensions={"sni_hostname": self.name},
+        )
         try:
-            return await self.client.request(
-                method,
-                self.url + path,
-                headers=headers,
-                data=data,
-                # The TLS server name, and so the name the callee's certificate must carry, is the service's
-                # name, whatever address we dial. Locally every leaf also carries 127.0.0.1 and localhost,
-                # so checking the dialled address alone could not tell service-b from service-c.
-                extensions={"sni_hostname": self.name},
-            )
+            response = await self.client.send(request, stream=True)
+            try:
+                content = await self._bounded(response)
+            finally:
+                await response.aclose()  # unread, the rest is never received: the connection is dropped
         except httpx.HTTPError as e:
             # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
             # keeps the address and httpx's own words for the operator.
@@ -128,6 +145,23 @@ class Downstream:
             error = f"{type(e).__name__}: {e}"
             log.warning("downstream_error", extra={"hop": self.hop, "url": self.url, "error": error})
             raise self.failure(reason, 504 if isinstance(e, httpx.TimeoutException) else 502) from None
+        return httpx.Response(response.status_code, headers=response.headers, content=content, request=request)
+
+    async def _bounded(self, response: httpx.Response) -> bytes:
+        """The body of `response`, read as it arrives and refused (502) once it passes MAX_RESPONSE_BYTES."""
+        encoding = response.headers.get("content-encoding", "identity")
+        if encoding.lower() != "identity":
+            raise self.failure(f"{self.name} answered with Content-Encoding {echo(encoding)}, which we did not accept")
+        too_big = f"{self.name} answered with more than {MAX_RESPONSE_BYTES} bytes (a hop's answer is a few KB)"
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise self.failure(too_big)
+        body = bytearray()
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                raise self.failure(too_big)
+        return bytes(body)
 
     @property
     def hop(self) -> str:

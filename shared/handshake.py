@@ -20,8 +20,8 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared.connections import connections, peer_address
-from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed
+from shared.connections import caller_key, connections, peer_address
+from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
 from shared.metrics import Counter
 from shared.peer import IDENTITY_KEY, expose, tls_extension
 from shared.tls import Recheck
@@ -42,15 +42,24 @@ class TLSTermination:
     _established = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        peer = peer_address(transport)
-        if len(connections) >= self.limits.max_connections:
-            self._refuse(transport, peer, f"{self.limits.max_connections} connections are open (the limit)")
-            return
-        if connections.handshaking >= self.limits.max_handshakes:
-            self._refuse(transport, peer, f"{self.limits.max_handshakes} handshakes are in progress (the limit)")
-            return
+        if len(connections.unauthenticated) >= self.limits.max_handshakes:
+            # Never refuse the newcomer: it is the likeliest to be a real caller mid-handshake. Shed the
+            # connection that has waited longest without a byte, or else the oldest handshake (shared.limits).
+            victim = connections.oldest_unauthenticated()
+            if victim is not None:
+                why = f"{self.limits.max_handshakes} connections are not yet authenticated (the limit): the oldest goes"
+                victim_transport = connections.take_out(victim)
+                sampled_log.warning("connection_shed", peer=peer_address(victim_transport), reason=why)
+                connections_closed.inc(reason="unauthenticated_shed")
+                victim_transport.abort()
+        connections.accepted(self, transport)
         connections.handshaking += 1
-        self._handshake_deadline = Deadline()
+        self._first_byte_deadline = Deadline(sampled=True)
+        if self.limits.first_byte_timeout < self.limits.handshake_timeout:  # else the handshake's comes first
+            self._first_byte_deadline.arm(
+                "first_byte", self.limits.first_byte_timeout, transport, "first byte (ClientHello)"
+            )
+        self._handshake_deadline = Deadline(sampled=True)
         self._handshake_deadline.arm("handshake", self.limits.handshake_timeout, transport)
         # start_tls() must take the connection over *now*: uvloop starts reading right after this method
         # returns (a pause_reading() here would be undone), and a ClientHello delivered to the HTTP parser
@@ -62,8 +71,50 @@ class TLSTermination:
             self.server_context(),
             server_side=True,
             ssl_handshake_timeout=self.limits.handshake_timeout + 5,
+            ssl_shutdown_timeout=self.limits.shutdown_timeout,
         )
-        _run_eagerly(handshake, lambda outcome: self._handshake_done(transport, outcome))
+        _run_eagerly(handshake, lambda outcome: self._settle(transport, outcome))
+        if not transport.is_closing():
+            _FirstBytes.watch(transport, lambda: self._heard_from())
+
+    def _heard_from(self) -> None:
+        self._first_byte_deadline.disarm()
+        connections.heard_from(self)  # type: ignore[arg-type]
+
+    def _settle(self, raw: asyncio.Transport, outcome: asyncio.Transport | BaseException | None) -> None:
+        """The handshake ended (done, refused, timed out, or the peer left): out of the unauthenticated, and
+        in — within the caps — or gone."""
+        self._first_byte_deadline.disarm()
+        try:
+            self._handshake_done(raw, outcome)
+        finally:
+            connections.settled(self)  # type: ignore[arg-type]
+        if self._established:
+            self._admit()
+
+    def _admit(self) -> None:
+        """Keep the caller's new connection within its share and the global cap (shared.limits): its own
+        idle connection goes first; the new one is refused only if none of that caller's is idle."""
+        entry = connections.established.get(self)  # type: ignore[call-overload]
+        if entry is None:  # closed while it was being let in
+            return
+        key = caller_key(entry[1])
+        per_caller, total = self.limits.max_connections_per_caller, self.limits.max_connections
+        if connections.held_by(key) > per_caller:
+            self._make_room(
+                key,
+                f"{key or 'a caller without a certificate'} holds {per_caller} connections (the limit per caller)",
+                "caller_limit",
+            )
+        elif len(connections.established) > total and (holder := connections.largest_holder()) is not None:
+            self._make_room(holder, f"{total} connections are established (the limit)", "limit")
+
+    def _make_room(self, key: str, why: str, reason: str) -> None:
+        victim = connections.oldest_idle(key, sparing=self)  # type: ignore[arg-type]
+        if victim is None:
+            self._refuse(connections.take_out(self), why + ", and all of them are busy", reason)  # type: ignore[arg-type]
+        else:
+            self._refuse(connections.take_out(victim), why + ": its connection idle longest goes", reason)
 
     def _handshake_done(self, raw: asyncio.Transport, outcome: asyncio.Transport | BaseException | None) -> None:
         connections.handshaking -= 1
@@ -111,16 +162,50 @@ class TLSTermination:
             return "resumed session without a certificate to check"
         return self.recheck(ssl_object)
 
-    def _refuse(self, transport: asyncio.Transport, peer: str, why: str) -> None:
-        log.warning("connection_refused", extra={"peer": peer, "reason": why})
-        connections_closed.inc(reason="limit")
-        transport.abort()
+    def _refuse(self, transport: asyncio.BaseTransport, why: str, reason: str) -> None:
+        log.warning("connection_refused", extra={"peer": peer_address(transport), "reason": why})
+        connections_closed.inc(reason=reason)
+        transport.abort()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         connections.remove(self)  # type: ignore[arg-type]
         # A connection whose handshake failed was never handed to uvicorn: nothing of its state to tear down.
         if self._established:
             super().connection_lost(exc)  # type: ignore[misc]
+
+
+class _FirstBytes(asyncio.BufferedProtocol):
+    """Stands between a raw transport and the TLS protocol start_tls() gave it until the peer's first bytes
+    arrive, says so, and steps aside: the one way to see a ClientHello arrive without reading it ourselves."""
+
+    def __init__(self, transport: asyncio.Transport, tls: Any, heard: Callable[[], None]) -> None:
+        self.transport, self.tls, self.heard = transport, tls, heard
+
+    @classmethod
+    def watch(cls, transport: asyncio.Transport, heard: Callable[[], None]) -> None:
+        transport.set_protocol(cls(transport, transport.get_protocol(), heard))
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self.tls.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.tls.buffer_updated(nbytes)
+        finally:
+            self.transport.set_protocol(self.tls)
+            self.heard()
+
+    def eof_received(self) -> bool | None:
+        return self.tls.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tls.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.tls.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.tls.resume_writing()
 
 
 def tls_protocol(

@@ -5,6 +5,8 @@
     pki/out/<name>.crt, <name>.key   an identity: leaf followed by the intermediate; key 0600
     pki/out/crl.pem                  the intermediate's revocation list
     pki/out/revocations.json         the CA's record of revocations, which crl.pem is rendered from
+    pki/out/issued.json              the ledger: every certificate the CA issued (what `pki revoke NAME` revokes)
+    pki/out/.lock                    held by whichever `pki` command or renewer tick is writing pki/out
     pki/out/allow/<service>.txt      who may call <service>; allow/metrics.txt: who may read /metrics
     pki/out/tokens.json              the token service's policy: edges, users and their scopes, who calls whom
     pki/out/next/, previous/         a rotation in progress: the successor, then the predecessor
@@ -68,6 +70,16 @@ class Layout:
     def revocations(self) -> Path:
         """The CA's record of every revocation; crl.pem is rendered from it and can always be re-made."""
         return self.out / "revocations.json"
+
+    @property
+    def ledger(self) -> Path:
+        """Every certificate the CA issued, with its name and serial: so that all of an identity's can be revoked."""
+        return self.out / "issued.json"
+
+    @property
+    def lock(self) -> Path:
+        """The one lock every writer of this directory holds (pki.lock)."""
+        return self.out / ".lock"
 
     def allow_list(self, service: str) -> Path:
         return self.out / "allow" / f"{service}.txt"

@@ -33,22 +33,28 @@ class Counter:
 
 
 class Gauge:
-    """A value read when scraped, e.g. how long until the CRL expires; `read` returns None when there is none."""
+    """A value read when scraped, e.g. how long until the CRL expires; `read` returns None when there is none.
 
-    def __init__(self, name: str, help_text: str, read: Callable[[], float | None]) -> None:
-        self.name, self.help_text, self.read = name, help_text, read
+    With `label`, `read` returns one value per label value instead: {"CN=…Intermediate CA": 1234.0, …}.
+    """
+
+    def __init__(
+        self, name: str, help_text: str, read: Callable[[], float | dict[str, float] | None], label: str | None = None
+    ) -> None:
+        self.name, self.help_text, self.read, self.label = name, help_text, read, label
         _registry.append(self)
 
     def render(self, constant: dict[str, str]) -> list[str]:
         value = self.read()
-        if value is None:
+        if value is None or value == {}:
             return []
-        labels = ",".join(f'{k}="{_escape(v)}"' for k, v in constant.items())
-        return [
-            f"# HELP {self.name} {self.help_text}",
-            f"# TYPE {self.name} gauge",
-            f"{self.name}{{{labels}}} {value:g}",
-        ]
+        samples = sorted(value.items()) if isinstance(value, dict) else [(None, value)]
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} gauge"]
+        for label_value, sample in samples:
+            pairs = constant if label_value is None else {**constant, self.label or "label": label_value}
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs.items())
+            lines.append(f"{self.name}{{{labels}}} {sample:g}")
+        return lines
 
 
 def exposition(**constant: str) -> str:

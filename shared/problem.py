@@ -9,11 +9,28 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("mesh.error")
 
 # Problem types are names, not pages: RFC 9457 allows any URI, and a URN promises no web page.
 PROBLEM_TYPES = "urn:mtls-mesh:problem:"
+ECHO_LIMIT = 200  # characters of a caller's input that a refusal or a log line may repeat
+
+
+def echo(value: object, *, quote: bool = True) -> str:
+    """What a refusal may repeat of something a caller sent: its repr (or, `quote=False`, the text itself), cut
+    at ECHO_LIMIT characters and saying how long it was. Repeating 64 KB of input in every answer and log line
+    would hand any caller the operator's log to fill.
+
+        echo("bob") == "'bob'"        echo("x" * 60_000) == "'xxx…x'… (60000 characters)"
+    """
+    if isinstance(value, str):
+        cut = value[:ECHO_LIMIT]
+        shown = repr(cut) if quote else cut
+        return shown if len(value) <= ECHO_LIMIT else f"{shown}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}… ({len(text)} characters)"
 
 
 class Problem(Exception):
@@ -51,8 +68,28 @@ async def http_error_response(request: Request, error: Exception) -> JSONRespons
     return await problem_response(request, problem)
 
 
+async def client_disconnected_response(request: Request, error: Exception) -> JSONResponse:
+    """The caller hung up before its request body was complete: its own doing, so one INFO line and no stack
+    trace (two ERROR tracebacks per cut-off request would let any caller flood the log). The 400 reaches
+    nobody when the connection is gone; it is there for a caller that only stopped sending."""
+    assert isinstance(error, ClientDisconnect)
+    log.info("client_disconnected", extra={"path": echo(request.url.path, quote=False), "method": request.method})
+    problem = Problem(400, "incomplete-request", "Incomplete request", "The request body ended before its length.")
+    return await problem_response(request, problem)
+
+
 async def unexpected_error_response(request: Request, error: Exception) -> JSONResponse:
     """A bug: the stack trace goes to the log (with the trace id), never to the caller."""
     log.error("unexpected_error", exc_info=error)
     problem = Problem(500, "internal-error", "Internal error", "The service failed; its log says why.")
     return await problem_response(request, problem)
+
+
+# How each failure becomes an answer, for FastAPI(exception_handlers=…). Every class but Exception is answered where
+# it is raised; Exception (a bug) is answered last, and Starlette then re-raises it so that uvicorn logs it too.
+EXCEPTION_HANDLERS = {
+    Problem: problem_response,
+    StarletteHTTPException: http_error_response,
+    ClientDisconnect: client_disconnected_response,
+    Exception: unexpected_error_response,
+}

@@ -8,6 +8,7 @@ tokens they are called with, and RFC 8693 exchange, to get a token for the next 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -19,12 +20,18 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from shared.downstream import Downstream
+from shared.problem import Problem
 from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
 
 __all__ = ["TokenClient"]
 
-REFETCH_AFTER = 5.0  # an unknown kid fetches the key set again, but never more often: no amplification
+# Anyone who can reach a service can send tokens naming kids that nobody publishes, as many as it likes; each
+# must not become a request to the token service. So a fetch is never started while one is under way (the
+# requests that need it wait for it), and the key set it brought is the answer for every kid it lacks until
+# REFETCH_AFTER has passed: at most one fetch per REFETCH_AFTER, however many tokens and kids.
+REFETCH_AFTER = 5.0
 KEYS_MAX_AGE = 60.0  # keys the token service stopped publishing are dropped within this
+RETRY_AFTER = 1.0  # a fetch that failed is not tried again sooner: a token service that is down is not flooded
 CACHE_MARGIN = 10.0  # an exchanged token is reused until this many seconds before it expires
 CACHE_SIZE = 1024
 
@@ -35,17 +42,32 @@ class TokenClient:
         # Our TLS material's generation: a renewed certificate makes every cached token (bound to the old
         # one) useless, so it is part of the cache key.
         self.generation = generation
-        self._keys, self._fetched = KeySet([]), float("-inf")
+        self._keys, self._kids, self._fetched = KeySet([]), frozenset[str](), float("-inf")
+        self._attempted = float("-inf")  # when the last fetch started, whatever came of it
+        self._failure: str | None = None  # why the last fetch failed, if it did
+        self._fetching = asyncio.Lock()
         self._exchanged: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
 
     async def verify(self, raw: str, audience: str) -> UserToken:
         """`shared.tokens.verify` against the token service's published keys (fetched when a kid is new)."""
-        now = time.monotonic()
-        stale = now - self._fetched > KEYS_MAX_AGE
-        unknown = _kid(raw) not in {key.kid for key in self._keys.keys}
-        if stale or (unknown and now - self._fetched > REFETCH_AFTER):
-            await self._fetch_keys()
+        kid = _kid(raw)
+        if self._stale() or (kid is not None and kid not in self._kids):
+            async with self._fetching:  # a fetch under way: wait for it rather than start another
+                if self._fetch_due(kid):
+                    await self._fetch_keys()
+            if self._stale():  # the fetch failed, just now or less than RETRY_AFTER ago
+                reason = self._failure or "no key set fetched yet"
+                raise self.connection.failure(f"no current key set to check the token with: {reason}")
         return verify(raw, self._keys, issuer=self.issuer, audience=audience)
+
+    def _stale(self) -> bool:
+        return time.monotonic() - self._fetched > KEYS_MAX_AGE
+
+    def _fetch_due(self, kid: str | None) -> bool:
+        since = time.monotonic() - self._attempted
+        if self._stale():
+            return since > RETRY_AFTER
+        return kid is not None and kid not in self._kids and since > REFETCH_AFTER
 
     async def exchange(self, token: UserToken, audience: str) -> str:
         """RFC 8693: `token` (given to us) for one addressed to `audience`, bound to our certificate; cached."""
@@ -75,21 +97,34 @@ class TokenClient:
         return onward
 
     async def _fetch_keys(self) -> None:
-        response = await self.connection.send("GET", "/jwks")
+        self._attempted = time.monotonic()
         try:
-            self._keys = KeySet.import_key_set(_json(response.content))  # type: ignore[arg-type]
-        except (JoseError, ValueError, KeyError, TypeError) as e:
-            raise self.connection.failure(f"no usable key set at /jwks ({e})") from None
-        self._fetched = time.monotonic()
+            response = await self.connection.send("GET", "/jwks")
+            if response.status_code != 200:
+                raise self.connection.failure(f"GET /jwks answered HTTP {response.status_code}")
+            try:
+                keys = KeySet.import_key_set(_json(response.content))  # type: ignore[arg-type]
+            except (JoseError, ValueError, KeyError, TypeError) as e:
+                raise self.connection.failure(f"no usable key set at /jwks ({e})") from None
+        except Problem as problem:
+            self._failure = str(problem.extra.get("reason", problem.detail))
+            raise
+        self._keys, self._kids, self._fetched, self._failure = keys, _kids(keys), time.monotonic(), None
+
+
+def _kids(keys: KeySet) -> frozenset[str]:
+    return frozenset(key.kid for key in keys.keys if key.kid)
 
 
 def _kid(raw: str) -> str | None:
-    """The kid a token *claims*, unverified: only to decide whether fetching the key set again could help."""
+    """The kid a token *claims*, unverified: only to decide whether fetching the key set again could help.
+    None when there is none to look for (no string kid, or no header that parses): no fetch could help that."""
     try:
         header = json.loads(base64.urlsafe_b64decode(raw.split(".", 1)[0] + "==="))
-        return header.get("kid") if isinstance(header, dict) else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not base64, not UTF-8, not JSON, or JSON nested past Python's stack
         return None
+    kid = header.get("kid") if isinstance(header, dict) else None
+    return kid if isinstance(kid, str) else None
 
 
 def _json(content: bytes) -> dict[str, Any]:

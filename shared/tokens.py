@@ -20,6 +20,7 @@ service applies them, because a token library's defaults are not a policy (joser
 from __future__ import annotations
 
 import base64
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError, Unsu
 from joserfc.jwk import ECKey, KeySet
 
 from shared.identity import CallerIdentity
+from shared.problem import echo
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -133,11 +135,11 @@ def verify(raw: str, keys: KeySet, *, issuer: str, audience: str, now: float | N
     token = _signed(raw, keys)  # before this, nothing in the token can be believed
     header, claims = token.header, token.claims
     if header.get("typ") != TYP:
-        raise TokenRefused(f"typ is {header.get('typ')!r}, not {TYP!r}: not an access token of this mesh")
+        raise TokenRefused(f"typ is {echo(header.get('typ'))}, not {TYP!r}: not an access token of this mesh")
     if not isinstance(claims.get("iss"), str) or claims["iss"] != issuer:
-        raise TokenRefused(f"issuer {claims.get('iss')!r} is not {issuer}")
+        raise TokenRefused(f"issuer {echo(claims.get('iss'))} is not {issuer}")
     if not isinstance(claims.get("aud"), str) or claims["aud"] != audience:
-        raise TokenRefused(f"the token is for {claims.get('aud')!r}, not for {audience}")
+        raise TokenRefused(f"the token is for {echo(claims.get('aud'))}, not for {audience}")
     now = time.time() if now is None else now
     exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
     if not _is_time(exp):
@@ -169,11 +171,12 @@ def check_holder(token: UserToken, caller: CallerIdentity) -> None:
     caller (RFC 8693 §4.1: only the current actor counts for decisions; the nested ones are history)."""
     if token.bound_to != x5t_s256(caller):
         raise TokenRefused(
-            f"the token is bound to another certificate (cnf.x5t#S256 {token.bound_to}), not to the one on this "
-            f"connection ({x5t_s256(caller)}): a token is only good with the certificate it was issued to"
+            f"the token is bound to another certificate (cnf.x5t#S256 {echo(token.bound_to, quote=False)}), not to the "
+            f"one on this connection ({x5t_s256(caller)}): a token is only good with the certificate it was issued to"
         )
     if not token.actors or token.actors[0] != caller.spiffe_id:
-        raise TokenRefused(f"the token's holder (act.sub) is {token.actors[:1]}, not the caller {caller.spiffe_id}")
+        holder = echo(token.actors[0]) if token.actors else "nobody"
+        raise TokenRefused(f"the token's holder (act.sub) is {holder}, not the caller {caller.spiffe_id}")
 
 
 def _signed(raw: str, keys: KeySet) -> jwt.Token:
@@ -187,7 +190,9 @@ def _signed(raw: str, keys: KeySet) -> jwt.Token:
     except BadSignatureError:
         raise TokenRefused("the signature does not match: the token was altered or signed by someone else") from None
     except (JoseError, ValueError, TypeError) as e:  # malformed base64, JSON, crit, …: joserfc says what
-        raise TokenRefused(f"not a valid signed token ({e})") from None
+        raise TokenRefused(f"not a valid signed token ({echo(str(e), quote=False)})") from None
+    except RecursionError:  # JSON nested deeper than Python's stack: garbage, whoever signed it
+        raise TokenRefused("not a valid signed token (its JSON is nested too deep)") from None
     if "kid" not in token.header:
         raise TokenRefused("the token names no signing key (kid)")
     return token
@@ -204,4 +209,7 @@ def _actors(act: Any) -> tuple[str, ...]:
 
 
 def _is_time(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Python's json reads Infinity and NaN: numbers, but no moment in time (and int() of either raises).
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from shared.layout import Layout
 from shared.tokens import x5t_s256
 
 __all__ = [
+    "FULL_MATRIX",
     "TLS_REFUSALS",
     "Credentials",
     "Mesh",
@@ -42,6 +44,8 @@ __all__ = [
     "get",
     "identity_of",
     "leaf",
+    "matrix",
+    "once_for_both_modes",
     "post_token",
     "signing_key",
     "start_services",
@@ -183,6 +187,22 @@ KEY = ec.generate_private_key(ec.SECP256R1())  # one key for every hand-made lea
 def write_leaf(layout: Layout, cert: x509.Certificate, directory: Path, name: str) -> Credentials:
     """A hand-made leaf (followed by our intermediate) and its key, as files a TLS context can load."""
     return Credentials(*Identity(cert, KEY, [load_issuer(layout).cert]).write(directory, name))
+
+
+# `make test` runs each long proof in one configuration where the others add nothing it would catch;
+# `make test-full` (MESH_TEST_FULL=1) runs every combination.
+FULL_MATRIX = os.environ.get("MESH_TEST_FULL") == "1"
+
+
+def matrix(every: list[Any], short: list[Any]) -> list[Any]:
+    """The parameters of a long proof: `every` one under `make test-full`, `short` under `make test`."""
+    return every if FULL_MATRIX else short
+
+
+def once_for_both_modes(layout: Layout) -> None:
+    """Skip a long proof whose outcome the allow-list mode cannot change in the second mode (unless full)."""
+    if not FULL_MATRIX and authorize_by(layout) != "thumbprint":
+        pytest.skip("the allow-list mode does not change this long proof: run once (make test-full runs both)")
 
 
 def authorize_by(layout: Layout) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -21,16 +24,24 @@ from bench.soak import FD_BOUND, Usage, soak
 from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
+from shared.downstream import Downstream
 from shared.layout import Layout
+from shared.problem import Problem
+from shared.tokens import USER_GRANT
 from tests.support import (
     Credentials,
     Mesh,
     Service,
     attacker_context,
     authorize_by,
+    forge,
     free_ports,
     get,
+    identity_of,
+    once_for_both_modes,
+    post_token,
     start_services,
+    token_claims,
     wait_until,
 )
 
@@ -303,6 +314,7 @@ def test_oversized_headers_are_refused(mesh: Mesh) -> None:
 
 @pytest.fixture
 def own_mesh(tmp_path: Path, layout: Layout) -> Iterator[tuple[Mesh, list]]:
+    once_for_both_modes(layout)  # a crash, a soak: the allow-list mode changes nothing they measure
     envs = chain_environments(free_ports(3), layout.out)
     processes = start_services(envs, tmp_path)
     with running(processes):
@@ -392,6 +404,7 @@ class Tarpit:
 
 
 def test_slow_downstream_is_504_within_the_deadline(layout: Layout, tmp_path: Path) -> None:
+    once_for_both_modes(layout)
     with Tarpit(layout) as tarpit:
         a_port, b_port = free_ports(2)
         envs = chain_environments([a_port, b_port, tarpit.port], layout.out)[:2]
@@ -426,3 +439,164 @@ def test_small_soak_has_no_errors_and_flat_resources(own_mesh: tuple[Mesh, list]
     assert result.errors == []
     assert result.requests == 1000
     assert result.flat(), result.report()
+
+
+# ── what a caller's input and a callee's answer may cost ───────────────────────────────────────────────
+
+
+class Flood(Tarpit):
+    """A TLS server with service-c's real certificate that answers every request with `chunk` repeated to `size`
+    bytes, declared (Content-Length) or not (chunked), until the caller stops reading."""
+
+    def __init__(self, layout: Layout, size: int) -> None:
+        super().__init__(layout)
+        self.size, self.chunk, self.declared = size, b"x" * (1 << 20), False
+
+    def _run(self) -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            framing = f"Content-Length: {self.size}" if self.declared else "Transfer-Encoding: chunked"
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode())
+            chunk = self.chunk
+            frame = chunk if self.declared else b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            with contextlib.suppress(OSError):
+                for _ in range(self.size // len(chunk)):
+                    if writer.transport.is_closing():
+                        break
+                    writer.write(frame)
+                    await writer.drain()
+                writer.write(b"" if self.declared else b"0\r\n\r\n")  # a complete answer, just a huge one
+                await writer.drain()
+            writer.close()
+
+        async def serve() -> None:
+            self.server = await asyncio.start_server(answer, "127.0.0.1", self.port, ssl=self.context)
+            self.ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.server.serve_forever()
+
+        self.loop.run_until_complete(serve())
+
+
+def peak_rss_kb(pid: int) -> int:
+    """The process's high-water mark of resident memory (VmHWM): what a body held in memory once cost it."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+
+
+def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_no_memory(
+    layout: Layout, tmp_path: Path
+) -> None:
+    """A rigged service-c answers 48 MB of nothing, chunked, then declared: B stops reading at its bound and answers
+    502 naming the hop, and B's memory never grew by anything like the body. Then it answers 200 with no JSON, or
+    JSON without the hops of a chain: a 502 naming the hop too, never a 500 (or a 200 passing it on)."""
+    skip_unless_pinned(layout)  # what a callee may send does not depend on the allow-list mode
+    size = 48 << 20
+    with Flood(layout, size) as flood:
+        [b_port] = free_ports(1)
+        [env] = chain_environments([b_port, flood.port], layout.out, names=["service-b", "service-c"])[:1]
+        with running(start_services([env], tmp_path)) as processes:
+            b = Service(processes[0])
+            context = attacker_context(layout.ca_cert, Credentials(layout.cert("service-a"), layout.key("service-a")))
+            peak_before = peak_rss_kb(processes[0].process.pid)  # type: ignore[union-attr]
+            chunked = get(f"{b.url}/chain", "service-b", context)
+            flood.declared = True
+            declared = get(f"{b.url}/chain", "service-b", context)
+            grown_kb = peak_rss_kb(processes[0].process.pid) - peak_before  # type: ignore[union-attr]
+            nonsense = {}
+            for body in (b"not JSON", b'["hops"]', b'{"hops": "none"}'):
+                flood.chunk, flood.size = body, len(body)
+                nonsense[body] = get(f"{b.url}/chain", "service-b", context)
+            b.assert_alive()
+    for response in (chunked, declared):
+        assert response.status_code == 502, response.text
+        assert response.json()["hop"] == "service-b → service-c"
+        assert "more than" in response.json()["reason"] and "bytes" in response.json()["reason"]
+    assert grown_kb < (size >> 10) // 4, f"B's peak memory grew by {grown_kb} KB for a {size >> 20} MB answer"
+    for body, response in nonsense.items():
+        assert response.status_code == 502, (body, response.text)
+        assert response.json()["hop"] == "service-b → service-c"
+    assert "not JSON" in nonsense[b"not JSON"].json()["reason"]
+    assert "without the hops" in nonsense[b'{"hops": "none"}'].json()["reason"]
+
+
+def test_a_compressed_answer_is_refused_unread() -> None:
+    """We ask for no compression (a few KB of gzip can inflate to gigabytes in one chunk, past the bound we count):
+    a callee that compresses anyway is refused, 502 naming the hop, without inflating a byte."""
+    bomb = gzip.compress(b"{}" + b" " * (8 << 20))
+
+    async def callee(request: httpx.Request) -> httpx.Response:
+        assert request.headers["accept-encoding"] == "identity"
+        return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(bomb))
+
+    downstream = Downstream("service-b", "service-c", "https://service-c", ssl.create_default_context(), 5)
+    downstream.client = httpx.AsyncClient(transport=httpx.MockTransport(callee))
+    with pytest.raises(Problem) as refused:
+        asyncio.run(downstream.get_json("/chain"))
+    assert refused.value.status == 502 and refused.value.extra["hop"] == "service-b → service-c"
+    assert "Content-Encoding 'gzip'" in refused.value.extra["reason"]
+
+
+def test_a_cut_off_request_body_is_one_info_line_not_a_traceback(token_mesh: Mesh) -> None:
+    """A caller declares 1,000 bytes of body, sends 11 and hangs up: the token service, which reads the body of
+    every POST /token, logs one INFO line and no error (any allow-listed caller could otherwise fill its log)."""
+    tokens = token_mesh["token-service"]
+    context = attacker_context(token_mesh.layout.ca_cert, token_mesh.credentials("client"))
+    mark = tokens.mark()
+    with (
+        socket.create_connection(("127.0.0.1", tokens.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="token-service") as conn,
+    ):
+        head = "POST /token HTTP/1.1\r\nHost: token-service\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        conn.sendall(f"{head}Content-Length: 1000\r\n\r\ngrant_type=".encode())
+        wait_until(lambda: tokens.events_since(mark, "authz") != [])  # the route is reading the body now
+    wait_until(
+        lambda: tokens.events_since(mark, "client_disconnected") != [], describe=lambda: str(tokens.events_since(mark))
+    )
+    # A request after it: once it is logged, whatever the cut-off one was going to log is logged too.
+    assert post_token(tokens.url, context, {"grant_type": "none"}).status_code == 400
+    wait_until(lambda: tokens.events_since(mark, "token_refused") != [])
+    assert len(tokens.events_since(mark, "token_refused")) == 1  # the request after it: the cut-off one got nowhere
+    assert tokens.events_since(mark, "token_granted") == []
+    [disconnected] = tokens.events_since(mark, "client_disconnected")
+    assert disconnected["level"] == "info" and "exception" not in disconnected
+    assert [e for e in tokens.events_since(mark) if e["level"] not in ("info", "debug") or "exception" in e] == []
+    tokens.assert_alive()
+
+
+ECHOED = 60_000  # characters: just under the 64 KB body limit
+
+
+@pytest.mark.parametrize("field", ["grant_type", "user", "audience", "scope"])
+def test_refusals_do_not_echo_the_callers_input(token_mesh: Mesh, field: str) -> None:
+    """60,000 characters in one field of POST /token: the refusal quotes at most its first 200, in the answer and
+    in the log alike."""
+    tokens = token_mesh["token-service"]
+    context = attacker_context(token_mesh.layout.ca_cert, token_mesh.credentials("client"))
+    form = {"grant_type": USER_GRANT, "user": "alice", "audience": "service-a", "scope": "service-a"}
+    form[field] = "x" * ECHOED
+    mark = tokens.mark()
+    response = post_token(tokens.url, context, form)
+    assert response.status_code == 400, response.text
+    assert "x" * 200 in response.text and "x" * 201 not in response.text
+    assert "60000 characters" in response.json()["error_description"]
+    [logged] = tokens.events_since(mark, "token_refused")
+    assert len(json.dumps(logged)) < 2_000
+    assert tokens.events_since(mark, "token_granted") == []
+
+
+def test_a_service_refusing_a_token_does_not_echo_it(token_mesh: Mesh) -> None:
+    """A token with a 250-character `typ` (joserfc reads headers up to 512 bytes), signed with the token service's
+    key: A's 401 quotes 200 characters of it, and B and C see nothing."""
+    key = token_mesh.signing_key  # type: ignore[attr-defined]
+    client = identity_of(token_mesh.credentials("client"))
+    token = forge(key, {"alg": "ES256", "typ": "y" * 250, "kid": key.kid}, token_claims(client, "service-a"))
+    marks = token_mesh.marks()
+    context = attacker_context(token_mesh.layout.ca_cert, token_mesh.credentials("client"))
+    response = get(f"{token_mesh['service-a'].url}/chain", "service-a", context, token)
+    assert response.status_code == 401, response.text
+    assert "y" * 200 in response.json()["reason"] and "y" * 201 not in response.text
+    [logged] = token_mesh["service-a"].events_since(marks["service-a"], "user_token")
+    assert "y" * 201 not in json.dumps(logged)
+    assert token_mesh.events_since(marks, "authz")["service-b"] == []
+    assert token_mesh.events_since(marks, "authz")["service-c"] == []

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.kubernetes import k8s
+from deploy.kubernetes import checks, k8s
 from deploy.kubernetes.checks import NAME
 from pki import Policy, init
 from shared.layout import Layout
@@ -57,6 +57,11 @@ def problems_with(objects: list[Obj], tmp_path: Path) -> list[str]:
     return k8s.validate(path, "mesh.internal")
 
 
+def rules(objects: list[Obj]) -> list[str]:
+    """checks.py alone, without the schemas: for faults that no schema sees, at a fraction of the cost."""
+    return checks.problems(objects, "mesh.internal")
+
+
 def changed(objects: list[Obj], kind: str, name: str, change: Callable[[Obj], None]) -> list[Obj]:
     """A copy of `objects` in which `change` was applied to the one `kind` called `name`."""
     result = copy.deepcopy(objects)
@@ -71,7 +76,8 @@ def test_both_overlays_render_and_validate(rendered: dict[str, list[Obj]], overl
     kinds = {o["kind"] for o in objects}
     assert {"Namespace", "Deployment", "Service", "ServiceAccount", "NetworkPolicy", "Job"} <= kinds
     if overlay == "cert-manager":
-        assert {"Certificate", "Issuer", "Bundle"} <= kinds
+        assert {"Certificate", "ClusterIssuer", "CertificateRequestPolicy", "Role", "RoleBinding", "Bundle"} <= kinds
+        assert "Issuer" not in kinds
     assert problems_with(objects, tmp_path) == []
 
 
@@ -98,7 +104,11 @@ def test_a_certificate_without_client_auth_fails(rendered: dict[str, list[Obj]],
         certificate["spec"]["usages"] = ["digital signature", "server auth"]
 
     found = problems_with(changed(rendered["cert-manager"], "Certificate", "service-b", server_only), tmp_path)
-    assert found == ["Certificate service-b: usages lack client auth"]
+    assert found == [
+        "Certificate service-b: usages lack client auth",
+        "CertificateRequestPolicy mtls-mesh-service-b: usages is ['client auth', 'digital signature', 'server auth'], "
+        "where Certificate service-b needs ['digital signature', 'server auth']",
+    ]
 
 
 def test_a_usage_cert_manager_does_not_know_fails_the_crd_schema(
@@ -143,13 +153,227 @@ def test_a_network_policy_that_cuts_the_chain_fails(rendered: dict[str, list[Obj
 
 
 def test_without_default_deny_more_than_the_chain_is_admitted(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
-    """A pod no policy selects is not isolated: without the default deny (and the DNS policy, which selects every
-    pod for egress too), the token service — which no other egress policy names — may connect to anyone who
-    takes no ingress policy: here, the client."""
-    objects = [o for o in rendered["static"] if o["metadata"]["name"] not in ("default-deny", "dns")]
+    """A pod no policy selects is not isolated: without the default deny, the token service — which no egress
+    policy names, since it calls nobody — may reach kube-dns, the outside, and anyone who takes no ingress
+    policy: here, the client."""
+    objects = [o for o in rendered["static"] if o["metadata"]["name"] != "default-deny"]
     assert problems_with(objects, tmp_path) == [
-        "the NetworkPolicies let token-service reach client, which the chain does not need"
+        "the NetworkPolicies let token-service reach client, which the chain does not need",
+        f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}",
+        f"the NetworkPolicies let token-service reach the outside, which the chain does not need{OUTSIDE_WHY}",
     ]
+
+
+DNS_WHY = " (only a pod that calls someone resolves names, and DNS is a way out of the cluster)"
+OUTSIDE_WHY = " (nothing in the mesh calls beyond the cluster)"
+
+
+def test_the_egress_graph_is_the_chain_and_dns_for_the_callers_only(rendered: dict[str, list[Obj]]) -> None:
+    """On today's main, the DNS policy selected every pod: the token service, which calls nobody, could reach
+    kube-dns and through it the outside."""
+    for overlay in k8s.OVERLAYS:
+        graph = checks.edges(rendered[overlay])
+        assert graph == checks.NEEDED
+        assert {target for source, target in graph if source == "token-service"} == set()
+        assert {source for source, target in graph if target == checks.DNS} == {
+            "client",
+            "service-a",
+            "service-b",
+            "service-c",
+        }
+
+
+def test_the_token_service_with_dns_egress_fails(rendered: dict[str, list[Obj]]) -> None:
+    def also_the_token_service(policy: Obj) -> None:
+        policy["spec"]["podSelector"]["matchExpressions"][0]["values"].append("token-service")
+
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", also_the_token_service))
+    assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
+
+
+def test_dns_for_every_pod_fails(rendered: dict[str, list[Obj]]) -> None:
+    """The DNS policy as it stood on main: `podSelector: {}`."""
+
+    def every_pod(policy: Obj) -> None:
+        policy["spec"]["podSelector"] = {}
+
+    found = rules(changed(rendered["cert-manager"], "NetworkPolicy", "dns", every_pod))
+    assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
+
+
+def test_egress_to_an_address_range_fails(rendered: dict[str, list[Obj]]) -> None:
+    """An ipBlock may hold the outside as well as pods: service-c may then reach both."""
+
+    def also_anywhere_on_443(policy: Obj) -> None:
+        policy["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443}]})
+
+    found = rules(changed(rendered["static"], "NetworkPolicy", "service-c-to-token-service", also_anywhere_on_443))
+    assert found == [f"the NetworkPolicies let service-c reach the outside, which the chain does not need{OUTSIDE_WHY}"]
+
+
+def test_a_caller_without_dns_fails(rendered: dict[str, list[Obj]]) -> None:
+    def not_service_b(policy: Obj) -> None:
+        policy["spec"]["podSelector"]["matchExpressions"][0]["values"].remove("service-b")
+
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", not_service_b))
+    assert found == [
+        "the NetworkPolicies keep service-b from reaching kube-dns, which it needs to find the Services it calls"
+    ]
+
+
+def test_a_dns_rule_without_its_namespace_selector_reaches_no_dns(rendered: dict[str, list[Obj]]) -> None:
+    """A podSelector alone selects pods in the policy's own namespace: kube-dns, in kube-system, is not one."""
+
+    def without_namespace(policy: Obj) -> None:
+        del policy["spec"]["egress"][0]["to"][0]["namespaceSelector"]
+
+    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", without_namespace))
+    assert found == [
+        f"the NetworkPolicies keep {caller} from reaching kube-dns, which it needs to find the Services it calls"
+        for caller in ("client", "service-a", "service-b", "service-c")
+    ]
+
+
+# ── the issuer and approver-policy (cert-manager overlay) ─────────────────────────────────────────────────────
+
+
+def test_each_identity_has_a_policy_for_exactly_its_spiffe_id(rendered: dict[str, list[Obj]]) -> None:
+    """On today's main there was no policy at all, and the CA Issuer with its key sat in mtls-mesh."""
+    objects = rendered["cert-manager"]
+    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "CertificateRequestPolicy"}
+    assert {name: p["allowed"]["uris"]["values"] for name, p in policies.items()} == {
+        f"mtls-mesh-{name}": [f"spiffe://mesh.internal/{name}"] for name in k8s.IDENTITIES
+    }
+    for name in k8s.IDENTITIES:
+        assert checks.policy_users(objects, f"mtls-mesh-{name}", "mtls-mesh") == {
+            f"ServiceAccount mtls-mesh/{name}",
+            checks.CERT_MANAGER,
+        }
+    [ca] = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "mesh-ca"]
+    assert ca["metadata"]["namespace"] == "cert-manager"
+    assert not any(o["kind"] == "Issuer" for o in objects)
+
+
+def test_a_policy_with_a_key_size_that_is_no_number_fails_the_crd_schema(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    """approver-policy's CRD schema (from @kubernetes-models/cert-manager) checks the policies too."""
+
+    def size_as_text(policy: Obj) -> None:
+        policy["spec"]["constraints"]["privateKey"]["minSize"] = "256"
+
+    objects = changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", size_as_text)
+    assert problems_with(objects, tmp_path) == [
+        "CRD schema: CertificateRequestPolicy mtls-mesh-service-b: data/spec/constraints/privateKey/minSize must be "
+        "integer"
+    ]
+
+
+def test_a_policy_allowing_another_spiffe_id_fails(rendered: dict[str, list[Obj]]) -> None:
+    def also_service_c(policy: Obj) -> None:
+        policy["spec"]["allowed"]["uris"]["values"].append("spiffe://mesh.internal/service-c")
+
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", also_service_c))
+    assert found == [
+        "CertificateRequestPolicy mtls-mesh-service-b allows the URI SANs spiffe://mesh.internal/service-b, "
+        "spiffe://mesh.internal/service-c: a policy for the mesh must allow exactly one workload's SPIFFE ID",
+        "Certificate service-b: no CertificateRequestPolicy allows its SPIFFE ID: approver-policy would never "
+        "approve it (and with cert-manager's default approver, anything would be)",
+    ]
+
+
+def test_a_wildcard_policy_fails(rendered: dict[str, list[Obj]]) -> None:
+    def any_id(policy: Obj) -> None:
+        policy["spec"]["allowed"]["uris"]["values"] = ["spiffe://mesh.internal/*"]
+
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-client", any_id))
+    assert found == [
+        "CertificateRequestPolicy mtls-mesh-client allows the URI SANs spiffe://mesh.internal/*: "
+        "a policy for the mesh must allow exactly one workload's SPIFFE ID",
+        "Certificate client: no CertificateRequestPolicy allows its SPIFFE ID: approver-policy would never "
+        "approve it (and with cert-manager's default approver, anything would be)",
+    ]
+
+
+def test_a_service_account_that_may_use_another_identitys_policy_fails(rendered: dict[str, list[Obj]]) -> None:
+    def also_service_b(binding: Obj) -> None:
+        binding["subjects"].append({"kind": "ServiceAccount", "name": "service-b", "namespace": "mtls-mesh"})
+
+    found = rules(changed(rendered["cert-manager"], "RoleBinding", "use-policy-service-c", also_service_b))
+    assert found == [
+        "CertificateRequestPolicy mtls-mesh-service-c (for service-c) may be used by ServiceAccount "
+        "mtls-mesh/service-b: only service-c's ServiceAccount and cert-manager's controller may"
+    ]
+
+
+def test_a_policy_its_own_service_account_may_not_use_fails(rendered: dict[str, list[Obj]]) -> None:
+    objects = [o for o in rendered["cert-manager"] if o["metadata"]["name"] != "use-policy-client"]
+    assert rules(objects) == [
+        "CertificateRequestPolicy mtls-mesh-client (for client) may not be used by ServiceAccount mtls-mesh/client, "
+        "its own ServiceAccount"
+    ]
+
+
+def test_a_policy_that_allows_more_than_its_certificate_needs_fails(rendered: dict[str, list[Obj]]) -> None:
+    def a_ca_for_a_day(policy: Obj) -> None:
+        policy["spec"]["allowed"]["isCA"] = True
+        policy["spec"]["constraints"]["maxDuration"] = "24h"
+        policy["spec"]["selector"]["issuerRef"]["name"] = "*"
+
+    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-a", a_ca_for_a_day))
+    assert found == [
+        "CertificateRequestPolicy mtls-mesh-service-a: isCA is True, where Certificate service-a needs False",
+        "CertificateRequestPolicy mtls-mesh-service-a: maxDuration is 24h, where Certificate service-a needs 1h",
+        "CertificateRequestPolicy mtls-mesh-service-a: selector.issuerRef is {'group': 'cert-manager.io', "
+        "'kind': 'ClusterIssuer', 'name': '*'}, where Certificate service-a needs {'group': 'cert-manager.io', "
+        "'kind': 'ClusterIssuer', 'name': 'mesh-ca'}",
+    ]
+
+
+def test_the_ca_secret_back_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
+    def in_mtls_mesh(secret: Obj) -> None:
+        secret["metadata"]["namespace"] = "mtls-mesh"
+
+    found = rules(changed(rendered["cert-manager"], "Secret", "mesh-ca", in_mtls_mesh))
+    assert found == [
+        "ClusterIssuer mesh-ca reads Secret mesh-ca from cert-manager, which the overlay does not provide there",
+        "Secret mesh-ca in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
+        "there can sign any SPIFFE ID — keep it in cert-manager, for a ClusterIssuer",
+    ]
+
+
+def test_a_copy_of_the_ca_key_under_another_name_fails(rendered: dict[str, list[Obj]]) -> None:
+    """Found by what it holds (a CA certificate), not by its name."""
+    [ca] = [o for o in rendered["cert-manager"] if o["kind"] == "Secret" and o["metadata"]["name"] == "mesh-ca"]
+    copy_ = copy.deepcopy(ca)
+    copy_["metadata"] = {"name": "backup", "namespace": "mtls-mesh"}
+    found = rules([*rendered["cert-manager"], copy_])
+    assert found == [
+        "Secret backup in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
+        "there can sign any SPIFFE ID — keep it in cert-manager, for a ClusterIssuer",
+    ]
+
+
+def test_an_issuer_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
+    """The cert-manager overlay as it stood on main: a namespaced CA Issuer beside the workloads."""
+
+    def namespaced(issuer: Obj) -> None:
+        issuer["kind"], issuer["metadata"]["namespace"] = "Issuer", "mtls-mesh"
+
+    def to_the_issuer(certificate: Obj) -> None:
+        certificate["spec"]["issuerRef"]["kind"] = "Issuer"
+
+    objects = changed(rendered["cert-manager"], "ClusterIssuer", "mesh-ca", namespaced)
+    objects = changed(objects, "Certificate", "service-a", to_the_issuer)
+    found = rules(objects)
+    assert (
+        "Issuer mesh-ca sits in mtls-mesh, the workloads' namespace, with the CA Secret it signs with: use a "
+        "ClusterIssuer, whose Secret lives in cert-manager"
+    ) in found
+    assert (
+        "Certificate service-a: its issuerRef names Issuer mesh-ca, which is no ClusterIssuer of the overlay (the CA "
+        "must not sit beside the workloads)"
+    ) in found
 
 
 def test_a_secret_nobody_provides_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from services.local import chain_environments, running
 from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
 from tests.compose.stack import ROOT
-from tests.support import TLS_REFUSALS, Credentials, attacker_context, free_ports, get, start_services
+from tests.support import TLS_REFUSALS, Credentials, attacker_context, free_ports, get, matrix, start_services
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +46,15 @@ def rotate_ca(layout: Layout, policy: Path, envs: list[dict[str, str]], *extra: 
     ]
 
 
-@pytest.mark.parametrize("root", [False, True], ids=["intermediate", "root"])
-@pytest.mark.parametrize("mode", ["thumbprint", "spiffe-id"])
+# Each mode and each depth once under `make test`; all four under `make test-full`.
+@pytest.mark.parametrize(
+    ("mode", "root"),
+    matrix(
+        [("thumbprint", False), ("thumbprint", True), ("spiffe-id", False), ("spiffe-id", True)],
+        [("thumbprint", False), ("spiffe-id", True)],
+    ),
+    ids=lambda value: {False: "intermediate", True: "root"}.get(value, value),
+)
 def test_a_rollover_under_load_fails_no_request(tmp_path: Path, mode: str, root: bool) -> None:
     policy = policy_file(tmp_path, mode)
     layout = Layout(tmp_path / "pki")

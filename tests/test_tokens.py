@@ -6,21 +6,30 @@ library's own checks on the way out stand between the attack and the rule under 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import hmac
+import json
+import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from joserfc.jwk import ECKey, KeySet
 
 from pki import Policy
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
+from shared.downstream import Downstream
 from shared.files import MaterialError
 from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.problem import Problem
+from shared.token_client import REFETCH_AFTER, TokenClient
 from shared.tokens import LEEWAY_SECONDS, TokenRefused, UserToken, check_holder, mint, verify, x5t_s256
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
@@ -281,3 +290,86 @@ def test_keys_are_published_before_they_sign_and_after_until_their_tokens_have_e
     now[0] += 1
     assert published() == [second.kid, third]
     assert all("d" not in k for k in keys.jwks()["keys"])  # never the private half
+
+
+def test_an_exchange_follows_the_policy_in_force_not_the_one_the_subject_token_was_issued_under(
+    policy: TokenPolicy,
+) -> None:
+    """bob removed and alice narrowed to A and B after their tokens were issued: bob gets nothing more, alice's
+    next token carries only what she may reach now, and asking for more is refused."""
+    now = dataclasses.replace(policy, users={"alice": frozenset({"service-a", "service-b"})})
+    bobs = dataclasses.replace(given("service-a", "service-a service-b"), subject="bob")
+    with pytest.raises(GrantRefused) as refused:
+        now.grant_exchange("service-a", bobs, "service-b", None)
+    assert (refused.value.error, refused.value.description) == ("invalid_grant", "no user 'bob' in the policy")
+    assert now.grant_exchange("service-b", given("service-b"), "service-c", None) == {"service-a", "service-b"}
+    with pytest.raises(GrantRefused) as refused:
+        now.grant_exchange("service-b", given("service-b"), "service-c", frozenset({"service-c"}))
+    assert refused.value.error == "invalid_scope" and "service-c is not in alice's scopes" in refused.value.description
+
+
+# ── the key set, as a service fetches it ────────────────────────────────────────────────────────────────────
+
+
+def token_client(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> TokenClient:
+    """service-a's TokenClient, its calls to the token service answered in-process by `handler`."""
+    connection = Downstream("service-a", "token-service", "https://token-service", ssl.create_default_context(), 5)
+    connection.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return TokenClient(connection, ISSUER, lambda: 0)
+
+
+def strangers(holder: CallerIdentity, count: int) -> list[str]:
+    """Tokens that each name a kid nobody publishes (each signed by a key of its own)."""
+    return [forge(k, header(k), token_claims(holder, "service-b")) for k in (signing_key() for _ in range(count))]
+
+
+def test_unknown_kids_fetch_the_key_set_once_whatever_their_number(key: ECKey, holder: CallerIdentity) -> None:
+    """40 tokens at once naming 40 unknown kids: one fetch (the others wait for it), every token refused; then,
+    for REFETCH_AFTER, no fetch at all for unknown kids; after it, a new one fetches once more (a key roll)."""
+    fetches: list[str] = []
+    published = [key]
+
+    async def jwks(request: httpx.Request) -> httpx.Response:
+        fetches.append(request.url.path)
+        await asyncio.sleep(0.05)  # while the fetch is under way, every other request arrives
+        body = json.dumps({"keys": [k.as_dict(private=False) for k in published]}).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))  # a stream, as from the network: read once
+
+    async def scenario() -> None:
+        tokens = token_client(jwks)
+        results = await asyncio.gather(
+            *(tokens.verify(t, "service-b") for t in strangers(holder, 40)), return_exceptions=True
+        )
+        assert fetches == ["/jwks"]
+        assert all(isinstance(r, TokenRefused) and "does not publish" in r.reason for r in results), results
+        await asyncio.gather(*(tokens.verify(t, "service-b") for t in strangers(holder, 40)), return_exceptions=True)
+        assert fetches == ["/jwks"]  # the key set just fetched answers for every kid it lacks
+        rolled = signing_key()
+        published.append(rolled)
+        tokens._attempted -= REFETCH_AFTER  # as if REFETCH_AFTER had passed
+        token = await tokens.verify(forge(rolled, header(rolled), token_claims(holder, "service-b")), "service-b")
+        assert token.subject == "alice" and fetches == ["/jwks", "/jwks"]
+
+    asyncio.run(scenario())
+
+
+def test_a_token_service_that_is_down_gets_one_attempt_not_one_per_request(holder: CallerIdentity) -> None:
+    """40 requests while the token service does not answer: one attempt, and each request a 502 naming the hop
+    (not a 401 that would blame the token)."""
+    attempts: list[str] = []
+
+    async def down(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        await asyncio.sleep(0.05)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def scenario() -> list[BaseException]:
+        tokens = token_client(down)
+        return await asyncio.gather(
+            *(tokens.verify(t, "service-b") for t in strangers(holder, 40)), return_exceptions=True
+        )
+
+    results = asyncio.run(scenario())
+    assert attempts == ["/jwks"]
+    assert all(isinstance(r, Problem) and r.status == 502 for r in results), results
+    assert {r.extra["hop"] for r in results if isinstance(r, Problem)} == {"service-a → token-service"}

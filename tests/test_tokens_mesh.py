@@ -5,18 +5,22 @@ answer and in that service's log, and with the services behind it seeing nothing
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from joserfc import jws
 
 from pki import Policy
 from pki.allowlists import render_token_policy
@@ -27,6 +31,7 @@ from tests import token_attacks as attacks
 from tests.support import (
     Mesh,
     Service,
+    authorize_by,
     forge,
     identity_of,
     start_services,
@@ -109,16 +114,21 @@ def test_forged_tokens_are_refused_at_the_first_service(target: MeshTarget, atta
     attacks.forged_token_at_the_first_service(target, make(target), reason)
 
 
-# Tokens that only the token service's key could sign, each breaking one rule: refused for that rule.
-SIGNED_FORGERIES = {
+# Tokens that only the token service's key could sign, each breaking one rule: refused for that rule. A time is
+# a function of the moment the test runs (not of import time: a long suite would turn +600 s into the past).
+SIGNED_FORGERIES: dict[str, tuple[dict[str, Any], str]] = {
     "wrong typ": ({"header": {"typ": "JWT"}}, "typ is 'JWT'"),
-    "expired": ({"exp": int(time.time()) - LEEWAY_SECONDS - 1}, "expired"),
-    "not yet valid": ({"nbf": int(time.time()) + 600}, "not valid yet"),
+    "expired": ({"exp": lambda now: now - LEEWAY_SECONDS - 1}, "expired"),
+    "not yet valid": ({"nbf": lambda now: now + 600}, "not valid yet"),
     "list-valued iss": ({"iss": ["spiffe://mesh.internal/token-service"]}, "issuer ["),
     "crit with an unknown extension": (
         {"header": {"crit": ["urn:example:x"], "urn:example:x": 1}},
         "not a valid signed token",
     ),
+    # Python's json reads Infinity and NaN: a number, but no time.
+    "exp Infinity": ({"exp": float("inf")}, "no valid expiry"),
+    "exp NaN": ({"exp": float("nan")}, "no valid expiry"),
+    "nbf NaN": ({"nbf": float("nan")}, "not valid yet"),
 }
 
 
@@ -127,7 +137,43 @@ def test_tokens_signed_with_the_real_key_but_breaking_a_rule_are_refused(
     token_mesh: Mesh, target: MeshTarget, attack: str
 ) -> None:
     changes, reason = SIGNED_FORGERIES[attack]
+    now = int(time.time())
+    changes = {claim: value(now) if callable(value) else value for claim, value in changes.items()}
     attacks.forged_token_at_the_first_service(target, signed(token_mesh, "client", "service-a", **changes), reason)
+
+
+# Payloads only the key could sign that are no claims at all: refused after the signature, still a 401.
+SIGNED_GARBAGE = {
+    "a JSON list": b"[1, 2]",
+    "a JSON string": b'"alice"',
+    "not JSON": b"\xff\x00alice",
+    "nested too deep": b"[" * 5_000 + b"]" * 5_000,
+}
+
+
+@pytest.mark.parametrize("payload", list(SIGNED_GARBAGE))
+def test_signed_payloads_that_are_no_claims_are_refused(token_mesh: Mesh, target: MeshTarget, payload: str) -> None:
+    key = token_mesh.signing_key  # type: ignore[attr-defined]
+    token = jws.serialize_compact({"alg": "ES256", "typ": "at+jwt", "kid": key.kid}, SIGNED_GARBAGE[payload], key)
+    attacks.forged_token_at_the_first_service(target, token, "not a valid signed token")
+
+
+@pytest.mark.parametrize("case", ["list kid", "object kid", "nested JSON garbage", "signed, nested too deep"])
+def test_malformed_subject_tokens_are_refused_at_exchange(token_mesh: Mesh, target: MeshTarget, case: str) -> None:
+    """The token service reads subject tokens with the same rules: a 400 invalid_grant, never a 500."""
+    if case == "signed, nested too deep":
+        key = token_mesh.signing_key  # type: ignore[attr-defined]
+        header = {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
+        subject = jws.serialize_compact(header, SIGNED_GARBAGE["nested too deep"], key)
+    else:
+        subject = attacks.KEYLESS_FORGERIES[case][0](target)
+    mark = attacks.marks(target)
+    response = attacks.exchange(target, subject, "service-a", "service-b")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_grant"
+    assert "not a valid signed token" in response.json()["error_description"]
+    assert attacks.since(target, mark, "token-service", "token_granted") == []
+    assert [e["error"] for e in attacks.since(target, mark, "token-service", "token_refused")] == ["invalid_grant"]
 
 
 def test_a_user_without_the_scope_c_requires_is_refused_at_c_after_a_and_b_accepted(target: MeshTarget) -> None:
@@ -209,7 +255,8 @@ def test_a_service_checks_that_the_token_service_proves_its_name(token_mesh: Mes
 
 
 def test_the_token_service_takes_a_changed_policy_live_and_refuses_a_broken_one(layout: Layout, tmp_path: Path) -> None:
-    """`make pki` after editing [tokens]: the running token service follows; a broken tokens.json changes nothing."""
+    """`make pki` after editing [tokens]: the running token service follows — for new tokens and at every exchange,
+    whatever tokens were given out before — and a broken tokens.json changes nothing."""
     pki = Layout(tmp_path / "pki")
     shutil.copytree(layout.out, pki.out)
     [port] = free_ports(1)
@@ -221,7 +268,67 @@ def test_the_token_service_takes_a_changed_policy_live_and_refuses_a_broken_one(
         pki.tokens_policy.write_text("{ not json")
         wait_until(lambda: any(e.get("event") == "reload_refused" for e in target.events("token-service")))
         assert attacks.user_token(target, user="bob").status_code == 200  # the old policy stays
-        without_bob = dataclasses.replace(Policy.load(), users={"alice": ("service-a", "service-b", "service-c")})
-        render_token_policy(pki, without_bob)
+        # Tokens given out under the old policy, valid for minutes yet: bob's for A, alice's (every scope) for B.
+        bobs, alices = (
+            attacks.user_token(target, user="bob").json()["access_token"],
+            attacks.token_for(target, "service-b"),
+        )
+        narrower = dataclasses.replace(Policy.load(), users={"alice": ("service-a", "service-b")})
+        render_token_policy(pki, narrower)
         wait_until(lambda: attacks.user_token(target, user="bob").status_code == 400)
         assert attacks.user_token(target, user="bob").json()["error_description"] == "no user 'bob' in the policy"
+        mark = {"token-service": len(target.events("token-service"))}
+        removed = attacks.exchange(target, bobs, "service-a", "service-b")
+        assert removed.status_code == 400, removed.text
+        assert removed.json() == {"error": "invalid_grant", "error_description": "no user 'bob' in the policy"}
+        widened = attacks.exchange(target, alices, "service-b", "service-c", scope="service-c")
+        assert widened.status_code == 400, widened.text
+        assert widened.json()["error"] == "invalid_scope"
+        assert "service-c is not in alice's scopes" in widened.json()["error_description"]
+        assert attacks.since(target, mark, "token-service", "token_granted") == []
+        assert len(attacks.since(target, mark, "token-service", "token_refused")) == 2
+        # Unasked, an exchange carries what the user may reach now, not what the old token said.
+        narrowed = attacks.exchange(target, alices, "service-b", "service-c")
+        assert narrowed.status_code == 200 and narrowed.json()["scope"] == "service-a service-b"
+
+
+def test_unknown_kids_fetch_the_key_set_once_not_once_per_request(token_mesh: Mesh, tmp_path: Path) -> None:
+    """40 requests at once, each with a token naming a key nobody publishes, at a service-a that holds no keys
+    yet: one GET /jwks reaches the token service (one fetch at a time, the others wait for it), and no more (the
+    key set just fetched is the answer for every kid it lacks, for a few seconds). Every request gets its 401."""
+    if authorize_by(token_mesh.layout) != "thumbprint":
+        pytest.skip("fetching keys does not depend on the allow-list mode: once is enough")
+    [port] = free_ports(1)
+    [env] = chain_environments(
+        [port], token_mesh.layout.out, names=["service-a"], token_port=token_mesh["token-service"].port
+    )
+    env["MESH_REQUIRE_USER_TOKEN"] = "true"
+    target = MeshTarget(token_mesh)
+    forged = [attacks.KEYLESS_FORGERIES["unknown kid"][0](target) for _ in range(40)]
+    tokens = token_mesh["token-service"]
+    with running(start_services([env], tmp_path)) as processes:
+        service_a = Service(processes[0])
+        mark = tokens.mark()
+        responses = asyncio.run(burst(f"{service_a.url}/chain", attacks.as_(target, "client"), forged))
+        refusals = service_a.events_since(0, "user_token")
+    assert [r.status_code for r in responses] == [401] * len(forged)
+    assert all("does not publish" in r.json()["reason"] for r in responses)
+    assert len([e for e in refusals if "does not publish" in e["reason"]]) == len(forged)
+    fetches = tokens.events_since(mark, "authz")  # nothing else calls the token service meanwhile
+    assert 1 <= len(fetches) <= 2, f"{len(fetches)} key set fetches for {len(forged)} requests"
+    assert tokens.events_since(mark, "token_granted") == tokens.events_since(mark, "token_refused") == []
+
+
+async def burst(url: str, context: ssl.SSLContext, tokens: list[str]) -> list[httpx.Response]:
+    """One connection per token, opened first (a request without a token: 401 before any key is needed); then
+    every token sent at once, so that they reach the service together."""
+    limits = httpx.Limits(max_connections=len(tokens), max_keepalive_connections=len(tokens))
+    async with httpx.AsyncClient(verify=context, limits=limits, timeout=30) as client:
+
+        async def get(token: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return await client.get(url, headers=headers, extensions={"sni_hostname": "service-a"})
+
+        opened = await asyncio.gather(*(get(None) for _ in tokens))
+        assert {r.status_code for r in opened} == {401}
+        return await asyncio.gather(*(get(token) for token in tokens))

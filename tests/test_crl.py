@@ -1,0 +1,247 @@
+"""Every CRL we can sign stays fresh, a stalled CA rollover included; an expiring one is a metric and a warning.
+
+A rollover stopped after its publish or issue stage leaves two intermediates in play and a CRL for each in
+crl.pem. Before, the other intermediate's CRL was appended unchanged and never re-signed: once it expired, every
+service refused each later crl.pem whole, and a `pki revoke` had no effect. Here CRLs live 16 seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from pki import CertificateAuthority, Policy, init, load_issuer
+from pki.revocation import crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
+from pki.rollover import RollOver
+from services.local import chain_environments, running
+from shared.certs import crl_blocks, crl_number
+from shared.layout import Layout
+from tests.compose.stack import ROOT
+from tests.support import (
+    TLS_REFUSALS,
+    Credentials,
+    Service,
+    attacker_context,
+    free_ports,
+    get,
+    matrix,
+    start_services,
+    wait_until,
+)
+
+# Without processes, by SPIFFE ID: a renewal in the issue stage waits for no allow-list to be re-read.
+BY_NAME = dataclasses.replace(Policy.load(), authorize_by="spiffe-id")
+LIFETIME = "16s"  # re-signed with 8 s left; services warn with 4 s left
+
+
+def crls(layout: Layout) -> dict[str, x509.CertificateRevocationList]:
+    """issuer → its CRL, as crl.pem has them."""
+    found = [x509.load_pem_x509_crl(block) for block in crl_blocks(layout.crl.read_bytes())]
+    return {crl.issuer.rfc4514_string(): crl for crl in found}
+
+
+def stall(layout: Layout, stage: str, policy: Policy) -> None:
+    """The state a rollover leaves when the gate after `stage` does not hold."""
+    rollover = RollOver(layout, policy, services={})
+    rollover.publish()
+    if stage == "issue":
+        rollover.issue()
+
+
+# ── without processes ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("stage", ["publish", "issue"])
+def test_during_a_rollover_every_crl_is_re_signed_by_its_own_ca(tmp_path: Path, stage: str) -> None:
+    policy = BY_NAME
+    layout = Layout(tmp_path)
+    init(layout, policy)
+    stall(layout, stage, policy)
+    before = crls(layout)
+    write_crl(layout, dt.timedelta(seconds=10))
+    after = crls(layout)
+    assert sorted(after) == sorted(before) and len(after) == 2
+    signers = {
+        CertificateAuthority.load(cert, key).cert.subject.rfc4514_string(): CertificateAuthority.load(cert, key)
+        for cert, key in [
+            (layout.intermediate_cert, layout.intermediate_key),
+            (layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key"),
+        ]
+    }
+    for issuer, crl in after.items():
+        assert crl_number(crl) > crl_number(before[issuer]), issuer
+        assert crl.last_update_utc > before[issuer].last_update_utc, issuer
+        assert crl.next_update_utc - crl.last_update_utc <= dt.timedelta(seconds=12.5), issuer
+        assert crl.is_signature_valid(signers[issuer].cert.public_key()), issuer
+    # The rollover's own copy follows, so that the next re-signing (and `retire`) starts from it.
+    assert (layout.rollover / "crl.pem").read_bytes() in layout.crl.read_bytes()
+
+
+def test_mid_rollover_a_revocation_lands_on_the_crl_of_the_ca_that_issued_the_certificate(tmp_path: Path) -> None:
+    """Stopped after `issue`: the old intermediate's leaves are still valid (a copy kept somewhere), and only the
+    old intermediate's CRL can revoke them — a CRL applies to the leaves of the CA that signed it."""
+    policy = BY_NAME
+    layout = Layout(tmp_path / "pki")
+    init(layout, policy)
+    old_copy = tmp_path / "client-old.crt"
+    shutil.copy(layout.cert("client"), old_copy)
+    stall(layout, "issue", policy)
+    old_serial = x509.load_pem_x509_certificate(old_copy.read_bytes()).serial_number
+    new_serial = x509.load_pem_x509_certificate(layout.cert("operator").read_bytes()).serial_number
+    revoke_certificate(layout, old_copy, "key-compromise")
+    revoke_serial(layout, new_serial)
+    old_ca = CertificateAuthority.load(layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key")
+    listed = {issuer: {entry.serial_number for entry in crl} for issuer, crl in crls(layout).items()}
+    assert old_serial in listed[old_ca.cert.subject.rfc4514_string()]
+    assert new_serial not in listed[old_ca.cert.subject.rfc4514_string()]
+    assert new_serial in listed[load_issuer(layout).cert.subject.rfc4514_string()]
+
+
+def test_an_expiring_crl_of_the_other_intermediate_is_due_for_re_signing(tmp_path: Path) -> None:
+    policy = Policy.load()
+    layout = Layout(tmp_path)
+    init(layout, policy)
+    stall(layout, "publish", policy)
+    assert not crl_needs_renewal(layout, policy.crl_lifetime)
+    # The current intermediate's CRL fresh for 30 days, the new one's with 10 seconds left.
+    other = CertificateAuthority.load(layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key")
+    current = crl_blocks(layout.crl.read_bytes())[0]
+    layout.crl.write_bytes(current + first_crl(other, dt.timedelta(seconds=10)))
+    assert crl_needs_renewal(layout, policy.crl_lifetime)
+
+
+def test_a_crl_signed_for_longer_than_the_policy_says_is_re_signed(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    init(layout, Policy.load())  # 30 days, as `pki revoke` signs
+    assert not crl_needs_renewal(layout, dt.timedelta(days=30))
+    assert crl_needs_renewal(layout, dt.timedelta(minutes=10))
+    write_crl(layout, dt.timedelta(minutes=10))
+    assert not crl_needs_renewal(layout, dt.timedelta(minutes=10))
+
+
+def test_the_crl_lifetime_is_a_policy_setting(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    text = (ROOT / "pki" / "policy.toml").read_text()
+    assert Policy.load().crl_lifetime == dt.timedelta(days=30)
+    path.write_text(text.replace('crl_lifetime = "30d"', 'crl_lifetime = "2h"'))
+    assert Policy.load(path).crl_lifetime == dt.timedelta(hours=2)
+    path.write_text(text.replace('crl_lifetime = "30d"', 'crl_lifetime = "5s"'))
+    with pytest.raises(Exception, match="crl_lifetime = '5s' is too short"):
+        Policy.load(path)
+
+
+# ── with the services, the renewer and the CLI as real processes ──────────────────────────────────────────────
+
+
+def refused(url: str, name: str, context: ssl.SSLContext) -> bool:
+    try:
+        get(url, name, context)
+    except TLS_REFUSALS:
+        return True
+    return False
+
+
+# The issue stage under `make test` (it also shows the warning and `make pki` as its fix); both under test-full.
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", matrix(["publish", "issue"], ["issue"]))
+def test_a_stalled_rollover_keeps_revocation_working(tmp_path: Path, stage: str) -> None:
+    policy_file = tmp_path / "policy.toml"
+    text = (ROOT / "pki" / "policy.toml").read_text().replace('crl_lifetime = "30d"', f'crl_lifetime = "{LIFETIME}"')
+    if stage == "issue":  # both modes, one each (the CRLs do not depend on it); by name the renewals wait less
+        text = text.replace('authorize_by = "thumbprint"', 'authorize_by = "spiffe-id"')
+    policy_file.write_text(text)
+    policy = Policy.load(policy_file)
+    layout = Layout(tmp_path / "pki")
+    init(layout, policy)
+    pki = [sys.executable, "-m", "pki", "--out", str(layout.out), "--policy", str(policy_file)]
+    envs = chain_environments(free_ports(3), layout.out, MESH_RELOAD_INTERVAL="0.25")
+    client = Credentials(layout.cert("client"), layout.key("client"))
+    operator = Credentials(layout.cert("operator"), layout.key("operator"))
+    with running(start_services(envs, tmp_path)) as processes:
+        services = [Service(p) for p in processes]
+        a, b = services[0], services[1]
+        if stage == "publish":  # the real command, stopped by a gate that cannot hold (a service that is down)
+            ghost = f"--service=ghost=https://127.0.0.1:{free_ports(1)[0]}"
+            result = subprocess.run([*pki, "rotate-ca", ghost, "--gate-timeout", "1"], capture_output=True, text=True)
+            assert "rollover stopped at stage 'publish': ghost" in result.stderr, result.stderr
+        else:
+            stall(layout, stage, policy)
+        stalled, at_stall = dt.datetime.now(dt.UTC), {s.name: s.mark() for s in services}
+        first = {issuer: crl_number(crl) for issuer, crl in crls(layout).items()}
+        assert len(first) == 2
+        renewer_log = tmp_path / "renewer.log"
+        with renewer_log.open("wb") as output:
+            renewer = subprocess.Popen(
+                [*pki, "renew", "--watch", "--interval", "0.25"], stdout=output, stderr=subprocess.STDOUT
+            )
+            try:
+                # Past the lifetime of every CRL there was at the stall, each issuer's re-signed twice or more.
+                wait_until(
+                    lambda: (
+                        dt.datetime.now(dt.UTC) > stalled + policy.crl_lifetime + dt.timedelta(seconds=2)
+                        and all(crl_number(crl) >= first[issuer] + 2 for issuer, crl in crls(layout).items())
+                    ),
+                    timeout=60,
+                    describe=lambda: (
+                        f"CRL numbers {[crl_number(c) for c in crls(layout).values()]}, at the stall "
+                        f"{list(first.values())}; renewer: {renewer_log.read_text()[-2000:]}"
+                    ),
+                )
+                assert sorted(crls(layout)) == sorted(first)
+                for service in services:
+                    assert not service.events_since(at_stall[service.name], "reload_refused"), service.name
+                    assert not service.events_since(at_stall[service.name], "crl_expiring"), service.name
+                    health = get(f"{service.url}/healthz", service.name, attacker_context(layout.ca_cert, client))
+                    assert sorted(health.json()["issuers"]) == sorted(first)
+                metrics = get(f"{a.url}/metrics", a.name, attacker_context(layout.ca_cert, operator)).text
+                left = dict(
+                    re.findall(r'mesh_crl_next_update_seconds\{service="service-a",issuer="([^"]+)"\} (\S+)', metrics)
+                )
+                assert sorted(left) == sorted(first) and all(0 < float(s) <= 16 for s in left.values()), metrics
+
+                # A revocation now takes effect at the running services: the client's key, stolen (a copy of its
+                # files) before `pki revoke` revokes its certificates and gives it a fresh one, is refused.
+                stolen = Credentials(tmp_path / "stolen.crt", tmp_path / "stolen.key")
+                shutil.copy(layout.cert("client"), stolen.cert)
+                shutil.copy(layout.key("client"), stolen.key)
+                marks = {s.name: s.mark() for s in services}
+                revoked = subprocess.run([*pki, "revoke", "client"], capture_output=True, text=True)
+                assert revoked.returncode == 0, revoked.stderr
+                took = wait_until(
+                    lambda: (
+                        refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, stolen))
+                        and any("certificate revoked" in str(e) for e in a.events_since(marks[a.name], "tls_refused"))
+                    ),
+                    describe=lambda: str(a.events_since(marks[a.name])),
+                )
+                print(f"the revocation took effect at service-a within {took:.2f} s")
+                b_mark = b.mark()
+                assert refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, stolen))
+                assert not b.events_since(b_mark, "authz")  # refused at A's handshake: nothing reaches B
+                assert not any(s.events_since(marks[s.name], "reload_refused") for s in services)
+            finally:
+                renewer.terminate()
+                renewer.wait(timeout=10)
+        assert "renewal_failed" not in renewer_log.read_text()
+        if stage == "publish":
+            return
+        # Without the renewer, a service warns with a quarter of the lifetime left, naming the fix that works.
+        mark = a.mark()
+        wait_until(lambda: bool(a.events_since(mark, "crl_expiring")), timeout=30)
+        warning = a.events_since(mark, "crl_expiring")[0]
+        assert warning["level"] == "warning" and warning["issuer"] in first
+        assert "renew --watch" in warning["fix"] and "make pki" in warning["fix"]
+        assert subprocess.run([*pki, "init"], capture_output=True).returncode == 0  # what `make pki` runs
+        fresh = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+        assert all(crl.next_update_utc > fresh for crl in crls(layout).values())
+        wait_until(lambda: any("crl.pem" in str(e.get("files")) for e in a.events_since(mark, "reloaded")))
+        assert not a.events_since(mark, "reload_refused")
