@@ -83,7 +83,7 @@ retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old ce
 deploy-if-up:
 	@if command -v docker >/dev/null 2>&1 && [ -n "$$($(COMPOSE) ps -q 2>/dev/null)" ]; then \
 		echo "copying pki/out/ into the Docker mesh's volume"; \
-		$(COMPOSE) run --rm --no-deps -T -e MESH_PKI_LOCK pki >/dev/null; \
+		$(COMPOSE) run --rm --no-deps -T pki >/dev/null; \
 	fi
 
 $(SSLYZE):

@@ -96,6 +96,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 config.downstream_timeout,
                 config.downstream_keepalive,
                 expected_callee,
+                recheck=live.recheck,
             )
             callees.append(app.state.downstream)
         if config.token_service_url and token_service_id and live.client is not None:
@@ -106,6 +107,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
                 live.client,
                 config.downstream_timeout,
                 expected_id=token_service_id,
+                recheck=live.recheck,
             )
             on_behalf.tokens = TokenClient(to_tokens, str(token_service_id), lambda: live.generation)
             callees.append(to_tokens)

@@ -4,8 +4,9 @@
 
 - an allow-list: its guard gets a new authorizer (a broken file is refused, the old list stays);
 - the certificate, key, CA or CRL: new TLS contexts are built and swapped in (shared.tls.LiveTLS), every
-  open connection of a caller a new handshake would refuse (revoked, or issued by a CA no longer trusted) is
-  closed, and the pools towards the next hop and the token service are replaced, so that they are checked again too.
+  open connection of a caller a new handshake would refuse (revoked, expired, or issued by a CA — by key — no
+  longer trusted) is closed, and the pools towards the next hop and the token service are replaced, so that
+  they are checked again too.
 
 Certificates are checked once per connection, which is why the last two steps exist.
 
@@ -77,7 +78,9 @@ class Reloader:
         except MaterialError as e:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
-        closed = close_where(lambda caller: self.live.refusal(caller.issuer, caller.serial) is not None)
+        # The same rule a handshake completing from now on meets (LiveTLS.recheck): revoked, expired, or from a CA
+        # — by key — no longer trusted, which is how a CA replaced under a running service loses its peers.
+        closed = close_where(lambda caller: self.live.refusal(caller) is not None)
         if self.live.client is not None:
             for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)

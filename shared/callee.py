@@ -24,6 +24,7 @@ import httpx
 
 from shared.authz import Authorizer
 from shared.identity import CallerIdentity
+from shared.tls import Recheck
 
 __all__ = ["CalleeCheck", "CalleeRefused", "callee_check", "sync_transport"]
 
@@ -35,11 +36,17 @@ class CalleeRefused(Exception):
     """The callee's certificate is genuine but not the identity we meant to call; the message says why."""
 
 
-def callee_check(authorizer: Authorizer) -> CalleeCheck:
+def callee_check(authorizer: Authorizer, recheck: Recheck | None = None) -> CalleeCheck:
+    """`authorizer` decides who the callee must be; `recheck` (a service's LiveTLS.recheck) checks it again
+    against the trust in force when the handshake completes, which may be newer than the context it began
+    with: a callee revoked, or its CA retired, while our handshake with it was in flight is refused."""
+
     def check(ssl_object: ssl.SSLObject) -> None:
         der = ssl_object.getpeercert(True)  # positional: httpcore's blocking stream hands us the raw _SSLSocket
         if not der:
             raise CalleeRefused("the callee presented no certificate")
+        if recheck is not None and (reason := recheck(ssl_object)):
+            raise CalleeRefused(reason)
         decision = authorizer(CallerIdentity.from_der(der))
         if not decision.allowed:
             raise CalleeRefused(decision.reason)

@@ -29,10 +29,12 @@ __all__ = [
     "KeyType",
     "MaterialError",
     "PrivateKey",
+    "authority_key_id",
     "crl_blocks",
     "crl_number",
     "extended_key_usages",
     "is_ca",
+    "key_id",
     "key_type",
     "load_certificates",
     "load_crl",
@@ -165,3 +167,19 @@ def crl_number(crl: x509.CertificateRevocationList) -> int:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return 0
+
+
+def key_id(cert: x509.Certificate) -> bytes | None:
+    """A CA's Subject Key Identifier: what its leaves and CRLs name it by (AKI). Names can repeat; keys do not."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def authority_key_id(signed: x509.Certificate | x509.CertificateRevocationList) -> bytes | None:
+    """The key identifier of the CA that signed a certificate or CRL (its AKI), or None if it does not say."""
+    try:
+        return signed.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+    except x509.ExtensionNotFound:
+        return None

@@ -18,6 +18,7 @@ from shared.authz import authorize_id
 from shared.callee import CalleeRefused, callee_check
 from shared.problem import Problem, echo
 from shared.spiffe import SpiffeId
+from shared.tls import Recheck
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").
@@ -45,13 +46,16 @@ class Downstream:
         timeout: float,
         keepalive: bool = True,
         expected_id: SpiffeId | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
         self.keepalive = keepalive
         self.context = context
         # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID.
         self.expected_id = expected_id or SpiffeId("mesh.internal", f"/{name}")
-        self.check = callee_check(authorize_id(self.expected_id))
+        # ...and, with `recheck` (LiveTLS.recheck), still trusted when the handshake completes: a pool renewed
+        # after a trust change can still finish a handshake begun with the old context.
+        self.check = callee_check(authorize_id(self.expected_id), recheck)
         self.client = self._new_client()
         self._retiring: set[asyncio.Task[None]] = set()
 

@@ -24,14 +24,12 @@ from shared.connections import caller_key, connections, peer_address
 from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
 from shared.metrics import Counter
 from shared.peer import IDENTITY_KEY, expose, tls_extension
+from shared.tls import Recheck
 
 __all__ = ["TLSTermination", "tls_protocol"]
 
 log = logging.getLogger("mesh.tls")
 tls_refusals = Counter("mesh_tls_refusals_total", "TLS handshakes refused, by OpenSSL's reason", ["reason"])
-
-# For resumed sessions: why a full handshake would refuse this peer certificate (DER) now, or None.
-Recheck = Callable[[bytes], str | None]
 
 
 class TLSTermination:
@@ -137,28 +135,32 @@ class TLSTermination:
             # or our deadline aborted it (and said so).
             log.debug("tls_aborted", extra={"peer": peer, "error": repr(outcome)})
             raw.close()
-        elif reason := self._resumed_and_no_longer_good(outcome.get_extra_info("ssl_object")):
-            log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "resumed session refused"})
+        elif reason := self._no_longer_good(outcome.get_extra_info("ssl_object")):
+            log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "refused by the trust in force"})
             tls_refusals.inc(reason=reason)
             outcome.abort()
         else:
+            # Checked and registered in this one callback, on the event loop that also runs the reloads: a
+            # trust change lands either before it (and the check above sees it) or after it (and its
+            # close_where finds this connection in the table). Nothing of the request has been read yet.
             self._established = True
             extension = tls_extension(outcome.get_extra_info("ssl_object"))
             super().connection_made(outcome)  # type: ignore[misc]
             connections.add(self, outcome, extension[IDENTITY_KEY])  # type: ignore[arg-type]
             self.app = expose(self.app, extension)
 
-    def _resumed_and_no_longer_good(self, ssl_object: ssl.SSLObject) -> str | None:
-        """Why a resumed session must be refused, or None.
+    def _no_longer_good(self, ssl_object: ssl.SSLObject) -> str | None:
+        """Why the trust in force *now* refuses this peer, or None — for every handshake, not only resumed ones.
 
-        A resumed handshake checks no certificate: not its expiry, not the CRL. We issue no session tickets
-        (shared.tls), but Python offers no switch for OpenSSL's TLS 1.2 session-ID cache, so a TLS 1.2 peer
-        can still resume. Its certificate is then checked here as a full handshake would check it now.
+        The context was chosen when the connection opened; a revocation, or a CA retired or replaced, may have
+        come before the peer's last flight arrived (an attacker can hold it back at will). And a resumed
+        handshake checks no certificate at all: we issue no session tickets (shared.tls), but Python offers no
+        switch for OpenSSL's TLS 1.2 session-ID cache. So the peer is checked here as a full handshake would
+        check it now (LiveTLS.recheck): set lookups, computed once per reload.
         """
-        if not ssl_object.session_reused:
-            return None
-        der = ssl_object.getpeercert(binary_form=True)
-        return self.recheck(der) if der else "resumed session without a certificate to check"
+        if ssl_object.session_reused and not ssl_object.getpeercert(True):
+            return "resumed session without a certificate to check"
+        return self.recheck(ssl_object)
 
     def _refuse(self, transport: asyncio.BaseTransport, why: str, reason: str) -> None:
         log.warning("connection_refused", extra={"peer": peer_address(transport), "reason": why})

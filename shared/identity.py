@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from dataclasses import dataclass
 
@@ -26,8 +27,15 @@ class CallerIdentity:
     dns_names: tuple[str, ...]
     is_leaf: bool  # False for a CA certificate (BasicConstraints CA:TRUE) presented as a client certificate
     client_auth: bool  # the certificate was issued for TLS client authentication (EKU clientAuth)
-    issuer: str = ""  # RFC 4514; with the serial, what a CRL names
+    issuer: str = ""  # RFC 4514; informative only: a new CA may carry the old one's name
     serial: int = 0
+    # The issuing CA's key identifier (hex): with the serial, what a CRL in force names. The leaf's AKI here;
+    # per connection, the key of the CA its chain was verified with (shared.tls.connection_peer).
+    issuer_key_id: str = ""
+    not_after: dt.datetime | None = None
+    # SHA-256 of the CA certificate the chain was verified against: known per connection, not per certificate
+    # (shared.tls.connection_peer), and None when the handshake resumed a session, which carries no chain.
+    anchor: str | None = None
 
     @classmethod
     def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
@@ -46,6 +54,8 @@ class CallerIdentity:
             client_auth="clientAuth" in certs.extended_key_usages(cert),
             issuer=cert.issuer.rfc4514_string(),
             serial=cert.serial_number,
+            issuer_key_id=(certs.authority_key_id(cert) or b"").hex(),
+            not_after=cert.not_valid_after_utc,
         )
 
     @classmethod

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.identity import CallerIdentity
-from shared.tls import CIPHER_IDS
+from shared.tls import CIPHER_IDS, connection_peer
 
 __all__ = ["VerifiedPeer", "expose", "tls_extension"]
 
@@ -33,7 +33,8 @@ _CIPHER_NAMES = {v: k for k, v in CIPHER_IDS.items()}
 def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     """The ASGI TLS extension for one connection, plus the parsed caller identity."""
     der = ssl_object.getpeercert(binary_form=True)
-    caller = CallerIdentity.from_der(der) if der else None
+    # With the CAs its chain was verified with: facts of this connection, re-checked when trust changes.
+    caller = connection_peer(ssl_object) if der else None
     cipher = ssl_object.cipher()
     return {
         "server_cert": None,

@@ -11,21 +11,36 @@ name neither the file nor the fix, and a service must refuse to start with a sen
 
 from __future__ import annotations
 
+import _ssl
 import datetime as dt
+import functools
+import hashlib
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
 
-from shared.certs import crl_blocks, crl_number, parse_certificates, parse_crl, parse_key, thumbprint
+from shared.certs import (
+    authority_key_id,
+    crl_blocks,
+    crl_number,
+    key_id,
+    parse_certificates,
+    parse_crl,
+    parse_key,
+    thumbprint,
+)
 from shared.files import MaterialError, read_protected
+from shared.identity import CallerIdentity
 
 TLSProfile = Literal["intermediate", "modern"]
+# LiveTLS.recheck: why the trust in force now refuses the peer of a just-completed handshake, or None.
+Recheck = Callable[[ssl.SSLObject], str | None]
 
 # Mozilla's server-side TLS guidelines, for servers and our outgoing clients alike:
 # - intermediate: TLS 1.2 and 1.3; for TLS 1.2 only forward-secret AEAD suites (ECDHE with AES-GCM or
@@ -187,6 +202,18 @@ def _load(context: ssl.SSLContext, material: TLSMaterial) -> None:
         context.load_cert_chain(material.cert, material.key)
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What a peer certificate is checked against while we run, computed once per reload: set lookups only.
+
+    CAs are named by key, never by name: `pki init --force` makes a new CA with the old one's names.
+    """
+
+    anchors: frozenset[str]  # SHA-256 of every CA certificate in ca.crt
+    issuers: frozenset[str] | None  # key ids (hex) of the CAs whose leaves count: one CRL each; None: no CRL
+    revoked: frozenset[tuple[str, int]]  # (issuer key id, serial) of every certificate the CRLs revoke
+
+
 class LiveTLS:
     """A running service's TLS contexts, rebuilt from its files whenever they change and swapped in whole.
 
@@ -197,8 +224,17 @@ class LiveTLS:
     Each file is read once, checked, and written to a private temporary directory only for OpenSSL to load
     (it reads from paths only), then deleted: no copy of the key outlives it.
 
+    A handshake verifies the peer with the context it began with, and it may end after a reload: so every
+    handshake, on either side, is checked again against `trust` as it is when it completes (`recheck`), and
+    every open connection when it changes (`refusal`, services.reloader). One rule for the three.
+
     Revocations only grow: a CRL older than the one in force for its issuer, or one that drops a revoked
-    certificate, is refused — a lost crl.pem must never quietly un-revoke anyone.
+    certificate, is refused — a lost crl.pem must never quietly un-revoke anyone. "Its issuer" is a key: a
+    new CA (`pki init --force`: new keys, the same names) is a new issuer, and its CRL is taken whole, the old
+    CA's with it gone. Then the old CA's leaves have no CRL in force and its certificate may have left
+    ca.crt: new handshakes refuse them, and the reloader closes their open connections. Refusing the new CA
+    instead would leave a service trusting a CA that the PKI, and every service restarted since, no longer
+    knows — a mesh split in two. Either way, never half: no old-CA connection outlives the reload.
     """
 
     def __init__(
@@ -214,6 +250,7 @@ class LiveTLS:
         self.outgoing = outgoing
         self.profile = profile
         self.crls: list[x509.CertificateRevocationList] = []
+        self._crls_by_key: dict[str, x509.CertificateRevocationList] = {}
         self.generation = 0
         self.reload()
 
@@ -221,42 +258,81 @@ class LiveTLS:
         """Build new contexts from the files as they are now and swap them in, or raise and change nothing."""
         data = self.material.read()
         crls = self.material.verify(data)
-        for crl in crls:
-            for current in self.crls:
-                _check_successor(current, crl, self.material.crl)  # type: ignore[arg-type]
+        anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
+        chain = parse_certificates(data["cert"], self.material.cert, "certificate") if "cert" in data else []  # type: ignore[arg-type]
+        keyed = {_crl_key(crl, [*anchors, *chain[1:]], self.material.crl): crl for crl in crls}  # type: ignore[arg-type]
+        for key, crl in keyed.items():
+            if key in self._crls_by_key:
+                _check_successor(self._crls_by_key[key], crl, self.material.crl)  # type: ignore[arg-type]
         with _scratch() as directory:
             files = self.material.written_to(directory, data)
             server = server_context(files, require_client_cert=self.require_client_cert, profile=self.profile)
             client = client_context(files, profile=self.profile) if self.outgoing else None
-        anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
-        own = parse_certificates(data["cert"], self.material.cert, "certificate")[0] if "cert" in data else None  # type: ignore[arg-type]
-        self.server, self.client, self.crls = server, client, crls
+        self.server, self.client, self.crls, self._crls_by_key = server, client, crls, keyed
         self.anchors = [thumbprint(anchor) for anchor in anchors]  # what we trust, for /healthz and the gates
-        self.certificate = own
+        self.trust = Trust(
+            anchors=frozenset(self.anchors),
+            issuers=frozenset(keyed) if self.material.crl is not None else None,
+            revoked=frozenset((key, entry.serial_number) for key, crl in keyed.items() for entry in crl),
+        )
+        self.certificate = chain[0] if chain else None
         self.generation += 1
 
-    def recheck(self, der: bytes) -> str | None:
-        """What a full handshake would now say against this peer certificate (for resumed sessions), or None.
+    def recheck(self, ssl_object: ssl.SSLObject) -> str | None:
+        """Why the trust in force now refuses the peer of this just-completed handshake, or None.
 
-        Only what can change while we run is checked: the clock, the CRL, and whether its issuer is still one
-        we hold a CRL for (a retired CA's leaves have none). The chain was verified when the session was made.
+        The handshake verified the chain with the context it began with, which a reload may have replaced
+        since: a revocation, a CA retired or replaced. A resumed session carries no chain to name its CA: it
+        passes only on the context in force, under which the full handshake it resumes was made.
         """
-        cert = x509.load_der_x509_certificate(der)
-        if dt.datetime.now(dt.UTC) > cert.not_valid_after_utc:
-            return "certificate has expired"
-        return self.refusal(cert.issuer.rfc4514_string(), cert.serial_number)
+        peer = connection_peer(ssl_object)
+        if peer is None:
+            return None  # no certificate: CERT_REQUIRED refused it already, CERT_OPTIONAL leaves it to the app
+        if peer.anchor is None and ssl_object.context not in (self.server, self.client):
+            return "resumed a session made under trust that has changed since (a full handshake is needed)"
+        return self.refusal(peer)
 
-    def refusal(self, issuer: str, serial: int) -> str | None:
-        """Why a peer certificate (issuer, serial) verified earlier would be refused now, or None."""
-        if self.crls and issuer not in {crl.issuer.rfc4514_string() for crl in self.crls}:
-            return "its issuing CA is no longer trusted (no CRL of it is in force)"
-        if (issuer, serial) in self.revoked():
+    def refusal(self, peer: CallerIdentity) -> str | None:
+        """Why a peer verified earlier would be refused now, or None. Set lookups only: it runs on every handshake."""
+        trust = self.trust
+        if peer.not_after is not None and dt.datetime.now(dt.UTC) > peer.not_after:
+            return "certificate has expired"
+        if peer.anchor is not None and peer.anchor not in trust.anchors:
+            return f"its root CA (SHA-256 {peer.anchor[:16]}…) is no longer trusted: it is not in ca.crt"
+        if trust.issuers is not None and peer.issuer_key_id not in trust.issuers:
+            issuer = peer.issuer_key_id[:16] or "none"
+            return f"its issuing CA (key id {issuer}…) is no longer trusted: no CRL of it is in force"
+        if (peer.issuer_key_id, peer.serial) in trust.revoked:
             return "certificate revoked"
         return None
 
-    def revoked(self) -> set[tuple[str, int]]:
-        """(issuer, serial) of every certificate the CRLs in force revoke."""
-        return {(crl.issuer.rfc4514_string(), entry.serial_number) for crl in self.crls for entry in crl}
+
+def connection_peer(ssl_object: ssl.SSLObject) -> CallerIdentity | None:
+    """The peer of this connection, with the CAs its chain was verified with: the CA certificate it chained to
+    (`anchor`) and the key of the CA that issued it — what OpenSSL verified, not what the leaf claims (a leaf
+    need not carry an AKI). A resumed session has no chain: then no anchor, and the issuer key the leaf names.
+
+    Python 3.13 has `get_verified_chain()` (DER bytes); 3.10 to 3.12 have it on the inner `_sslobj` only
+    (certificate objects). A blocking socket (the CLI client's) is that inner object itself.
+    """
+    der = ssl_object.getpeercert(True)
+    if not der:
+        return None
+    peer = CallerIdentity.from_der(der)
+    get_chain = getattr(ssl_object, "get_verified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
+    )
+    chain = [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in (get_chain() or [])]
+    if not chain:
+        return peer
+    issuer = chain[1] if len(chain) > 1 else chain[0]  # a chain of one: a self-signed certificate we trust as such
+    return replace(peer, anchor=hashlib.sha256(chain[-1]).hexdigest(), issuer_key_id=_key_id(issuer))
+
+
+@functools.lru_cache(maxsize=64)
+def _key_id(der: bytes) -> str:
+    """The key id (hex) of a CA certificate: parsed once, since every peer of a mesh shows the same few CAs."""
+    return (key_id(x509.load_der_x509_certificate(der)) or b"").hex()
 
 
 @contextmanager
@@ -266,18 +342,31 @@ def _scratch() -> Iterator[Path]:
         yield Path(directory)
 
 
+def _crl_key(crl: x509.CertificateRevocationList, cas: list[x509.Certificate], path: Path) -> str:
+    """The key id (hex) of the CA that signed `crl`: its AKI, or for a CRL that omits it (RFC 5280 says it
+    must not), the key of the CA certificate of ours that bears its issuer's name."""
+    if (signer := authority_key_id(crl)) is not None:
+        return signer.hex()
+    for ca in cas:
+        if ca.subject == crl.issuer and (key := key_id(ca)) is not None:
+            return key.hex()
+    raise MaterialError(
+        f"{path}: a CRL of {crl.issuer.rfc4514_string()} names no issuer key (AuthorityKeyIdentifier) and no CA "
+        "certificate of ours bears that name — regenerate it with `make pki`"
+    )
+
+
 def _check_successor(current: x509.CertificateRevocationList, new: x509.CertificateRevocationList, path: Path) -> None:
-    """Refuse a CRL from our issuer that is older than the one in force, or that forgets a revocation."""
-    if new.issuer != current.issuer:
-        return  # another CA's list (a new CA): it cannot speak for the old one's certificates
+    """Refuse a CRL from the same issuer key that is older than the one in force, or that forgets a revocation."""
     dropped = {entry.serial_number for entry in current} - {entry.serial_number for entry in new}
     if crl_number(new) < crl_number(current) or dropped:
         what = f"number {crl_number(new)} with {len(list(new))} entries; in force: number {crl_number(current)}"
         if dropped:
             what += f", and it drops the revoked serial(s) {', '.join(f'{s:x}' for s in sorted(dropped))}"
         raise MaterialError(
-            f"{path}: refusing a CRL that would un-revoke certificates ({what}) — "
-            "the CA's revocation record (pki/out/revocations.json) re-creates the full list: run `make pki`"
+            f"{path}: refusing a CRL of {new.issuer.rfc4514_string()} (the same key as the one in force) that would "
+            f"un-revoke certificates ({what}) — the CA's revocation record (pki/out/revocations.json) re-creates "
+            "the full list: run `make pki`"
         )
 
 
@@ -286,18 +375,15 @@ def _usable_crl(data: bytes, path: Path, intermediates: list[x509.Certificate]) 
     crl = parse_crl(data, path)
     next_update = crl.next_update_utc
     if next_update is not None and next_update < dt.datetime.now(dt.UTC):
-        # OpenSSL would then refuse every peer: better to refuse the file and say so.
-        raise MaterialError(f"{path}: CRL expired on {next_update:%Y-%m-%d %H:%M}Z — run `make pki` to re-sign it")
-    try:
-        signer_key_id = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-    except x509.ExtensionNotFound:
-        signer_key_id = None
+        # OpenSSL would then refuse every peer: better to refuse the file and say so. `make pki` re-signs the CRL
+        # of every CA whose key the PKI holds (the old one's too, during a rollover).
+        raise MaterialError(
+            f"{path}: the CRL of {crl.issuer.rfc4514_string()} expired on {next_update:%Y-%m-%d %H:%M}Z, so the "
+            "whole file is refused and the revocations in force stay as they were — run `make pki` to re-sign it"
+        )
+    signer = authority_key_id(crl)
     for issuer in intermediates:
-        try:
-            key_id = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-        except x509.ExtensionNotFound:
-            continue
-        # Only our own intermediate can judge our CRL (a foreign CA may well use the same name).
-        if key_id == signer_key_id and not crl.is_signature_valid(issuer.public_key()):
+        # Only our own intermediate can judge our CRL (a foreign CA may well use the same name): matched by key.
+        if signer is not None and key_id(issuer) == signer and not crl.is_signature_valid(issuer.public_key()):
             raise MaterialError(f"{path}: CRL signature does not verify with {issuer.subject.rfc4514_string()}")
     return crl
