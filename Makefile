@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full lint fmt bench soak flood renew-soak \
+.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full fuzz lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -98,6 +98,11 @@ test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end wit
 
 test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
 	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
+
+# `make test` runs tests/fuzz too, on a few fixed examples each (about a minute); this runs the same
+# properties on twenty times as many fresh ones, and keeps what fails in .hypothesis/ to try first next time.
+fuzz: $(VENV)/.installed ## fuzz every parser of untrusted input with fresh examples (a few minutes, bounded)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -p no:cacheprovider -q tests/fuzz $(PYTEST_ARGS)
 
 walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
 	$(PY) docs/walkthrough.py

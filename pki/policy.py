@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pki.authority import PKIError
 from shared.spiffe import InvalidSpiffeId, SpiffeId
@@ -29,11 +30,18 @@ IDENTITY_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def parse_duration(text: str, key: str = "leaf_lifetime") -> dt.timedelta:
     """ "90d", "1h", "3m", "30s" → a timedelta; ValueError for anything else."""
-    match = re.fullmatch(r"(\d+)([dhms])", text.strip())
+    match = re.fullmatch(r"([0-9]+)([dhms])", text.strip()) if isinstance(text, str) else None
     if not match or int(match.group(1)) == 0:
         raise ValueError(f'{key} = {text!r}: write a whole number and a unit, like "90d", "1h", "3m"')
     unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[match.group(2)]
     return dt.timedelta(**{unit: int(match.group(1))})
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    """A TOML list of strings; ValueError naming `key` for anything else (a bare string would split into letters)."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f'{key} = {value!r}: write a list of names in quotes, like ["service-a"]')
+    return tuple(value)
 
 
 def _loopback_sans(value: object) -> bool:
@@ -85,21 +93,21 @@ class Policy:
             tokens = data.get("tokens", {})
             policy = cls(
                 trust_domain=data["trust_domain"],
-                services=tuple(data["services"]),
-                clients=tuple(data.get("clients", ())),
-                allow={callee: tuple(callers) for callee, callers in data["allow"].items()},
-                metrics=tuple(data.get("metrics", ())),
+                services=_names(data["services"], "services"),
+                clients=_names(data.get("clients", []), "clients"),
+                allow={callee: _names(callers, f"allow.{callee}") for callee, callers in data["allow"].items()},
+                metrics=_names(data.get("metrics", []), "metrics"),
                 authorize_by=data.get("authorize_by", "thumbprint"),
                 leaf_lifetime=parse_duration(data.get("leaf_lifetime", "90d")),
-                edges=tuple(tokens.get("edges", ())),
-                users={user: tuple(scopes) for user, scopes in tokens.get("users", {}).items()},
+                edges=_names(tokens.get("edges", []), "tokens.edges"),
+                users={user: _names(v, f"tokens.users.{user}") for user, v in tokens.get("users", {}).items()},
                 token_lifetime=parse_duration(tokens.get("lifetime", "5m"), "[tokens] lifetime"),
                 crl_lifetime=parse_duration(data.get("crl_lifetime", "30d"), "crl_lifetime"),
                 loopback_sans=_loopback_sans(data.get("loopback_sans", True)),
             )
         except FileNotFoundError:
             raise PKIError(f"{path}: no such policy file") from None
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
         if policy.crl_lifetime < MIN_CRL_LIFETIME:
             raise PKIError(
@@ -108,6 +116,8 @@ class Policy:
             )
         if policy.authorize_by not in AUTHORIZE_BY:
             raise PKIError(f"{path}: authorize_by = {policy.authorize_by!r}: use one of {', '.join(AUTHORIZE_BY)}")
+        if not isinstance(policy.trust_domain, str):
+            raise PKIError(f'{path}: trust_domain = {policy.trust_domain!r}: write it in quotes, like "mesh.internal"')
         try:
             SpiffeId.parse(policy.spiffe_id("x"))
         except InvalidSpiffeId as e:

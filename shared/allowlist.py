@@ -51,7 +51,9 @@ class AllowList:
             raise MaterialError(f"{path}: allow-list is not UTF-8 text ({e})") from None
         thumbprints: dict[str, str] = {}
         ids: dict[SpiffeId, str] = {}
-        for number, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only: str.splitlines() would also break at U+0085, U+2028, … which editors and `cat`
+        # show inside a comment, so that a comment could smuggle in an entry nobody sees (found by fuzzing).
+        for number, line in enumerate(text.split("\n"), 1):
             comment = _COMMENT.search(line)
             value = (line[: comment.start()] if comment else line).strip()
             label = line[comment.end() :].strip() if comment else ""

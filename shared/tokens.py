@@ -145,7 +145,7 @@ def verify(raw: str, keys: KeySet, *, issuer: str, audience: str, now: float | N
     if not _is_time(exp):
         raise TokenRefused("the token has no valid expiry (exp)")
     if now > exp + LEEWAY_SECONDS:
-        raise TokenRefused(f"the token expired {int(now - exp)} s ago")
+        raise TokenRefused(f"the token expired {int(now) - int(exp)} s ago")
     if nbf is not None and (not _is_time(nbf) or now < nbf - LEEWAY_SECONDS):
         raise TokenRefused("the token is not valid yet (nbf)")
     sub, scope, cnf = claims.get("sub"), claims.get("scope", ""), claims.get("cnf")
