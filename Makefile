@@ -113,8 +113,9 @@ bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved; w
 renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
 	MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
 
-soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32; errors, p50/p99, RSS and FDs before/after
+soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
+	@$(MAKE) --no-print-directory flood
 
 flood: $(VENV)/.installed ## 3,000 idle/garbage sockets + 200 stalled handshakes + a greedy certificate against A, for 60 s: calls ok/failed, slowest
 	$(PY) -m bench.flood --idle 3000 --stalled 200 --held 1000 --seconds 60
