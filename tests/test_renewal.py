@@ -24,7 +24,7 @@ from tests.support import free_ports, start_services
 
 pytestmark = pytest.mark.e2e
 
-SECONDS = int(os.environ.get("MESH_RENEWAL_SECONDS", "40"))
+SECONDS = int(os.environ.get("MESH_RENEWAL_SECONDS", "30"))
 LIFETIME = os.environ.get("MESH_RENEWAL_LIFETIME", "16s")
 
 
