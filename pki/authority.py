@@ -238,8 +238,19 @@ def _ca_key_usage() -> x509.KeyUsage:
 
 
 def load_issuer(layout: Layout) -> CertificateAuthority:
-    """The intermediate, which signs every identity and the CRL."""
-    return CertificateAuthority.load(layout.intermediate_cert, layout.intermediate_key)
+    """The intermediate, which signs every identity and the CRL — refused if its key is not the certificate's.
+
+    A key restored from the wrong backup would sign a CRL and certificates that no peer can verify: every
+    service would then refuse everyone. Better to stop before signing anything.
+    """
+    issuer = CertificateAuthority.load(layout.intermediate_cert, layout.intermediate_key)
+    if issuer.key.public_key() != issuer.cert.public_key():
+        raise PKIError(
+            f"{layout.intermediate_key} does not belong to {layout.intermediate_cert}: nothing was signed — "
+            "put back the key that matches the certificate (a backup of pki/out), or start a new CA with "
+            "`python -m pki init --force`"
+        )
+    return issuer
 
 
 def _self_issued(common_name: str, key: PrivateKey, validity: dt.timedelta) -> x509.CertificateBuilder:

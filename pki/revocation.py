@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
 from pki import ledger
@@ -242,8 +243,9 @@ def revoke_certificate(layout: Layout, path: Path, reason: str = "unspecified") 
     cert = load_certificates(path)[0]
     entry = ledger.find(layout, cert.serial_number)
     if entry is None or entry.sha256 != thumbprint(cert):
-        ours = x509.SubjectKeyIdentifier.from_public_key(load_issuer(layout).key.public_key()).digest.hex()
-        if ledger.issuer_key_id(cert) != ours:
+        # Its signature, not the key id it claims: anyone can copy our AKI and a live certificate's serial into
+        # a file of their own, and revoking that serial would cut off the identity that really holds it.
+        if not _signed_by(cert, load_issuer(layout).cert):
             raise PKIError(
                 f"{path}: not a certificate this CA issued (not in {layout.ledger.name}, not signed by "
                 f"{layout.intermediate_cert.name}'s key): our CRL cannot revoke it"
@@ -251,6 +253,14 @@ def revoke_certificate(layout: Layout, path: Path, reason: str = "unspecified") 
         entry = ledger.Issued.of(path.stem, cert)
     _add(layout, [entry], reason)
     return entry
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _add(layout: Layout, issued: list[ledger.Issued], reason: str) -> None:

@@ -123,7 +123,10 @@ class TLSMaterial:
         blocks = crl_blocks(data["crl"])
         if not blocks:
             raise MaterialError(f"{self.crl}: not a PEM CRL — regenerate it with `make pki`")
-        return [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
+        crls = [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
+        if len(chain) > 1:
+            _require_crl_of(chain[1], crls, self.crl, self.cert)  # type: ignore[arg-type]
+        return crls
 
     def written_to(self, directory: Path, data: dict[str, bytes]) -> TLSMaterial:
         """`data` as files in `directory` (ours alone, 0700), for OpenSSL, which loads from paths only."""
@@ -367,6 +370,29 @@ def _check_successor(current: x509.CertificateRevocationList, new: x509.Certific
             f"{path}: refusing a CRL of {new.issuer.rfc4514_string()} (the same key as the one in force) that would "
             f"un-revoke certificates ({what}) — the CA's revocation record (pki/out/revocations.json) re-creates "
             "the full list: run `make pki`"
+        )
+
+
+def _require_crl_of(
+    issuer: x509.Certificate, crls: list[x509.CertificateRevocationList], path: Path, cert: Path
+) -> None:
+    """Refuse a crl.pem without a CRL that the CA which signed our own certificate signed with its key.
+
+    Its peers are ours: without its CRL OpenSSL refuses every one of them, and the revocations in force for it
+    would be forgotten (a CRL signed by a stray key — a CA key restored from the wrong backup — once took its
+    place: the mesh went down, and an older crl.pem put back after it un-revoked a stolen key).
+    """
+    ours = key_id(issuer)
+
+    def signed_by_it(crl: x509.CertificateRevocationList) -> bool:  # a matching AKI was verified in _usable_crl
+        signer = authority_key_id(crl)
+        return signer == ours if signer is not None else crl.is_signature_valid(issuer.public_key())
+
+    if not any(crl.issuer == issuer.subject and signed_by_it(crl) for crl in crls):
+        raise MaterialError(
+            f"{path}: no CRL signed by {issuer.subject.rfc4514_string()}, the CA that signed {cert}, so the whole file "
+            "is refused and the revocations in force stay as they were — run `make pki` to re-sign it (it stops, "
+            "naming the files, if the CA's key does not belong to its certificate)"
         )
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -18,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from pki import Policy, init, rotate_begin, rotate_finish
 from pki.__main__ import main
@@ -312,3 +315,101 @@ def test_the_renewer_leaves_a_rotation_under_way_alone_unless_abandoned(tmp_path
     renewer.tick()
     assert not layout.next_cert("client").exists()
     assert load_certificates(layout.cert("client"))[0].public_bytes(serialization.Encoding.PEM) not in successor
+
+
+# ── found by the independent attack on these fixes ───────────────────────────────────────────────────────────
+
+
+def test_a_forged_file_with_our_key_id_and_a_live_serial_revokes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pki revoke --cert` must judge the file by its signature: its AKI and serial are anyone's to copy, and
+    revoking that serial would cut off service-a, which holds it."""
+    out = tmp_path / "pki"
+    assert main(["--out", str(out), "init"]) == 0
+    layout = Layout(out)
+    live, issuer = load_certificates(layout.cert("service-a"))[0], load_certificates(layout.intermediate_cert)[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(live.subject)
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(live.serial_number)
+        .not_valid_before(live.not_valid_before_utc)
+        .not_valid_after(live.not_valid_after_utc)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / "forged.crt"
+    path.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    crl = layout.crl.read_bytes()
+    capsys.readouterr()
+    assert main(["--out", str(out), "revoke", "--cert", str(path)]) == 1
+    assert "not a certificate this CA issued" in capsys.readouterr().err
+    assert revoked(layout) == {} and layout.crl.read_bytes() == crl
+
+
+@pytest.mark.e2e
+def test_a_crl_signed_by_a_stray_ca_key_is_refused_and_revocations_stay(tmp_path: Path) -> None:
+    """intermediate.key restored from the wrong backup: `pki` must not sign with it; and a crl.pem signed by such
+    a key anyway is refused by the service. Taken in, it dropped the CA's real CRL — every peer refused — and
+    with it the floor, so that an older crl.pem put back afterwards un-revoked a stolen key."""
+    policy = policy_file(tmp_path)
+    layout = Layout(tmp_path / "pki")
+    init(layout, Policy.load(policy))
+    backup = tmp_path / "crl-backup.pem"  # from before the revocation
+    shutil.copy(layout.crl, backup)
+    stolen = Credentials(tmp_path / "stolen.crt", tmp_path / "stolen.key")
+    shutil.copy(layout.cert("client"), stolen.cert)
+    shutil.copy(layout.key("client"), stolen.key)
+    envs = chain_environments(ports(2), layout.out, names=["service-a", "service-b"], MESH_RELOAD_INTERVAL="0.25")[:1]
+    with running(start_services(envs, tmp_path)) as [process]:
+        a = Service(process)
+
+        def answer(who: Credentials) -> int | str:
+            try:
+                return get(f"{a.url}/healthz", "service-a", attacker_context(layout.ca_cert, who)).status_code
+            except TLS_REFUSALS as refused:
+                return type(refused).__name__
+
+        operator = Credentials(layout.cert("operator"), layout.key("operator"))
+        pki(layout, policy, "revoke", "client")
+        wait_until(lambda: answer(stolen) != 200, describe=lambda: "the stolen client is still let in")
+
+        stray = ec.generate_private_key(ec.SECP256R1())
+        real_key = layout.intermediate_key.read_bytes()
+        layout.intermediate_key.write_bytes(
+            stray.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        crl = layout.crl.read_bytes()
+        refused = pki(layout, policy, "revoke", "operator", check=False)
+        assert refused.returncode == 1 and "does not belong to" in refused.stderr, refused.stderr
+        assert layout.crl.read_bytes() == crl, "pki signed with a key that is not its CA's"
+        layout.intermediate_key.write_bytes(real_key)
+
+        # The same CRL as `pki` would have signed with that key, written by other means.
+        issuer = load_certificates(layout.intermediate_cert)[0]
+        now = dt.datetime.now(dt.UTC)
+        forged = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.subject)
+            .last_update(now)
+            .next_update(now + dt.timedelta(days=1))
+            .add_extension(x509.CRLNumber(10**6), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(stray.public_key()), critical=False)
+            .sign(stray, hashes.SHA256())
+        )
+        mark = a.mark()
+        layout.crl.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+        wait_until(lambda: a.events_since(mark, "reload_refused"), describe=lambda: str(a.events_since(mark)))
+        assert "no CRL signed by" in str(a.events_since(mark, "reload_refused"))
+        assert answer(operator) == 200, "a CRL from a stray key took the service down"
+
+        mark = a.mark()
+        layout.crl.write_bytes(backup.read_bytes())  # the older backup, put back to "repair" it
+        wait_until(lambda: a.events_since(mark, "reload_refused"), describe=lambda: str(a.events_since(mark)))
+        assert answer(stolen) != 200, "an older crl.pem un-revoked the stolen key"
+        assert answer(operator) == 200
