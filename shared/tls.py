@@ -123,10 +123,7 @@ class TLSMaterial:
         blocks = crl_blocks(data["crl"])
         if not blocks:
             raise MaterialError(f"{self.crl}: not a PEM CRL — regenerate it with `make pki`")
-        crls = [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
-        if len(chain) > 1:
-            _require_crl_of(chain[1], crls, self.crl, self.cert)  # type: ignore[arg-type]
-        return crls
+        return [_usable_crl(block, self.crl, chain[1:]) for block in blocks]
 
     def written_to(self, directory: Path, data: dict[str, bytes]) -> TLSMaterial:
         """`data` as files in `directory` (ours alone, 0700), for OpenSSL, which loads from paths only."""
@@ -263,6 +260,8 @@ class LiveTLS:
         crls = self.material.verify(data)
         anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
         chain = parse_certificates(data["cert"], self.material.cert, "certificate") if "cert" in data else []  # type: ignore[arg-type]
+        if len(chain) > 1 and self.material.crl is not None:
+            _require_crl_of(chain[1], crls, self.material.crl, self.material.cert)  # type: ignore[arg-type]
         keyed = {_crl_key(crl, [*anchors, *chain[1:]], self.material.crl): crl for crl in crls}  # type: ignore[arg-type]
         for key, crl in keyed.items():
             if key in self._crls_by_key:
@@ -376,10 +375,10 @@ def _check_successor(current: x509.CertificateRevocationList, new: x509.Certific
 def _require_crl_of(
     issuer: x509.Certificate, crls: list[x509.CertificateRevocationList], path: Path, cert: Path
 ) -> None:
-    """Refuse a crl.pem without a CRL that the CA which signed our own certificate signed with its key.
+    """Refuse a crl.pem without a CRL that the CA which signed a service's own certificate signed with its key.
 
-    Its peers are ours: without its CRL OpenSSL refuses every one of them, and the revocations in force for it
-    would be forgotten (a CRL signed by a stray key — a CA key restored from the wrong backup — once took its
+    Its peers are the service's: without its CRL OpenSSL refuses every one of them, and the revocations in force
+    for it would be forgotten (a CRL signed by a stray key — a CA key restored from the wrong backup — once took its
     place: the mesh went down, and an older crl.pem put back after it un-revoked a stolen key).
     """
     ours = key_id(issuer)

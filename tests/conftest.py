@@ -31,11 +31,18 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
-def hostile(layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
+def foreign() -> CertificateAuthority:
+    """Someone else's issuing CA, with the names a careless copy of ours would have."""
+    return CertificateAuthority.root("Foreign Root CA").intermediate("Foreign Issuing CA")
+
+
+@pytest.fixture(scope="session")
+def hostile(
+    layout: Layout, foreign: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Credentials]:
     """Every kind of certificate a service must refuse at the TLS layer, plus a few it must refuse later."""
     out = tmp_path_factory.mktemp("hostile")
     ours = load_issuer(layout)
-    foreign = CertificateAuthority.root("Foreign Root CA").intermediate("Foreign Issuing CA")
     now = dt.datetime.now(dt.UTC)
     client_only = {"usages": ["client"], "uris": [POLICY.spiffe_id("intruder")]}
     identities: dict[str, Identity] = {

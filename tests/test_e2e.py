@@ -15,7 +15,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from pki import Identity
+from pki import CertificateAuthority, Identity
+from pki.output import write_file
+from pki.revocation import first_crl
 from services.local import ServiceProcess, chain_environments, running
 from shared.certs import load_certificates, thumbprint
 from shared.downstream import explain_transport_error
@@ -201,7 +203,9 @@ def test_old_tls_versions_are_refused(mesh: Mesh, version: ssl.TLSVersion) -> No
 # ── the caller checks the callee ───────────────────────────────────────────────────────────────────────
 
 
-def test_service_refuses_an_impostor_callee(layout: Layout, hostile: dict[str, Credentials], tmp_path) -> None:
+def test_service_refuses_an_impostor_callee(
+    layout: Layout, hostile: dict[str, Credentials], foreign: CertificateAuthority, tmp_path: Path
+) -> None:
     """A's downstream is pointed at two impostors of service-b; A answers 502 and sends them nothing.
 
     1. a server with a foreign CA's certificate for service-b (fails the chain check);
@@ -209,12 +213,15 @@ def test_service_refuses_an_impostor_callee(layout: Layout, hostile: dict[str, C
     Both impostors would accept A's certificate, so if A did not check, the request would reach them.
     """
     a1, a2, forged_port, c_port = free_ports(4)
+    foreign_crl = tmp_path / "foreign-crl.pem"
+    write_file(foreign_crl, first_crl(foreign))
     forged_b = {
         "MESH_NAME": "service-b",
         "MESH_PORT": str(forged_port),
         "MESH_PKI_DIR": str(layout.out),
         "MESH_CERT": str(hostile["foreign-service-b"].cert),
         "MESH_KEY": str(hostile["foreign-service-b"].key),
+        "MESH_CRL": str(foreign_crl),  # a service needs its own CA's CRL: the impostor brings its CA's
     }
     real_c = chain_environments([c_port], layout.out, names=["service-c"])[0]
 
