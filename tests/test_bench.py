@@ -110,3 +110,19 @@ def test_a_short_bench_runs_three_chains_three_times(tmp_path: Path) -> None:
     assert set(results["scaling"]["chain_p50_ms"]) == {"3"}
     assert all(v["errors"] == 0 and v["requests"] == 30 for v in results["variants"].values())
     assert (tmp_path / "latency.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_httpcore_asks_which_event_loop_without_searching_sys_path() -> None:
+    """httpcore imports sniffio on every lock, event and cancel shield of every call to the next hop; if it is
+    missing, each is a failed import that walks sys.path (make profile found a tenth of a service's CPU there)."""
+    from httpcore._synchronization import current_async_library
+
+    async def asks() -> None:
+        loaded = set(sys.modules)
+        current_async_library()
+        assert "sniffio" in sys.modules, "sniffio is not installed: add it to the dependencies (pyproject.toml)"
+        assert set(sys.modules) - loaded <= {"sniffio", "sniffio._impl", "sniffio._version"}
+
+    import asyncio
+
+    asyncio.run(asks())
