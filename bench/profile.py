@@ -9,7 +9,7 @@ frame that belongs to a known part — TLS, HTTP parsing, the httpx pool, FastAP
 py-spy counts a thread only while it runs (idle waiting is left out), so on a quiet machine the columns add up to
 the CPU one request costs in that process; on a loaded one, time spent waiting for a core counts too.
 
-Results: printed, and written to bench/profile.json (raw collapsed stacks beside it, for flame graphs).
+Results: printed, and written to bench/profile.json (`--stacks DIR` keeps py-spy's collapsed stacks).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "--native", action="store_true", help="native frames too (py-spy then pauses each process per sample: slow)"
     )
     parser.add_argument("--out", type=Path, default=HERE / "profile.json")
+    parser.add_argument("--stacks", type=Path, help="keep py-spy's collapsed stacks here (for flame graphs)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as scratch:
         root = Path(scratch)
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     counts[part_of(stack)] += int(count)
                 # The load lasted `seconds` of the `seconds + 2` recorded; the rest is idle and not sampled.
                 hops[name] = {part: n / args.rate / requests * 1e6 for part, n in counts.most_common()}
-                shutil.copy(out, args.out.with_name(f"profile-{name}.txt"))
+                if args.stacks:
+                    args.stacks.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out, args.stacks / f"{name}.txt")
     result = {
         "method": f"py-spy {'--native ' if args.native else ''}at {args.rate} Hz on each service, "
         f"{args.seconds:g} s at concurrency 16 on the mTLS chain; µs of CPU per request per hop",
