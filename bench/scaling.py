@@ -24,10 +24,9 @@ from bench.handshake import bare_handshake_ms
 from pki import load_issuer
 from services.app import service_policy
 from shared import tls
-from shared.allowlist import AllowList
-from shared.certs import load_certificates
-from shared.identity import CallerIdentity
+from shared.authz import AllowList
 from shared.layout import Layout
+from shared.x509 import PeerIdentity, load_certificates
 
 SIZES = (10, 10_000, 100_000)
 
@@ -83,7 +82,7 @@ def crl_scaling(
 
 
 def allow_list_scaling(layout: Layout, scratch: Path, sizes: Sequence[int] = SIZES) -> dict[str, dict[str, float]]:
-    caller = CallerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     results = {}
     for size in sizes:
         path = scratch / f"allow-{size}.txt"
