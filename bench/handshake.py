@@ -10,14 +10,23 @@ import asyncio
 import ssl
 import statistics
 import time
+from collections.abc import Callable
 
 import uvloop
 
+# What a service does with a completed handshake before it reads a byte: LiveTLS.recheck, on (client, server).
+Check = Callable[[ssl.SSLObject, ssl.SSLObject], None]
+
 
 def handshake_once(
-    server: ssl.SSLContext, client: ssl.SSLContext, server_name: str, session: ssl.SSLSession | None = None
+    server: ssl.SSLContext,
+    client: ssl.SSLContext,
+    server_name: str,
+    session: ssl.SSLSession | None = None,
+    check: Check | None = None,
 ) -> ssl.SSLObject:
-    """One mutual handshake (resumed if `session` allows) and one request/response; returns the client's side."""
+    """One mutual handshake (resumed if `session` allows), `check`, and one request/response; returns the
+    client's side."""
     c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     c = client.wrap_bio(c_in, c_out, server_hostname=server_name, session=session)
     s = server.wrap_bio(s_in, s_out, server_side=True)
@@ -37,6 +46,8 @@ def handshake_once(
             except ssl.SSLWantReadError:
                 pass
         c_in.write(s_out.read())
+    if check is not None:
+        check(c, s)
     c.write(b"GET / HTTP/1.1\r\n\r\n")
     s_in.write(c_out.read())
     s.read(64)
@@ -46,14 +57,16 @@ def handshake_once(
     return c
 
 
-def bare_handshake_ms(server: ssl.SSLContext, client: ssl.SSLContext, server_name: str, runs: int = 300) -> float:
+def bare_handshake_ms(
+    server: ssl.SSLContext, client: ssl.SSLContext, server_name: str, runs: int = 300, check: Check | None = None
+) -> float:
     """Median milliseconds of `handshake_once`, after a warm-up."""
     for _ in range(20):
-        handshake_once(server, client, server_name)
+        handshake_once(server, client, server_name, check=check)
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        handshake_once(server, client, server_name)
+        handshake_once(server, client, server_name, check=check)
         samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
 

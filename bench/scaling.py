@@ -1,19 +1,22 @@
 """How the cost grows: a CRL of 10 / 10,000 / 100,000 revoked serials, an allow-list of as many entries.
 
-For each size: the bare mutual handshake with that CRL loaded (OpenSSL looks the peer up in it), the time a
-running service takes to reload it (read, check, refuse-if-older, load into its contexts), the authorization
-decision against an allow-list of that size, and the allow-list's reload. The chain's length is measured in
-bench.bench itself (3 and 6 hops, side by side).
+For each size: the bare mutual handshake as a running service makes it with that CRL in force (LiveTLS's contexts,
+then its recheck of the peer on both sides: a set lookup), and — what it was before, and what a standalone context
+such as the CLI client's still does — with the CRL loaded into OpenSSL, which verifies it on every handshake; the
+time a running service takes to reload it (read, check, refuse-if-older, build its contexts and its revoked set),
+the authorization decision against an allow-list of that size, and the allow-list's reload. The chain's length is
+measured in bench.bench itself (3 and 6 hops, side by side).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import shutil
+import ssl
 import statistics
 import time
 import timeit
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +59,18 @@ def crl_scaling(
     """Per size: the handshake (median over the repeats) and the reload; and, measured in each repeat with the
     sizes interleaved, the handshake with the largest CRL ÷ with the smallest (`repeated`, for its spread)."""
     results: dict[str, Any] = {}
-    pairs = {}
+    pairs, openssl_pairs = {}, {}
     for size in sizes:
         out = scratch / f"crl-{size}"
         shutil.copytree(layout.out, out)
         sized = Layout(out)
         crl_with(layout, size, sized.crl)
-        pairs[size] = (tls.server_context(sized.material("service-b")), tls.client_context(sized.material("service-a")))
-        live = tls.LiveTLS(sized.material("service-b"))
+        live, caller = tls.LiveTLS(sized.material("service-b")), tls.LiveTLS(sized.material("service-a"))
+        pairs[size] = (live.server, caller.client, rechecked_by(caller, live))
+        openssl_pairs[size] = (
+            tls.server_context(sized.material("service-b")),
+            tls.client_context(sized.material("service-a")),
+        )
         reloads = []
         for _ in range(3):
             start = time.perf_counter()
@@ -73,12 +80,24 @@ def crl_scaling(
     handshakes: dict[int, list[float]] = {size: [] for size in sizes}
     for _ in range(repeats):
         for size in sizes:
-            handshakes[size].append(bare_handshake_ms(*pairs[size], "service-b", runs=runs))
+            server, client, check = pairs[size]
+            handshakes[size].append(bare_handshake_ms(server, client, "service-b", runs=runs, check=check))
     for size in sizes:
         results[str(size)]["handshake_ms"] = statistics.median(handshakes[size])
+        results[str(size)]["openssl_crl_handshake_ms"] = bare_handshake_ms(*openssl_pairs[size], "service-b", runs=runs)
     largest, smallest = handshakes[max(sizes)], handshakes[min(sizes)]
     results["repeated"] = {"handshake_ratio": [a / b for a, b in zip(largest, smallest, strict=True)]}
     return results
+
+
+def rechecked_by(caller: tls.LiveTLS, callee: tls.LiveTLS) -> Callable[[ssl.SSLObject, ssl.SSLObject], None]:
+    """Both sides' recheck of a completed handshake, as the services run it before reading a byte."""
+
+    def check(client: ssl.SSLObject, server: ssl.SSLObject) -> None:
+        refused = caller.recheck(client) or callee.recheck(server)
+        assert refused is None, refused
+
+    return check
 
 
 def allow_list_scaling(layout: Layout, scratch: Path, sizes: Sequence[int] = SIZES) -> dict[str, dict[str, float]]:
