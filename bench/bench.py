@@ -49,7 +49,7 @@ import httpx
 import uvloop
 
 from bench.handshake import bare_handshake_ms, bare_resumed_handshake_ms, event_loop_handshake_added_ms
-from bench.scaling import SIZES, allow_list_scaling, crl_scaling
+from bench.scaling import SIZES, allow_list_scaling, crl_scaling, p99_during_reloads
 from bench.sidecar import SidecarPorts, running_sidecars
 from client.__main__ import user_token
 from pki import Policy, init
@@ -207,6 +207,13 @@ async def cold_exchanges(variant: Variant, count: int) -> list[float]:
     return latencies
 
 
+STARTED = time.monotonic()
+
+
+def elapsed() -> str:
+    return f"[{time.monotonic() - STARTED:5.1f} s]"
+
+
 def take(free: Iterator[int], count: int) -> list[int]:
     return [next(free) for _ in range(count)]
 
@@ -216,11 +223,10 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def authz_microseconds(layout: Layout) -> float:
+def authz_microseconds(layout: Layout, runs: int = 200_000) -> float:
     """One authorization decision (leaf + clientAuth + allow-list lookup), as each request pays it."""
     policy = service_policy(AllowList.load(layout.allow_list("service-b")))
     caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
-    runs = 200_000
     best = min(timeit.repeat(lambda: policy(caller), number=runs, repeat=5))
     return best / runs * 1e6
 
@@ -295,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--chains", default=",".join(CHAINS), help="which chains (default: all; ratios need both)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="CRL and allow-list sizes for scaling")
-    parser.add_argument("--handshakes", type=int, default=300, help="bare handshakes timed per figure")
+    parser.add_argument(
+        "--handshakes", type=int, default=300, help="bare handshakes timed per figure (authorizations: 600× as many)"
+    )
+    parser.add_argument(
+        "--reload-seconds", type=float, default=4.0, help="per phase: p99 with the largest CRL/allow-list reloading"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--chart-only", action="store_true", help="redraw latency.png from results.json, run nothing")
     args = parser.parse_args(argv)
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         sidecar = next((v for v in variants if v.sidecar), None)
         sidecars = running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports) if sidecar and sidecar.sidecar_ports else None
         with running(processes), sidecars or contextlib.nullcontext():
+            print(f"{elapsed()} {len(processes)} processes listen", file=sys.stderr)
             for v in variants:  # warm-up: imports, pools, first handshakes
                 uvloop.run(sequential(v, 50))
                 v.latencies_ms.clear()
@@ -350,11 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                         uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
                 for v in variants:
                     v.end_repeat()
-                print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
-            authz_us = authz_microseconds(ecdsa)
+                print(f"{elapsed()} repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+            authz_us = authz_microseconds(ecdsa, runs=args.handshakes * 600)
             tokens = next((v for v in variants if v.tokens), None)
             cold_token_ms = uvloop.run(cold_exchanges(tokens, args.per_round // 2)) if tokens else []
-        print("bare handshake and scaling …", file=sys.stderr)
+        print(f"{elapsed()} bare handshake and scaling …", file=sys.stderr)
         server = tls.server_context(ecdsa.material("service-b"))
         client = tls.client_context(ecdsa.material("service-a"))
         bare_ms = bare_handshake_ms(server, client, "service-b", runs=args.handshakes)
@@ -363,10 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         resumed_ms = bare_resumed_handshake_ms(ticketing, client, "service-b", runs=args.handshakes)
         scaling = {
             "crl": crl_scaling(ecdsa, root, sizes, args.repeats),
-            "allow_list": allow_list_scaling(ecdsa, root, sizes),
+            "allow_list": allow_list_scaling(ecdsa, root, sizes, runs=args.handshakes * 300),
         }
+        print(f"{elapsed()} p99 during reloads …", file=sys.stderr)
+        reloads = p99_during_reloads(ecdsa, root, max(sizes), args.repeats, args.reload_seconds)
+        for kind, figures in reloads.items():
+            repeated = scaling[kind].pop("repeated", {}) | figures.pop("repeated")
+            scaling[kind] |= figures | {"repeated": repeated}
         results = write_results(variants, authz_us, (bare_ms, loop_ms, resumed_ms), scaling, cold_token_ms, args)
     print(results["table"])
+    print(f"{elapsed()} done", file=sys.stderr)
     return 0 if all(v.errors == 0 for v in variants) else 1
 
 
@@ -557,16 +575,26 @@ def markdown_table(results: dict[str, Any], every: list[Ratio]) -> str:
     sizes = [key for key in crl if key.isdigit()]
     lines += [
         "",
-        "| size | handshake with CRL ms | CRL reload ms | authorization µs | allow-list reload ms |",
-        "|---:|---:|---:|---:|---:|",
+        "| size | handshake with CRL ms | …with the CRL in OpenSSL ms | CRL reload ms | authorization µs "
+        "| allow-list reload ms |",
+        "|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {size} | {crl[size]['handshake_ms']:.2f} | {crl[size]['reload_ms']:.1f} | "
+            f"| {size} | {crl[size]['handshake_ms']:.2f} | {crl[size]['openssl_crl_handshake_ms']:.2f} | "
+            f"{crl[size]['reload_ms']:.1f} | "
             f"{allow[size]['authz_us']:.2f} | {allow[size]['reload_ms']:.1f} |"
             for size in sizes
         ),
     ]
     if "handshake_ratio" in crl:
         lines.append(f"handshake with the largest CRL ÷ with the smallest: {figure(crl, 'handshake_ratio')}")
+    for name, figures in (("CRL", crl), ("allow-list", allow)):
+        if "p99_during_reload_ratio" in figures:
+            lines.append(
+                f"p99 while the largest {name} is replaced every second ÷ p99 without: "
+                f"{figure(figures, 'p99_during_reload_ratio')} ({figures['p99_during_reload_ms']:.2f} / "
+                f"{figures['p99_quiet_ms']:.2f} ms; {figures['reloads_taken']} reloads taken, "
+                f"{figures['reloads_refused']} refused)"
+            )
     if chain:
         lines.append("chain p50: " + "; ".join(f"{hops} hops: {ms:.2f} ms" for hops, ms in chain.items()))
     lines += [

@@ -1,9 +1,9 @@
 """`make bench` still runs, and writes every figure with its median and spread.
 
 Two halves, so that `make test` pays seconds, not a minute: the shape of results.json for all nine chains is checked
-in-process, from made-up samples through the same code that writes a real run; a real run of three chains (the nginx
-sidecars included), three repeats, the handshake figures and a small scaling section proves the machinery. The whole
-bench is `make bench` (`make bench-quick` for a short one)."""
+in-process, from made-up samples through the same code that writes a real run; a real run of two chains (as shipped,
+and behind the nginx sidecars), three repeats, the handshake figures, a small scaling section and reloads under
+requests proves the machinery. The whole bench is `make bench` (`make bench-quick` for a short one)."""
 
 from __future__ import annotations
 
@@ -52,10 +52,20 @@ def made_up_run(out: Path, repeats: int) -> dict[str, Any]:
             variant.throughput += [rng.uniform(250, 350) for _ in range(2)]
             variant.end_repeat()
         variants.append(variant)
-    sizes = {str(size): {"handshake_ms": 1.5, "reload_ms": 1.0} for size in (10, 100)}
+    sizes = {str(size): {"handshake_ms": 1.5, "openssl_crl_handshake_ms": 2.0, "reload_ms": 1.0} for size in (10, 100)}
+    reloads = {"p99_quiet_ms": 8.0, "p99_during_reload_ms": 8.5, "reloads_taken": 9, "reloads_refused": 0}
+    ratios_seen = [1.0, 1.1, 0.9][:repeats]
     scaling = {
-        "crl": {**sizes, "repeated": {"handshake_ratio": [1.0, 1.1, 0.9][:repeats]}},
-        "allow_list": {size: {"authz_us": 2.0, "reload_ms": 1.0} for size in sizes},
+        "crl": {
+            **sizes,
+            **reloads,
+            "repeated": {"handshake_ratio": ratios_seen, "p99_during_reload_ratio": ratios_seen},
+        },
+        "allow_list": {
+            **{size: {"authz_us": 2.0, "reload_ms": 1.0} for size in sizes},
+            **reloads,
+            "repeated": {"p99_during_reload_ratio": ratios_seen},
+        },
     }
     args = argparse.Namespace(
         repeats=repeats, rounds=1, per_round=50, throughput_rounds=2, throughput_seconds=1.0, concurrency=16,
@@ -79,8 +89,10 @@ def test_every_ratio_has_its_median_and_spread(tmp_path: Path) -> None:
     assert {"cold_exchange_ms", "cold_chain_p50_ms"} <= set(results["user_tokens"])
     assert {"authz_us_per_request", "authz_share_of_one_hop", "variants", "machine", "raw_latencies_ms"} <= set(results)
     assert results["scaling"]["chain_p50_ms"].keys() == {"3", "6"}
-    crl = results["scaling"]["crl"]
+    crl, allow = results["scaling"]["crl"], results["scaling"]["allow_list"]
     assert crl["handshake_ratio"] == 1.0 and crl["spread"]["handshake_ratio"] == [0.9, 1.1]
+    for figures in (crl, allow):
+        assert figures["p99_during_reload_ratio"] == 1.0 and figures["spread"]["p99_during_reload_ratio"] == [0.9, 1.1]
     # Each ratio is the median of the repeats' own ratios, not a ratio of pooled samples.
     mtls, plain = results["raw_latencies_ms"]["mtls"], results["raw_latencies_ms"]["plaintext"]
     per_repeat = sorted(
@@ -94,19 +106,23 @@ def test_every_ratio_has_its_median_and_spread(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_a_short_bench_runs_three_chains_three_times(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench.bench", "--chains", "mtls,plaintext,sidecar", "--repeats", "3",
+def test_a_short_bench_runs_two_chains_three_times(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.bench", "--chains", "mtls,sidecar", "--repeats", "3",
                "--rounds", "1", "--per-round", "10", "--throughput-rounds", "1", "--throughput-seconds", "0.3",
-               "--sizes", "10,100", "--handshakes", "20", "--out", str(tmp_path)]  # fmt: skip
+               "--sizes", "10,100", "--handshakes", "20", "--reload-seconds", "1",
+               "--out", str(tmp_path)]  # fmt: skip
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for group in ("mtls_vs_plaintext", "sidecar"):
-        for key in RATIO_GROUPS[group]:
-            assert_spread(results[group], key)
-    assert "user_tokens" not in results and "spread" not in results  # their chains did not run
+    for key in RATIO_GROUPS["sidecar"]:
+        assert_spread(results["sidecar"], key)
+    assert not {"mtls_vs_plaintext", "user_tokens", "spread"} & set(results)  # their chains did not run
     assert set(results["handshake"]) == {"bare_mutual_handshake_ms", "bare_resumed_handshake_ms"}
-    assert {"10", "100", "handshake_ratio", "spread"} <= set(results["scaling"]["crl"])
+    crl, allow = results["scaling"]["crl"], results["scaling"]["allow_list"]
+    assert {"10", "100", "handshake_ratio", "spread"} <= set(crl)
+    for figures in (crl, allow):  # replaced every second and taken every time, never refused
+        assert_spread(figures, "p99_during_reload_ratio")
+        assert figures["reloads_taken"] >= 2 and figures["reloads_refused"] == 0, figures
     assert set(results["scaling"]["chain_p50_ms"]) == {"3"}
     assert all(v["errors"] == 0 and v["requests"] == 30 for v in results["variants"].values())
     assert (tmp_path / "latency.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0

@@ -38,6 +38,21 @@ class Trust:
     windows: Mapping[str, tuple[dt.datetime, dt.datetime | None]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Everything one reload swaps in (LiveTLS.prepare builds it, LiveTLS.install swaps it in)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext | None
+    crls: list[x509.CertificateRevocationList]
+    keyed: dict[str, x509.CertificateRevocationList]
+    trust: Trust
+    unverified: dict[str, x509.CertificateRevocationList]
+    anchors: list[str]
+    certificate: x509.Certificate | None
+    replaces: dict[str, x509.CertificateRevocationList]  # the CRLs in force it was checked against
+
+
 class LiveTLS:
     """A running service's TLS contexts, rebuilt from its files whenever they change and swapped in whole.
 
@@ -88,6 +103,12 @@ class LiveTLS:
 
     def reload(self) -> None:
         """Build new contexts from the files as they are now and swap them in, or raise and change nothing."""
+        self.install(self.prepare())
+
+    def prepare(self) -> Prepared:
+        """Read, check and build everything a reload swaps in — the slow part (a CRL of 100,000 entries takes
+        hundreds of milliseconds) — changing nothing, so that it can run on a worker thread while the event loop
+        serves requests (services.reloader). Raises MaterialError naming the file, as `reload` does."""
         data = self.material.read()
         crls = self.material.verify(data)
         anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
@@ -95,12 +116,14 @@ class LiveTLS:
         if len(chain) > 1 and self.material.crl is not None:
             _require_crl_of(chain[1], crls, self.material.crl, self.material.cert)  # type: ignore[arg-type]
         keyed = {_crl_key(crl, [*anchors, *chain[1:]], self.material.crl): crl for crl in crls}  # type: ignore[arg-type]
+        in_force = self._crls_by_key
         for key, crl in keyed.items():
-            if key in self._crls_by_key:
-                _check_successor(self._crls_by_key[key], crl, self.material.crl)  # type: ignore[arg-type]
+            if key in in_force:
+                _check_successor(in_force[key], crl, self.material.crl)  # type: ignore[arg-type]
         unverified = _verify_signatures(keyed, anchors, chain[1:], self.material.crl)  # type: ignore[arg-type]
         with _scratch() as directory:
-            files = self.material.written_to(directory, data)
+            # Checked above, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.
+            files = self.material.written_to(directory, {k: v for k, v in data.items() if k != "crl"})
             server = server_context(
                 files, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
             )
@@ -111,10 +134,18 @@ class LiveTLS:
             revoked=frozenset((key, entry.serial_number) for key, crl in keyed.items() for entry in crl),
             windows={key: (crl.last_update_utc, crl.next_update_utc) for key, crl in keyed.items()},
         )
-        self.server, self.client, self.crls, self._crls_by_key = server, client, crls, keyed
-        self.trust, self._unverified = trust, unverified
-        self.anchors = [thumbprint(anchor) for anchor in anchors]  # what we trust, for /healthz and the gates
-        self.certificate = chain[0] if chain else None
+        anchor_list = [thumbprint(anchor) for anchor in anchors]
+        certificate = chain[0] if chain else None
+        return Prepared(server, client, crls, keyed, trust, unverified, anchor_list, certificate, in_force)
+
+    def install(self, new: Prepared) -> None:
+        """Swap in what `prepare` built, all of it at once (on the event loop: between two handshakes)."""
+        if new.replaces is not self._crls_by_key:  # another reload came first: its CRLs were not checked against
+            raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
+        self.server, self.client, self.crls, self._crls_by_key = new.server, new.client, new.crls, new.keyed
+        self.trust, self._unverified = new.trust, dict(new.unverified)
+        self.anchors = new.anchors  # what we trust, in ca.crt's order, for /healthz and the gates
+        self.certificate = new.certificate
         self.generation += 1
 
     def recheck(self, ssl_object: ssl.SSLObject) -> str | None:
