@@ -344,11 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         # Every port at once: ports picked one chain at a time, before any process binds them, can repeat — and a
         # service whose port another chain's service holds would pass for ready, answering with the wrong PKI.
         free = iter(free_ports(64))
-        processes = [p for v in variants for p in v.start(root, free)]
+        chains = [v.start(root, free) for v in variants]
         sidecar = next((v for v in variants if v.sidecar), None)
-        sidecars = running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports) if sidecar and sidecar.sidecar_ports else None
-        with running(processes), sidecars or contextlib.nullcontext():
-            print(f"{elapsed()} {len(processes)} processes listen", file=sys.stderr)
+        with contextlib.ExitStack() as stack:
+            # Chain after chain: thirty processes importing at once on two shared cores can take longer to listen
+            # than a service is given (services.local.running).
+            for processes in chains:
+                stack.enter_context(running(processes))
+            if sidecar is not None and sidecar.sidecar_ports is not None:
+                stack.enter_context(running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports))
+            print(f"{elapsed()} {sum(map(len, chains))} processes listen", file=sys.stderr)
             for v in variants:  # warm-up: imports, pools, first handshakes
                 uvloop.run(sequential(v, 50))
                 v.latencies_ms.clear()
