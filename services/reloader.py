@@ -87,7 +87,7 @@ class Reloader:
 
 class CrlFreshness:
     """How long each CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its
-    lifetime, an error once it has expired: from then on OpenSSL refuses every leaf of that CA.
+    lifetime, an error once it has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
 
     freshness = CrlFreshness(live)
     Gauge("mesh_crl_next_update_seconds", "…", freshness.seconds_left, label="issuer")
