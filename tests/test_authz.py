@@ -18,6 +18,8 @@ from shared.files import MaterialError
 from shared.identity import CallerIdentity
 from shared.layout import Layout
 
+pytestmark = pytest.mark.fast  # in-process: part of `make test-fast`
+
 A, B = "a" * 64, "b" * 64
 
 

@@ -16,6 +16,8 @@ from shared.layout import Layout
 from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
 from tests.support import leaf
 
+pytestmark = pytest.mark.fast  # in-process: part of `make test-fast`
+
 POLICY = Policy.load()
 
 # The examples of SPIFFE-ID.md (github.com/spiffe/spiffe, standards/), every one valid.

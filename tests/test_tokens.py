@@ -33,6 +33,8 @@ from shared.token_client import REFETCH_AFTER, TokenClient
 from shared.tokens import LEEWAY_SECONDS, TokenRefused, UserToken, check_holder, mint, verify, x5t_s256
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
+pytestmark = pytest.mark.fast  # in-process: part of `make test-fast`
+
 ISSUER = "spiffe://mesh.internal/token-service"
 
 
