@@ -9,7 +9,6 @@ import pytest
 from shared.allowlist import AllowList
 from shared.authz import (
     authorize_all,
-    authorize_any,
     authorize_client_leaf,
     authorize_listed,
 )
@@ -84,10 +83,6 @@ def test_a_certificate_without_client_auth_is_refused_even_when_listed(tmp_path:
 
 def test_authorize_all_of_nothing_denies() -> None:
     assert not authorize_all()(identity()).allowed
-
-
-def test_authorize_any_admits_any_verified_certificate() -> None:
-    assert authorize_any()(identity(B)).allowed
 
 
 def test_identity_from_a_real_certificate(layout: Layout) -> None:

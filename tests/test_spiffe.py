@@ -8,7 +8,7 @@ import pytest
 
 from pki import Policy, init
 from shared.allowlist import AllowList
-from shared.authz import authorize_id, authorize_ids, authorize_listed, authorize_member_of
+from shared.authz import authorize_id, authorize_ids, authorize_listed
 from shared.certs import load_certificates
 from shared.files import MaterialError
 from shared.identity import CallerIdentity
@@ -104,10 +104,13 @@ def test_authorizers_by_name(layout: Layout) -> None:
     assert authorize_id(a)(as_a).allowed
     assert not authorize_id(b)(as_a).allowed
     assert authorize_ids(b, a)(as_a).allowed
-    assert authorize_member_of("mesh.internal")(as_a).allowed
-    assert not authorize_member_of("mesh.internal")(foreign).allowed
+    decision = authorize_id(a)(foreign)  # the same path in another trust domain is someone else
+    assert (
+        not decision.allowed
+        and decision.reason == "SPIFFE ID spiffe://other.internal/a is not spiffe://mesh.internal/a"
+    )
     no_svid = CallerIdentity.from_certificate(leaf(layout, uris=[]))
-    decision = authorize_member_of("mesh.internal")(no_svid)
+    decision = authorize_id(a)(no_svid)
     assert not decision.allowed and "no SPIFFE ID" in decision.reason
 
 
