@@ -100,6 +100,7 @@ def test_a_token_the_service_signed_verifies(key: ECKey, holder: CallerIdentity)
         ("crit header with an unknown extension", "not a valid signed token"),
         ("unbound (a bearer token)", "bound to no certificate"),
         ("no user", "names no user"),
+        ("list-valued scope", "scope is not a space-separated string"),
         ("act loop", "actor chain"),
     ],
 )
@@ -152,6 +153,8 @@ def test_forged_tokens_are_refused_naming_the_rule(
         raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "cnf"})
     elif attack == "no user":
         raw = forge(key, header(key), {**claims, "sub": ""})
+    elif attack == "list-valued scope":
+        raw = forge(key, header(key), {**claims, "scope": ["service-b"]})
     else:  # act loop
         act: dict[str, Any] = {"sub": holder.spiffe_id}
         for _ in range(20):
@@ -245,6 +248,30 @@ def test_exchanges_outside_the_policy_are_refused(
     with pytest.raises(GrantRefused) as refused:
         policy.grant_exchange(holder, subject, audience, frozenset(scope.split()) if scope else None)
     assert refused.value.error == error and words in refused.value.description
+
+
+@pytest.mark.parametrize(
+    "spiffe_id",
+    [None, "spiffe://other.internal/service-a", "spiffe://mesh.internal/team/service-a", "spiffe://mesh.internal"],
+    ids=["no SPIFFE ID", "another trust domain", "a nested path", "no path"],
+)
+def test_only_a_spiffe_id_of_our_trust_domain_names_a_holder(policy: TokenPolicy, spiffe_id: str | None) -> None:
+    caller = CallerIdentity(
+        sha256="a" * 64,
+        subject="CN=service-a,O=mtls-mesh",
+        spiffe_id=spiffe_id,
+        svid_problem=None if spiffe_id else "no URI SAN",
+        dns_names=(),
+        is_leaf=True,
+        client_auth=True,
+    )
+    with pytest.raises(GrantRefused) as refused:
+        policy.holder(caller)
+    assert (refused.value.error, refused.value.description) == (
+        "unauthorized_client",
+        "CN=service-a,O=mtls-mesh has no SPIFFE ID of mesh.internal",
+    )
+    assert policy.holder(dataclasses.replace(caller, spiffe_id="spiffe://mesh.internal/service-a")) == "service-a"
 
 
 def test_narrowing_the_scope_is_allowed(policy: TokenPolicy) -> None:

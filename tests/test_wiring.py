@@ -26,6 +26,7 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from fastapi import Request
 from joserfc.jwk import ECKey
 
 from pki import Policy, init, revoke, write_crl
@@ -40,7 +41,9 @@ from shared.files import MaterialError, read_protected
 from shared.handshake import tls_protocol
 from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.onbehalf import OnBehalfOf
 from shared.peer import expose, tls_extension
+from shared.problem import Problem
 from shared.spiffe import SpiffeId
 from shared.tls import LiveTLS
 from shared.tokens import mint
@@ -157,11 +160,20 @@ async def service_b(layout: Layout, caller: FakeSSLObject | None, **settings: An
             yield client
 
 
-def call(layout: Layout, caller: FakeSSLObject | None, path: str = "/chain", token: str | None = None, **settings: Any):
+def call(
+    layout: Layout,
+    caller: FakeSSLObject | None,
+    path: str = "/chain",
+    token: str | None = None,
+    authorization: str | None = None,
+    **settings: Any,
+) -> httpx.Response:
+    """One request to service-b (built with `settings`) from `caller`, with `token` as its user token."""
+
     async def go() -> httpx.Response:
         async with service_b(layout, caller, **settings) as client:
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            return await client.get(path, headers=headers)
+            said = f"Bearer {token}" if token else authorization
+            return await client.get(path, headers={"Authorization": said} if said else {})
 
     return asyncio.run(go())
 
@@ -238,6 +250,21 @@ def test_without_a_required_user_token_nothing_goes_further(layout: Layout, hops
     response = call(layout, peer(layout, "service-a"), require_user_token=True)
     assert response.status_code == 401 and "requires a user token" in response.json()["reason"], response.text
     assert hops.seen == []
+
+
+def test_an_authorization_that_is_not_a_bearer_token_is_refused(layout: Layout, hops: Hops) -> None:
+    response = call(layout, peer(layout, "service-a"), token=None, authorization="Basic YWxpY2U6c2VjcmV0")
+    assert response.status_code == 401 and "not `Bearer <token>`" in response.json()["reason"], response.text
+    assert hops.seen == []
+
+
+def test_a_user_token_without_a_certificate_to_bind_it_to_is_refused() -> None:
+    """Behind the guard no request comes without a certificate; should one come, its token is still refused."""
+    on_behalf = OnBehalfOf("service-b", object(), required=True)  # type: ignore[arg-type]
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer x.y.z")], "extensions": {}}
+    with pytest.raises(Problem) as refused:
+        asyncio.run(on_behalf(Request(scope)))
+    assert refused.value.status == 401 and "needs a client certificate" in refused.value.extra["reason"]
 
 
 def test_a_user_token_in_scope_is_exchanged_for_the_next_hop(layout: Layout, hops: Hops) -> None:
@@ -349,13 +376,17 @@ def test_a_peer_of_a_root_or_an_issuer_no_longer_trusted_is_refused(layout: Layo
     assert "no CRL of it is in force" in (live.recheck(sslobj) or "")  # type: ignore[arg-type]
 
 
-def test_an_older_crl_is_refused_and_the_revocations_stay(layout: Layout) -> None:
+def test_an_older_crl_is_refused_even_with_the_same_revocations(layout: Layout) -> None:
+    revoke(layout, "client", "key-compromise")
     live = LiveTLS(layout.material("service-b"))
     older = layout.crl.read_bytes()
-    revoke(layout, "client", "key-compromise")
+    write_crl(layout)  # the same revocation, numbered higher
     live.reload()
     layout.crl.write_bytes(older)
-    with pytest.raises(MaterialError, match="un-revoke"):
+    with pytest.raises(MaterialError, match=r"un-revoke certificates \(number \d+ with 1 entries; in force: number"):
+        live.reload()
+    layout.crl.write_bytes(b"")  # and a lost crl.pem un-revokes nobody either
+    with pytest.raises(MaterialError, match="not a PEM CRL"):
         live.reload()
     assert len(live.trust.revoked) == 1
 
