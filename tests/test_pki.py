@@ -28,8 +28,9 @@ from pki import (
     rotation,
 )
 from pki.__main__ import main
-from shared.allowlist import AllowList
-from shared.certs import (
+from shared.authz import AllowList
+from shared.layout import Layout
+from shared.x509 import (
     extended_key_usages,
     load_certificates,
     load_crl,
@@ -37,7 +38,6 @@ from shared.certs import (
     subject_alt_names,
     thumbprint,
 )
-from shared.layout import Layout
 
 POLICY = Policy.load()
 

@@ -30,23 +30,18 @@ from fastapi import Request
 from joserfc.jwk import ECKey
 
 from pki import Policy, init, revoke, write_crl
-from services.app import create_app
+from services.app import mesh_app
 from services.config import ServiceConfig
-from shared import files, nativetls
+from services.wiring import build
 from shared.authz import authorize_id
-from shared.callee import CalleeRefused, callee_check, refuse_unless
-from shared.certs import load_certificates
-from shared.downstream import Downstream
-from shared.files import MaterialError, read_protected
-from shared.handshake import tls_protocol
-from shared.identity import CallerIdentity
+from shared.inbound import expose, tls_extension, tls_protocol
 from shared.layout import Layout
-from shared.onbehalf import OnBehalfOf
-from shared.peer import expose, tls_extension
+from shared.outbound import CalleeRefused, Downstream, callee_check, refuse_unless
 from shared.problem import Problem
-from shared.spiffe import SpiffeId
 from shared.tls import LiveTLS
-from shared.tokens import mint
+from shared.tokens import OnBehalfOf, mint
+from shared.x509 import MaterialError, PeerIdentity, SpiffeId, load_certificates, read_protected
+from shared.x509 import files as x509_files
 from tests.support import signing_key
 
 pytestmark = pytest.mark.fast
@@ -132,15 +127,14 @@ def answer(body: dict[str, Any]) -> httpx.Response:
 
 
 @pytest.fixture
-def hops(monkeypatch: pytest.MonkeyPatch) -> Hops:
-    hops = Hops()
-    # Where a Downstream gets its transport: the one replacement, so that every callee answers in-process.
-    monkeypatch.setattr(nativetls, "transport", lambda context, limits, check: httpx.MockTransport(hops.handler))
-    return hops
+def hops() -> Hops:
+    return Hops()
 
 
 @asynccontextmanager
-async def service_b(layout: Layout, caller: FakeSSLObject | None, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def service_b(
+    layout: Layout, hops: Hops, caller: FakeSSLObject | None, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
     """service-b as `python -m services` builds it (its app, its lifespan), called by `caller` over ASGI."""
     config = ServiceConfig(
         name="service-b",
@@ -152,7 +146,8 @@ async def service_b(layout: Layout, caller: FakeSSLObject | None, **settings: An
         **settings,
     )
     live = LiveTLS(config.tls, require_client_cert=caller is not None, outgoing=True)
-    app = create_app(config, live)
+    # Every connection the service makes answered in-process: the transport's maker is the seam.
+    app = mesh_app(build(config, live, connect=lambda context, limits, check: httpx.MockTransport(hops.handler)))
     extension = tls_extension(caller) if caller is not None else tls_extension(FakeSSLObject(None))  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=expose(app, extension))
@@ -162,6 +157,7 @@ async def service_b(layout: Layout, caller: FakeSSLObject | None, **settings: An
 
 def call(
     layout: Layout,
+    hops: Hops,
     caller: FakeSSLObject | None,
     path: str = "/chain",
     token: str | None = None,
@@ -171,7 +167,7 @@ def call(
     """One request to service-b (built with `settings`) from `caller`, with `token` as its user token."""
 
     async def go() -> httpx.Response:
-        async with service_b(layout, caller, **settings) as client:
+        async with service_b(layout, hops, caller, **settings) as client:
             said = f"Bearer {token}" if token else authorization
             return await client.get(path, headers={"Authorization": said} if said else {})
 
@@ -179,7 +175,7 @@ def call(
 
 
 def user_token(hops: Hops, layout: Layout, holder: str, scopes: str, audience: str = "service-b") -> str:
-    identity = CallerIdentity.from_certificate(load_certificates(layout.cert(holder))[0])
+    identity = PeerIdentity.from_certificate(load_certificates(layout.cert(holder))[0])
     raw, _ = mint(
         hops.key,
         issuer=TOKEN_ISSUER,
@@ -196,7 +192,7 @@ def user_token(hops: Hops, layout: Layout, holder: str, scopes: str, audience: s
 
 
 def test_a_listed_caller_gets_the_chain_and_the_next_hop_is_called_once(layout: Layout, hops: Hops) -> None:
-    response = call(layout, peer(layout, "service-a"))
+    response = call(layout, hops, peer(layout, "service-a"))
     assert response.status_code == 200, response.text
     first, after = response.json()["hops"]
     assert (first["service"], first["admitted_by"], first["tls"]["version"]) == ("service-b", "thumbprint", "TLSv1.3")
@@ -212,7 +208,7 @@ def test_a_listed_caller_gets_the_chain_and_the_next_hop_is_called_once(layout: 
 def test_a_caller_not_allowed_is_refused_and_nothing_goes_further(
     layout: Layout, hops: Hops, caller: str | None, status: int, words: str
 ) -> None:
-    response = call(layout, peer(layout, caller) if caller else None)
+    response = call(layout, hops, peer(layout, caller) if caller else None)
     assert response.status_code == status and words in response.json()["detail"], response.text
     assert hops.seen == []
 
@@ -220,19 +216,19 @@ def test_a_caller_not_allowed_is_refused_and_nothing_goes_further(
 def test_a_ca_certificate_is_no_caller(layout: Layout, hops: Hops) -> None:
     intermediate = load_certificates(layout.intermediate_cert)[0]
     root = load_certificates(layout.ca_cert)[0]
-    response = call(layout, FakeSSLObject(der(intermediate), [der(intermediate), der(root)]))
+    response = call(layout, hops, FakeSSLObject(der(intermediate), [der(intermediate), der(root)]))
     assert response.status_code == 403 and "CA certificate" in response.json()["reason"], response.text
     assert hops.seen == []
 
 
 def test_metrics_are_for_the_metrics_allow_list_only(layout: Layout, hops: Hops) -> None:
-    response = call(layout, peer(layout, "service-a"), "/metrics")
+    response = call(layout, hops, peer(layout, "service-a"), "/metrics")
     assert response.status_code == 403 and "metrics.txt" in response.json()["reason"], response.text
 
 
 def test_a_user_token_without_this_service_in_its_scope_is_refused(layout: Layout, hops: Hops) -> None:
     token = user_token(hops, layout, "service-a", "service-a service-c")
-    response = call(layout, peer(layout, "service-a"), token=token, require_user_token=True)
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
     assert response.status_code == 403, response.text
     assert response.headers["www-authenticate"] == 'Bearer error="insufficient_scope"'
     assert "may not reach service-b" in response.json()["reason"]
@@ -241,19 +237,19 @@ def test_a_user_token_without_this_service_in_its_scope_is_refused(layout: Layou
 
 def test_a_user_token_bound_to_another_certificate_is_refused(layout: Layout, hops: Hops) -> None:
     token = user_token(hops, layout, "client", "service-a service-b service-c")  # the client's, sent by service-a
-    response = call(layout, peer(layout, "service-a"), token=token, require_user_token=True)
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
     assert response.status_code == 401 and "bound to another certificate" in response.json()["reason"], response.text
     assert hops.to("service-c") == []
 
 
 def test_without_a_required_user_token_nothing_goes_further(layout: Layout, hops: Hops) -> None:
-    response = call(layout, peer(layout, "service-a"), require_user_token=True)
+    response = call(layout, hops, peer(layout, "service-a"), require_user_token=True)
     assert response.status_code == 401 and "requires a user token" in response.json()["reason"], response.text
     assert hops.seen == []
 
 
 def test_an_authorization_that_is_not_a_bearer_token_is_refused(layout: Layout, hops: Hops) -> None:
-    response = call(layout, peer(layout, "service-a"), token=None, authorization="Basic YWxpY2U6c2VjcmV0")
+    response = call(layout, hops, peer(layout, "service-a"), token=None, authorization="Basic YWxpY2U6c2VjcmV0")
     assert response.status_code == 401 and "not `Bearer <token>`" in response.json()["reason"], response.text
     assert hops.seen == []
 
@@ -269,7 +265,7 @@ def test_a_user_token_without_a_certificate_to_bind_it_to_is_refused() -> None:
 
 def test_a_user_token_in_scope_is_exchanged_for_the_next_hop(layout: Layout, hops: Hops) -> None:
     token = user_token(hops, layout, "service-a", "service-a service-b service-c")
-    response = call(layout, peer(layout, "service-a"), token=token, require_user_token=True)
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
     assert response.status_code == 200, response.text
     assert response.json()["hops"][0]["on_behalf_of"]["sub"] == "alice"
     [exchange] = [r for r in hops.to("token-service") if r.url.path == "/token"]
@@ -287,7 +283,7 @@ def to_service_b(live: LiveTLS) -> Downstream:
         "https://service-b",
         live.client,  # type: ignore[arg-type]
         5,
-        expected_id=SpiffeId("mesh.internal", "/service-b"),
+        SpiffeId("mesh.internal", "/service-b"),
         recheck=live.recheck,
     )
 
@@ -357,7 +353,7 @@ def test_a_caller_revoked_during_its_handshake_is_refused_when_it_completes(layo
 
 
 def test_a_peer_is_judged_by_the_clock_it_is_given(layout: Layout) -> None:
-    a = CallerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    a = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     now = [time.time()]
     live = LiveTLS(layout.material("service-b"), clock=lambda: now[0])
     assert live.refusal(a) is None
@@ -424,7 +420,7 @@ def owned_by(monkeypatch: pytest.MonkeyPatch, uid: int, gid: int | None = None) 
         info[stat.ST_GID] = info[stat.ST_GID] if gid is None else gid
         return os.stat_result(info)
 
-    monkeypatch.setattr(files.os, "fstat", fstat)
+    monkeypatch.setattr(x509_files.os, "fstat", fstat)
 
 
 def test_a_trust_file_others_can_write_is_refused(trust_file: Path) -> None:
