@@ -24,10 +24,12 @@ from typing import Any
 import httpcore
 import httpx
 import pytest
+import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import Request
+from fastapi import FastAPI, Request
 from joserfc.jwk import ECKey
+from uvicorn.server import ServerState
 
 from pki import Policy, init, revoke, write_crl
 from services.app import mesh_app
@@ -320,9 +322,16 @@ def test_a_refused_callee_gets_its_connection_closed_and_no_request() -> None:
 
 
 def protocol(live: LiveTLS) -> Any:
-    """The service's TLS-terminating protocol, as uvicorn gets it, without a connection: only its checks."""
-    cls = tls_protocol(lambda: live.server, ServiceConfig(name="service-b").limits, live.recheck)
-    return cls.__new__(cls)
+    """A connection's protocol as uvicorn makes it for the service (`tls_protocol`), before any connection:
+    only its checks of a finished handshake are used."""
+    factory = tls_protocol(lambda: live.server, ServiceConfig(name="service-b").limits, live.recheck)
+
+    async def make() -> Any:
+        config = uvicorn.Config(FastAPI(), http=factory, lifespan="off", log_config=None)
+        config.load()
+        return factory(config=config, server_state=ServerState(), app_state={})
+
+    return asyncio.run(make())
 
 
 def test_a_resumed_session_without_a_certificate_is_refused(layout: Layout) -> None:
