@@ -36,12 +36,13 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rendered(staged: Path) -> dict[str, list[Obj]]:
+def rendered(request: pytest.FixtureRequest) -> dict[str, list[Obj]]:
     """Both overlays, staged from a PKI of our own into a copy of deploy/kubernetes, then rendered."""
     if reason := tools_missing():
         if os.environ.get("MESH_REQUIRE_K8S_TOOLS") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
+    staged: Path = request.getfixturevalue("staged")  # only now: a PKI costs seconds, a skip nothing
     return {overlay: k8s.load(path) for overlay, path in k8s.render(staged).items()}
 
 
