@@ -105,6 +105,7 @@ def test_a_token_the_service_signed_verifies(key: ECKey, holder: PeerIdentity) -
         ("expired", "the token expired"),
         ("not yet valid", "not valid yet"),
         ("no exp", "no valid expiry"),
+        ("infinite exp", "no valid expiry"),
         ("crit header with an unknown extension", "not a valid signed token"),
         ("unbound (a bearer token)", "bound to no certificate"),
         ("no user", "names no user"),
@@ -150,6 +151,8 @@ def test_forged_tokens_are_refused_naming_the_rule(key: ECKey, holder: PeerIdent
         raw = forge(key, header(key), {**claims, "exp": now - LEEWAY_SECONDS - 1})
     elif attack == "not yet valid":
         raw = forge(key, header(key), {**claims, "nbf": now + LEEWAY_SECONDS + 60})
+    elif attack == "infinite exp":  # JSON as Python reads it: Infinity is a number, but no moment in time
+        raw = forge(key, header(key), {**claims, "exp": float("inf")})
     elif attack == "no exp":
         raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "exp"})
     elif attack == "crit header with an unknown extension":
