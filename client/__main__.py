@@ -80,7 +80,10 @@ def call(
         return Outcome(False, f"refused before HTTP: {reason}")
     body = problem_body(response)
     if response.status_code == 200:
-        text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
+        if isinstance(body, dict) and "hops" in body:
+            text = hop_table(body["hops"])
+        else:  # /metrics is text (Prometheus's exposition format): printed as it came
+            text = body if isinstance(body, str) else json.dumps(body)
         return Outcome(True, text, 200, body)
     return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
 
