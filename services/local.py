@@ -45,6 +45,8 @@ def busy_ports(ports: Sequence[int]) -> list[int]:
     busy = []
     for port in ports:
         with socket.socket() as s:
+            # As uvicorn binds: connections of a mesh just stopped (TIME_WAIT) do not hold a port, a listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
