@@ -29,7 +29,8 @@ from client.__main__ import main as client_main
 from pki import init
 from pki.__main__ import main as pki_main
 from pki.revocation import revoke_serial
-from services.__main__ import CannotStart, load_config, parse_arguments
+from services.__main__ import CannotStart, load_config
+from services.__main__ import main as services_main
 from services.local import busy_ports, chain_environments, free_ports, running
 from services.local import main as local_main
 from shared.authz import authorize_id
@@ -236,8 +237,9 @@ def test_ports_and_settings_that_are_wrong_are_sentences(
         local_main(["--ports", "9443,9444,9445"])
     assert "give 4 ports, for A, B, C and the token service" in capsys.readouterr().err
 
+    monkeypatch.setattr(sys, "argv", ["python -m services", "--help"])  # as `python -m services --help` runs it
     with pytest.raises(SystemExit) as exit_:
-        parse_arguments(["--help"])
+        services_main()
     assert exit_.value.code == 0
     shown = capsys.readouterr().out
     assert "MESH_NAME" in shown and "MESH_PORT" in shown and "Field required" not in shown
@@ -360,11 +362,17 @@ def test_revoked_client_is_told_its_certificate_is_revoked(tmp_path: Path) -> No
 # ── item 8 ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def test_every_cli_has_version_and_a_console_script(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_cli_has_version_and_a_console_script(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from client.demo import main as demo_main
 
+    def service_main(argv: list[str]) -> int:
+        monkeypatch.setattr(sys, "argv", ["python -m services", *argv])
+        return services_main()
+
     version = importlib.metadata.version("mtls-mesh")
-    for cli in (pki_main, client_main, local_main, demo_main, parse_arguments):
+    for cli in (pki_main, client_main, local_main, demo_main, service_main):
         with pytest.raises(SystemExit) as exit_:
             cli(["--version"])
         assert exit_.value.code == 0
