@@ -34,9 +34,9 @@ from services.__main__ import main as services_main
 from services.local import busy_ports, chain_environments, free_ports, running
 from services.local import main as local_main
 from shared.authz import authorize_id
-from shared.callee import callee_check
-from shared.certs import load_certificates
 from shared.layout import Layout
+from shared.outbound import callee_check
+from shared.x509 import load_certificates
 from tests.support import once_for_both_modes, start_services, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_make_run_prints_commands_for_its_ports_and_stops_clean_on_ctrl_c(layout
         # A refusal (the client skipping a hop) is a WARNING line; an allowed request an INFO line.
         material = layout.material("client")
         skip = call(f"https://127.0.0.1:{ports[1]}/chain", "service-b", material,
-                    callee_check(authorize_id(default_server_id(material, "service-b"))))  # fmt: skip
+                    callee_check(authorize_id(default_server_id("service-b", material.cert))))  # fmt: skip
         assert skip.status == 403
         wait_until(
             lambda: re.search(r"\| \S+ WARNING service-b authz .*decision=deny", mesh.output) is not None,
@@ -157,7 +157,7 @@ def test_make_run_prints_commands_for_its_ports_and_stops_clean_on_ctrl_c(layout
 
         operator = layout.material("operator")
         metrics = call(f"https://127.0.0.1:{ports[0]}/metrics", "service-a", operator,
-                       callee_check(authorize_id(default_server_id(operator, "service-a"))))  # fmt: skip
+                       callee_check(authorize_id(default_server_id("service-a", operator.cert))))  # fmt: skip
         assert metrics.status == 200 and metrics.text.startswith("# ") and "\nmesh_" in metrics.text
 
         os.killpg(mesh.process.pid, signal.SIGINT)
@@ -349,7 +349,7 @@ def test_revoked_client_is_told_its_certificate_is_revoked(tmp_path: Path) -> No
     [service] = start_services(chain_environments(free_ports(1), layout.out, names=["service-a"]), tmp_path)
     material = layout.material("client")
     with running([service]):
-        check = callee_check(authorize_id(default_server_id(material, "service-a")))
+        check = callee_check(authorize_id(default_server_id("service-a", material.cert)))
         outcome = call(f"https://127.0.0.1:{service.port}/chain", "service-a", material, check)
     assert not outcome.ok and outcome.status is None
     assert f"your certificate {layout.cert('client')} (serial {serial:x}) is revoked (reason key-compromise" in (
