@@ -11,8 +11,10 @@ from shared.outbound.downstream import (
     explain_transport_error,
 )
 from shared.outbound.nativetls import NativeTLSBackend, transport
+from shared.outbound.pool import HTTPX_MINOR, on_backend
 
 __all__ = [
+    "HTTPX_MINOR",
     "KEEPALIVE_EXPIRY",
     "MAX_RESPONSE_BYTES",
     "CalleeCheck",
@@ -22,6 +24,7 @@ __all__ = [
     "callee_check",
     "closed_without_answer",
     "explain_transport_error",
+    "on_backend",
     "refuse_unless",
     "sync_transport",
     "transport",
