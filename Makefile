@@ -164,7 +164,7 @@ up: image ## start the mesh in Docker, wait until healthy, and call it (MESH_REQ
 	@echo "The mesh runs in Docker (make ps, make logs). Try:"
 	@echo "  curl --cacert pki/out/ca.crt --cert pki/out/client.crt --key pki/out/client.key \\"
 	@echo "       --resolve service-b:8444:127.0.0.1 https://service-b:8444/chain     # 403: hop skipped"
-	@echo "  .venv/bin/python -m client --user alice                                 # on behalf of alice"
+	@echo "  .venv/bin/mesh-client --user alice                                      # on behalf of alice"
 	@echo "  make down                                                               # stop it"
 
 down: ## stop the Docker mesh: containers and networks (the PKI stays)
