@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import sys
 import time
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The mesh's certificate authority: a root CA, an intermediate that signs every identity, "
         "and allow-lists rendered from pki/policy.toml.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: pki/out)")
     parser.add_argument("--policy", type=Path, default=POLICY_FILE, help="policy file (default: pki/policy.toml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

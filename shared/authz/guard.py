@@ -104,7 +104,8 @@ class Guard:
 
     def _log(self, caller: PeerIdentity | None, decision: Decision) -> None:
         verdict = "allow" if decision.allowed else "deny"
-        log.info(
+        log.log(
+            logging.INFO if decision.allowed else logging.WARNING,  # a refusal is what an operator looks for
             "authz",
             extra={
                 "resource": self.resource,
