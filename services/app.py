@@ -19,6 +19,7 @@ from services.reloader import CrlFreshness, Reloader
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
+from shared.decisions import recent
 from shared.downstream import Downstream
 from shared.files import MaterialError
 from shared.guard import Guard
@@ -225,6 +226,12 @@ def base_app(
     async def metrics() -> PlainTextResponse:
         """Prometheus text: decisions and TLS refusals. Only for the identities in allow/metrics.txt."""
         return PlainTextResponse(exposition(service=config.name), media_type="text/plain; version=0.0.4")
+
+    @app.get("/decisions", dependencies=[Depends(metrics_guard)])
+    async def decisions(after: int = 0) -> dict[str, Any]:
+        """The latest decisions numbered above `after` (shared.decisions), for the same identities as /metrics."""
+        entries, last = recent.since(after)
+        return {"service": config.name, "kept": recent.size, "last": last, "decisions": [d.as_dict() for d in entries]}
 
     return app
 

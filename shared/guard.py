@@ -12,6 +12,7 @@ import logging
 from fastapi import Request
 
 from shared.authz import Authorizer, Decision
+from shared.decisions import recent
 from shared.identity import CallerIdentity
 from shared.metrics import Counter
 from shared.peer import VerifiedPeer
@@ -87,3 +88,5 @@ class Guard:
             caller=(caller.spiffe_id or caller.subject) if caller else "none",
             caller_sha256=caller.sha256 if caller else "none",
         )
+        if self.resource == "api" or not decision.allowed:  # the operator's own reads would drown the rest
+            recent.record("allow-list", verdict, decision.reason, decision.code, caller)

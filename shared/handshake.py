@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from shared.connections import caller_key, connections, peer_address
+from shared.decisions import recent
 from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
 from shared.metrics import Counter
 from shared.peer import IDENTITY_KEY, expose, tls_extension
@@ -124,6 +125,7 @@ class TLSTermination:
             reason = getattr(outcome, "verify_message", None) or outcome.reason or str(outcome)
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": str(outcome)})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             raw.close()
         elif (
             isinstance(outcome, BaseException)
@@ -138,6 +140,7 @@ class TLSTermination:
         elif reason := self._no_longer_good(outcome.get_extra_info("ssl_object")):
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "refused by the trust in force"})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             outcome.abort()
         else:
             # Checked and registered in this one callback, on the event loop that also runs the reloads: a

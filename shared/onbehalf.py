@@ -16,6 +16,7 @@ import logging
 
 from fastapi import Request
 
+from shared.decisions import recent
 from shared.identity import CallerIdentity
 from shared.metrics import Counter
 from shared.peer import VerifiedPeer
@@ -83,6 +84,7 @@ class OnBehalfOf:
             },
         )
         token_decisions.inc(decision=verdict, reason=code)
+        recent.record("token", verdict, reason, None if token is None else code, caller)
 
 
 def _bearer(header: str | None) -> str | None:
