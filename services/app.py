@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
 from services.reloader import CrlFreshness, Reloader
+from services.status import service_status
 from shared import tls, trace
 from shared.allowlist import AllowList
 from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
@@ -154,9 +155,11 @@ def base_app(
     start: Callable[[FastAPI], list[Downstream]],
     on_change: Callable[[set[Path]], None] | None = None,
     watch: tuple[Path, ...] = (),
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """What every service of the mesh has, the token service included: error documents, trace ids, a body
-    limit, /healthz, /metrics for the identities of allow/metrics.txt, the gauges, and the live reload of its
+    limit, /healthz, /metrics and /status (with `status()`'s own facts) for the identities of allow/metrics.txt,
+    the gauges, and the live reload of its
     TLS material and of the allow-lists in `guards` (plus `watch`, handed to `on_change`).
 
     `start(app)` runs once the event loop does, and returns the connections the service makes (closed at the
@@ -171,6 +174,7 @@ def base_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         callees = start(app)
         reloader = Reloader(live, guards, service_policy, callees)
+        app.state.reloader = reloader  # for /status: the allow-lists in force
 
         def changed(paths: set[Path]) -> None:
             reloader(paths)
@@ -232,6 +236,11 @@ def base_app(
         """The latest decisions numbered above `after` (shared.decisions), for the same identities as /metrics."""
         entries, last = recent.since(after)
         return {"service": config.name, "kept": recent.size, "last": last, "decisions": [d.as_dict() for d in entries]}
+
+    @app.get("/status", dependencies=[Depends(metrics_guard)])
+    async def operator_status(request: Request) -> dict[str, Any]:
+        """What this service holds now (services/status.py). Only for the identities in allow/metrics.txt."""
+        return service_status(config.name, live, request.app.state.reloader.in_force, status)
 
     return app
 

@@ -17,6 +17,7 @@ CA refused, with no file changing. It reports the time left per issuer (/metrics
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -61,11 +62,19 @@ class Reloader:
     ) -> None:
         self.live, self.guards, self.policy, self.callees = live, guards, policy, callees or []
         self.tls_files = set(live.material.files())
+        # The allow-list each guard decides by, for GET /status: the file as loaded, or as last reloaded.
+        self.in_force: dict[Path, AllowList] = {}
+        for path in guards:
+            # Unreadable now: the guard keeps the one it was built with; /status shows none until a reload.
+            with contextlib.suppress(MaterialError):
+                self.in_force[path] = AllowList.load(path)
 
     def __call__(self, changed: set[Path]) -> None:
         for path in sorted(changed & set(self.guards)):
             try:
-                self.guards[path].authorizer = self.policy(AllowList.load(path))
+                allow = AllowList.load(path)
+                self.guards[path].authorizer = self.policy(allow)
+                self.in_force[path] = allow
                 log.info("reloaded", extra={"files": [str(path)]})
             except MaterialError as e:
                 log.error("reload_refused", extra={"file": str(path), "reason": str(e)})

@@ -67,7 +67,9 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
         except MaterialError as e:
             log.error("reload_refused", extra={"file": str(files.tokens_policy), "reason": str(e)})
 
-    app = base_app(config, live, {files.allow_list: guard}, lambda app: [], reload_policy, (files.tokens_policy,))
+    app = base_app(
+        config, live, {files.allow_list: guard}, lambda app: [], reload_policy, (files.tokens_policy,), keys.status
+    )
 
     @app.get("/jwks", dependencies=[Depends(guard)])
     async def jwks() -> dict[str, Any]:
