@@ -83,7 +83,6 @@ class DecisionRing:
 # counted as "other" and shown with its own sentence.
 _TLS_CODES = (
     ("did not return a certificate", "no_certificate"),
-    ("peer did not return", "no_certificate"),
     ("unable to get local issuer", "unknown_ca"),
     ("self-signed certificate", "unknown_ca"),
     ("self signed certificate", "unknown_ca"),
@@ -113,7 +112,7 @@ _TOKEN_CODES = (
 
 
 def tls_code(reason: str) -> str:
-    lowered = reason.lower()
+    lowered = reason.lower().replace("_", " ")  # OpenSSL's reasons come as PEER_DID_NOT_RETURN_A_CERTIFICATE
     if "crl has expired" in lowered:
         return "crl_expired"
     return next((code for words, code in _TLS_CODES if words in lowered), "other")

@@ -1,9 +1,12 @@
 """What the page shows, kept up to date: the graph from the policy, and per edge what was allowed and refused.
 
 A `Watch` reads every service's recent decisions (GET /decisions, shared.decisions) as the operator, once a
-second, and turns them into per-edge counts since the view started. Who the edge's caller is comes from the
-decision: the verified caller's SPIFFE ID, mapped back to the policy's name; a refused handshake names
-nobody we could believe, so it is counted on the edge from "unverified" to the service that refused it.
+second, and turns them into per-edge counts since the view started; every few seconds it reads what each
+service holds with the status collector (cockpit.collect, the one `make status` uses) for the nodes.
+
+Who the edge's caller is comes from the decision: the verified caller's SPIFFE ID, mapped back to the
+policy's name. A refused handshake names nobody we could believe, so it is counted on the edge from
+"unverified" to the service that refused it.
 Callers the policy does not connect to a service (the client straight at C) get an edge of their own,
 drawn dashed: the refusal is the point.
 
@@ -22,12 +25,12 @@ from typing import Any
 
 import httpx
 
+from cockpit.collect import MeshStatus
 from pki.policy import Policy
 
 __all__ = ["UNVERIFIED", "Edge", "Watch"]
 
 UNVERIFIED = "unverified"  # the caller of a refused handshake: its certificate proved nothing
-RED_SECONDS = 5.0  # how long an edge stays red after a refusal
 FEED = 50
 
 
@@ -41,7 +44,7 @@ class Edge:
     reasons: dict[str, str] = field(default_factory=dict)  # "layer/code" -> the latest sentence
     last_refused: float = 0.0
 
-    def as_dict(self, now: float) -> dict[str, Any]:
+    def as_dict(self, now: float, red_seconds: float) -> dict[str, Any]:
         token_refusals = sum(n for key, n in self.refused.items() if key.startswith("token/"))
         return {
             "caller": self.caller,
@@ -50,28 +53,29 @@ class Edge:
             "allowed": self.admitted - token_refusals,
             "refused": dict(sorted(self.refused.items())),
             "reasons": self.reasons,
-            "red": now - self.last_refused < RED_SECONDS,
+            "red": now - self.last_refused < red_seconds,
         }
 
 
 class Watch:
     """The mesh as the page shows it. `poll()` reads once; `run()` polls every `interval` until `stop()`.
 
-    `services`: name -> base URL. `client`: an httpx.Client presenting the operator's certificate.
-    `nodes`: returns the per-service facts (certificate, anchors, authorization mode) to show on each node.
+    `clients`: service name -> an httpx.Client with the service's base URL, presenting the operator's certificate
+    and checking the service's. `collect`: reads the mesh's status (cockpit.collect.collect, targets bound).
     """
 
     def __init__(
         self,
-        services: dict[str, str],
-        client: httpx.Client,
+        clients: dict[str, httpx.Client],
         policy: Policy,
-        nodes: Callable[[], dict[str, dict[str, Any]]],
+        collect: Callable[[], MeshStatus],
         interval: float = 1.0,
         nodes_every: float = 5.0,
+        red_seconds: float = 5.0,
     ) -> None:
-        self.services, self.client, self.policy = services, client, policy
-        self.read_nodes, self.interval, self.nodes_every = nodes, interval, nodes_every
+        self.clients, self.policy, self.collect = clients, policy, collect
+        self.interval, self.nodes_every, self.red_seconds = interval, nodes_every, red_seconds
+        services = list(clients)
         self.started = time.time()
         self.edges: dict[tuple[str, str], Edge] = {}
         for callee, callers in policy.allow.items():
@@ -95,25 +99,26 @@ class Watch:
         return spiffe_id.removeprefix(prefix) if spiffe_id.startswith(prefix) else spiffe_id
 
     def poll(self) -> None:
-        for service, url in self.services.items():
-            self._read(service, url)
+        for service, client in self.clients.items():
+            self._read(service, client)
         if time.monotonic() - self._nodes_read >= self.nodes_every:
             self._nodes_read = time.monotonic()
-            nodes = self.read_nodes()
-            self.requests += len(self.services)
+            nodes = nodes_of(self.collect())
+            self.requests += len(self.clients)
             with self._lock:
                 self.nodes = nodes
 
-    def _read(self, service: str, url: str) -> None:
+    def _read(self, service: str, client: httpx.Client) -> None:
         after = self.after[service]
         self.requests += 1
         try:
-            response = self.client.get(f"{url}/decisions", params={"after": after or 0})
-            response.raise_for_status()
+            response = client.get("/decisions", params={"after": after or 0}, extensions={"sni_hostname": service})
+            if response.status_code != 200:
+                raise ValueError(f"answered {response.status_code} (is the operator on allow/metrics.txt?)")
             answer = response.json()
         except (httpx.HTTPError, ValueError) as e:
             with self._lock:
-                self.errors[service] = f"GET {url}/decisions failed: {e}"
+                self.errors[service] = f"GET {client.base_url}decisions: {e}"
             return
         with self._lock:
             self.errors.pop(service, None)
@@ -151,17 +156,36 @@ class Watch:
                 "started": self.started,
                 "ready": all(after is not None for after in self.after.values()),
                 "nodes": self.nodes,
-                "edges": [edge.as_dict(now) for edge in self.edges.values()],
-                "feed": list(self.feed),
+                "edges": [edge.as_dict(now, self.red_seconds) for edge in self.edges.values()],
+                "feed": sorted(self.feed, key=lambda d: d["time"], reverse=True),  # read service by service
                 "errors": self.errors,
                 "missed": {k: v for k, v in self.missed.items() if v},
                 "requests": self.requests,
             }
 
-    def run(self) -> None:
+    def run(self) -> None:  # the view's one thread that reads the services
         while not self._stop.is_set():
             self.poll()
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def nodes_of(mesh: MeshStatus) -> dict[str, dict[str, Any]]:
+    """Per service, what its node shows: certificate, countdowns, trust anchors, the allow-list mode in force."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for service in mesh.services:
+        name = service.target.name
+        own = service.certificate
+        allow = service.allow_lists.get(f"{name}.txt")
+        nodes[name] = {
+            "error": service.error,
+            "spiffe_id": own.spiffe_id if own else None,
+            "serial": own.serial if own else None,
+            "not_after": f"{own.not_after:%Y-%m-%dT%H:%M:%SZ}" if own else None,
+            "renew_at": f"{own.renewal_due:%Y-%m-%dT%H:%M:%SZ}" if own else None,
+            "trust_anchors": list(service.trust_anchors),
+            "mode": allow.mode if allow else None,
+        }
+    return nodes
