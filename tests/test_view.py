@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from services.local import free_ports
-from shared.decisions import DecisionRing, tls_code, token_code
 from shared.layout import Layout
+from shared.observability.decisions import DecisionRing, tls_code, token_code
 from tests.support import TLS_REFUSALS, Credentials, Mesh, attacker_context, get, once_for_both_modes, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -2,7 +2,7 @@
 each certificate runs out — at http://127.0.0.1:<port>/?token=… (loopback only; see view/server.py).
 
 The view reads the services as the operator (pki/out/operator.crt, the identity allow/metrics.txt names):
-every second GET /decisions on each (shared.decisions), every five seconds their certificates and trust.
+every second GET /decisions on each (shared.observability.decisions), every five seconds their certificates and trust.
 It finds them where `make run` and `make up` put them (PORTS, default 8443,8444,8445,8446: A, B, C and the
 token service), or at the URLs given:
 
@@ -27,10 +27,9 @@ from pki.policy import POLICY_FILE, Policy
 from services.local import DEFAULT_PORTS
 from shared import tls
 from shared.authz import authorize_id
-from shared.callee import callee_check, sync_transport
-from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
-from shared.spiffe import SpiffeId
+from shared.outbound import callee_check, sync_transport
+from shared.x509 import MaterialError, SpiffeId
 from view.server import ViewServer
 from view.watch import Watch
 

@@ -1,8 +1,8 @@
 """What the page shows, kept up to date: the graph from the policy, and per edge what was allowed and refused.
 
-A `Watch` reads every service's recent decisions (GET /decisions, shared.decisions) as the operator, once a
-second, and turns them into per-edge counts since the view started; every few seconds it reads what each
-service holds with the status collector (cockpit.collect, the one `make status` uses) for the nodes.
+A `Watch` reads every service's recent decisions (GET /decisions, shared.observability.decisions) as the
+operator, once a second, and turns them into per-edge counts since the view started; every few seconds it
+reads what each service holds with the status collector (cockpit.collect, the one `make status` uses) for the nodes.
 
 Who the edge's caller is comes from the decision: the verified caller's SPIFFE ID, mapped back to the
 policy's name. A refused handshake names nobody we could believe, so it is counted on the edge from

@@ -1,9 +1,9 @@
 """The last decisions a service made, kept in memory for the operator: who was let in or refused, where, and why.
 
-Counters (shared.metrics) say how often; this says who and when, which is what a person watching an attack
-needs (`make view` draws it). Every decision is recorded where it is logged and counted — the TLS handshake
-(shared.handshake), the allow-list (shared.guard) and the user token (shared.onbehalf) — so the three layers
-appear in one ordered feed:
+Counters (shared.observability.metrics) say how often; this says who and when, which is what a person watching
+an attack needs (`make view` draws it). Every decision is recorded where it is logged and counted — the TLS
+handshake (shared.inbound.handshake), the allow-list (shared.authz.guard) and the user token
+(shared.tokens.onbehalf) — so the three layers appear in one ordered feed:
 
     recent.record("tls", "deny", "certificate has expired", peer="127.0.0.1:51234")
     recent.since(after=0)   # -> (the decisions with seq > 0, oldest first; the next seq to ask for)
@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from shared.identity import CallerIdentity
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["Decision", "DecisionRing", "recent", "tls_code", "token_code"]
 
@@ -65,7 +65,7 @@ class DecisionRing:
         verdict: Literal["allow", "deny"],
         reason: str,
         code: str | None = None,
-        caller: CallerIdentity | None = None,
+        caller: PeerIdentity | None = None,
         peer: str | None = None,
     ) -> None:
         if code is None:
@@ -95,7 +95,7 @@ _TLS_CODES = (
     ("crl has expired", "crl_expired"),
 )
 
-# shared.tokens' and shared.onbehalf's refusal sentences → codes (first match wins: "expired" before "scope").
+# shared.tokens' refusal sentences (token.py, onbehalf.py) → codes (first match wins: "expired" before "scope").
 _TOKEN_CODES = (
     ("none was sent", "missing"),
     ("not `bearer", "missing"),
