@@ -13,8 +13,7 @@ from fastapi import Request
 
 from shared.authz.rules import Authorizer, Decision
 from shared.inbound.asgi import VerifiedPeer
-from shared.observability.decisions import recent
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.problem import Problem
 from shared.x509.identity import PeerIdentity
 

@@ -23,8 +23,7 @@ from typing import Any
 from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
 from shared.inbound.connections import caller_key, connections, peer_address
 from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
-from shared.observability.decisions import recent
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.tls.live import Recheck
 
 __all__ = ["TLSTermination", "tls_protocol"]

@@ -17,8 +17,7 @@ import logging
 from fastapi import Request
 
 from shared.inbound.asgi import VerifiedPeer
-from shared.observability.decisions import recent
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.problem import Problem
 from shared.tokens.client import TokenClient
 from shared.tokens.token import TokenRefused, UserToken, check_holder
