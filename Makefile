@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full fuzz lint fmt bench soak flood renew-soak \
+.PHONY: help venv pki pki-force run call status demo walkthrough revoke rotate rotate-ca retire test test-full fuzz lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -47,6 +47,9 @@ run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445
 
 call: $(VENV)/.installed ## call service-a as the client (while `make run` is going)
 	$(PY) -m client https://127.0.0.1:$(firstword $(subst $(comma), ,$(PORTS)))/chain
+
+status: $(VENV)/.installed ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
+	$(PY) -m cockpit status --ports $(PORTS)
 
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
 	$(PY) -m client.demo
