@@ -16,8 +16,8 @@ from client.__main__ import call, default_server_id
 from pki import Policy, init, load_issuer, self_signed
 from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, chain_environments, running
 from shared.authz import authorize_id
-from shared.callee import callee_check
 from shared.layout import Layout
+from shared.outbound import callee_check
 from shared.tls import TLSMaterial
 
 
@@ -123,7 +123,7 @@ def main() -> int:
 def play(scene: Scene, layout: Layout) -> bool:
     print(f"▶ {scene.title}\n  $ {scene.cli}")
     material = TLSMaterial(ca=layout.ca_cert, cert=scene.cert, key=scene.key, crl=layout.crl)
-    check = callee_check(authorize_id(default_server_id(material, scene.server_name)))
+    check = callee_check(authorize_id(default_server_id(scene.server_name, scene.cert, layout.cert("client"))))
     outcome = call(f"https://127.0.0.1:{scene.port}/chain", scene.server_name, material, check)
     print("  " + outcome.text.replace("\n", "\n  ") + "\n")
     return outcome.ok if scene.expect == "ok" else (not outcome.ok and outcome.text.startswith(scene.expect))

@@ -18,8 +18,8 @@ from pathlib import Path
 from cockpit.collect import SERVICES, collect, local_targets, parse_targets
 from cockpit.status import as_json, judge, render
 from pki.policy import POLICY_FILE
-from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
+from shared.x509 import MaterialError
 
 DEFAULT_PORTS = "8443,8444,8445,8446"
 

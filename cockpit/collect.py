@@ -31,13 +31,21 @@ from pki.renewal import renewal_due
 from services.local import CHAIN
 from shared import tls
 from shared.authz import authorize_id
-from shared.callee import callee_check, sync_transport
-from shared.certs import authority_key_id, crl_blocks, crl_number, load_certificates, parse_crl, thumbprint
-from shared.downstream import explain_transport_error
-from shared.files import MaterialError
 from shared.layout import Layout
-from shared.spiffe import InvalidSvid, SpiffeId, svid_id
+from shared.outbound import callee_check, explain_transport_error, sync_transport
 from shared.tokens import TOKEN_SERVICE
+from shared.x509 import (
+    InvalidSvid,
+    MaterialError,
+    SpiffeId,
+    authority_key_id,
+    crl_blocks,
+    crl_number,
+    load_certificates,
+    parse_crl,
+    svid_id,
+    thumbprint,
+)
 
 __all__ = [
     "AllowListState",

@@ -8,8 +8,8 @@ from pki.authority import PKIError
 from pki.check import gate
 from pki.cli import build_parser
 from pki.lock import pki_lock
-from shared.files import MaterialError
 from shared.layout import Layout
+from shared.x509 import MaterialError
 
 
 def main(argv: list[str] | None = None) -> int:

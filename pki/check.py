@@ -36,11 +36,18 @@ from pki.authority import PKIError, load_issuer
 from pki.identities import no_ca
 from pki.policy import Policy
 from pki.revocation import revoked_in_place
-from shared.allowlist import AllowList
-from shared.certs import authority_key_id, crl_blocks, key_id, load_certificates, parse_crl
-from shared.files import MaterialError, read_protected
+from shared.authz import AllowList
 from shared.layout import Layout
 from shared.tls import LiveTLS
+from shared.x509 import (
+    MaterialError,
+    authority_key_id,
+    crl_blocks,
+    key_id,
+    load_certificates,
+    parse_crl,
+    read_protected,
+)
 
 __all__ = ["BLOCKING", "Finding", "check", "gate"]
 

@@ -20,9 +20,9 @@ from pki.report import describe, inventory, shown
 from pki.revocation import revoke, revoke_certificate, revoke_serial, revoked, write_crl
 from pki.rollover import RollOver, run_command
 from pki.rotation import ROTATION_GRACE, replace_now, retire, rotate_begin, rotate_finish
-from shared import log
-from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
+from shared.observability import log
+from shared.x509 import load_certificates, thumbprint
 
 
 def cmd_check(args: argparse.Namespace, layout: Layout) -> None:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pki import ledger
 from pki.policy import Policy
 from pki.revocation import revoked
-from shared.allowlist import AllowList
-from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
+from shared.authz import AllowList
 from shared.layout import Layout
+from shared.x509 import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
 
 __all__ = ["describe", "inventory", "shown"]
 

@@ -15,10 +15,9 @@ from typing import Any
 
 from cryptography import x509
 
-from shared.allowlist import AllowList
-from shared.certs import authority_key_id, crl_number
-from shared.identity import CallerIdentity
+from shared.authz import AllowList
 from shared.tls import LiveTLS
+from shared.x509 import PeerIdentity, authority_key_id, crl_number
 
 __all__ = ["allow_list_status", "service_status"]
 
@@ -27,7 +26,7 @@ def service_status(
     name: str, live: LiveTLS, allow_lists: dict[Path, AllowList], extra: Callable[[], dict[str, Any]] | None
 ) -> dict[str, Any]:
     own = live.certificate
-    identity = CallerIdentity.from_certificate(own) if own is not None else None
+    identity = PeerIdentity.from_certificate(own) if own is not None else None
     return {
         "service": name,
         "generation": live.generation,
