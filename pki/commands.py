@@ -88,7 +88,7 @@ def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
     print(
         "next: services that read pki/out (make run) refuse the revoked certificates within a second; the "
         "Docker mesh gets them from `make revoke` (or `docker compose run --rm --no-deps pki`). "
-        f"`python -m pki list` shows {name}'s certificates."
+        f"`python -m pki list` shows {name}'s certificates; `make status` shows which services hold the new CRL."
     )
 
 
