@@ -9,9 +9,9 @@ What it reads, in order (a broken CA stops it: nothing below can be judged witho
 - permissions: pki/out and its directories writable by us alone, keys readable by us alone, every other file
   writable by us alone — the rules a service applies when it reads them (shared.files);
 - the CA: the intermediate's key is its certificate's (pki.authority), and a CA of ca.crt signed it;
-- crl.pem: every CRL in it signed by our intermediate (or the other one, during a rollover), none expired;
+- crl.pem: every CRL in it signed by our intermediate (or the other one, during a rollover);
 - every identity of the policy: its files load as a service would load them (shared.tls.LiveTLS: expiry, key,
-  its CA's CRL), its chain leads to a CA of ca.crt, and it is not revoked;
+  a CRL of its CA, none expired), its chain leads to a CA of ca.crt, and it is not revoked;
 - the allow-lists: each file says what the policy renders now (pki.allowlists).
 
 Writing commands run `gate` first: it refuses them while the policy, a permission or the CA is broken, which
@@ -21,7 +21,6 @@ finds wrong, and says "up to date" only when `check` finds nothing.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import stat
 from dataclasses import dataclass
@@ -150,14 +149,6 @@ def _crls(layout: Layout) -> list[Finding]:
                     "key, and services refuse the whole file — `make pki` re-signs it from the revocation record",
                 )
             )
-        elif crl.next_update_utc is not None and crl.next_update_utc <= dt.datetime.now(dt.UTC):
-            findings.append(
-                Finding(
-                    "crl",
-                    f"{layout.crl}: the CRL of {name} expired on {crl.next_update_utc:%Y-%m-%d %H:%M}Z, so every "
-                    "peer of that CA is refused — `make pki` re-signs it (and keep the renewer running)",
-                )
-            )
     return findings
 
 
@@ -165,6 +156,7 @@ def _identities(layout: Layout, policy: Policy) -> list[Finding]:
     findings = []
     anchors = load_certificates(layout.ca_cert, "CA file")
     names = [*policy.services, *policy.clients]
+    refused: dict[str, list[str]] = {}  # what a service would say on loading → whose files (an expired CRL: all)
     for name in names:
         if not layout.cert(name).exists():
             findings.append(Finding("identity", f"{layout.cert(name)}: {name} has no certificate — run `make pki`"))
@@ -173,7 +165,7 @@ def _identities(layout: Layout, policy: Policy) -> list[Finding]:
             # The very checks a service makes when it loads these files: one copy of each rule.
             LiveTLS(layout.material(name), outgoing=False)
         except MaterialError as e:
-            findings.append(Finding("identity", f"{name}: {e}"))
+            refused.setdefault(str(e), []).append(name)
             continue
         chain = load_certificates(layout.cert(name))
         if len(chain) < 2 or not _issued_by(chain[0], chain[1]) or not any(_issued_by(chain[1], a) for a in anchors):
@@ -184,6 +176,7 @@ def _identities(layout: Layout, policy: Policy) -> list[Finding]:
                     f"longer trusted), so every peer refuses it — `make rotate NAME={name}` issues it a new one",
                 )
             )
+    findings += [Finding("identity", f"{', '.join(who)}: {said}") for said, who in refused.items()]
     for name in revoked_in_place(layout, names):
         findings.append(
             Finding(

@@ -108,6 +108,15 @@ def test_a_leaf_from_a_ca_no_longer_trusted(layout: Layout, capsys: pytest.Captu
     assert code == 1 and "up to date" not in said and "service-b" in said
 
 
+def test_a_leaf_whose_chain_leads_to_no_trusted_root(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its CA's CRL is in crl.pem (as during a rollover), so it loads; but its root is not in ca.crt."""
+    retired = CertificateAuthority.root().intermediate("Retired Intermediate CA")
+    retired.issue("client", usages=["client"], uris=[POLICY.spiffe_id("client")]).write(layout.out, "client")
+    write_file(layout.crl, layout.crl.read_bytes() + first_crl(retired))
+    code, said = pki(layout, capsys, "check")
+    assert code == 1 and f"{layout.cert('client')}: its chain does not lead to a CA of {layout.ca_cert}" in said
+
+
 def test_a_crl_from_another_key_is_found_and_init_re_signs_it(
     layout: Layout, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,7 +132,9 @@ def test_a_crl_from_another_key_is_found_and_init_re_signs_it(
 def test_an_expired_crl(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
     write_crl(layout, dt.timedelta(seconds=1))
     wait_until(lambda: pki(layout, capsys, "check")[0] == 1, timeout=5)
-    assert "expired on" in pki(layout, capsys, "check")[1]
+    said = pki(layout, capsys, "check")[1]
+    assert "expired on" in said and "run `make pki` to re-sign it" in said
+    assert said.count("expired on") == 1, "one line for the CRL, naming every identity whose files hold it"
 
 
 def test_an_allow_list_edited_by_hand(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
