@@ -10,6 +10,7 @@ resource) is read from its stderr.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import shutil
@@ -22,10 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
+from cockpit.collect import MeshStatus, Reference
+from pki.policy import Policy
 from services.local import free_ports
 from shared.layout import Layout
 from shared.observability.decisions import DecisionRing, tls_code, token_code
 from tests.support import TLS_REFUSALS, Credentials, Mesh, attacker_context, get, once_for_both_modes, wait_until
+from view.watch import Watch
 
 pytestmark = pytest.mark.e2e
 
@@ -74,6 +78,54 @@ def test_tls_reasons_have_codes(reason: str, code: str) -> None:
 )
 def test_token_reasons_have_codes(reason: str, code: str) -> None:
     assert token_code(reason) == code
+
+
+# ── the view's counting, in-process (httpx.MockTransport answers for the services) ───────────────────────────
+
+
+def test_the_view_counts_per_edge_from_the_decisions_it_reads() -> None:
+    rings: dict[str, list[dict[str, Any]]] = {"service-a": [], "service-c": []}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        service = request.url.host
+        after = int(request.url.params["after"])
+        ring = rings[service]
+        return httpx.Response(200, json={"last": len(ring), "decisions": [d for d in ring if d["seq"] > after]})
+
+    def add(service: str, layer: str, verdict: str, code: str, caller: str | None, seq: int | None = None) -> None:
+        ring = rings[service]
+        entry = {"layer": layer, "verdict": verdict, "code": code, "reason": f"{layer} {code}", "caller": caller}
+        ring.append({**entry, "seq": seq or len(ring) + 1, "time": 0.0, "peer": None})
+
+    transport = httpx.MockTransport(answer)
+    clients = {name: httpx.Client(base_url=f"https://{name}", transport=transport) for name in rings}
+    empty = MeshStatus(dt.datetime.now(dt.UTC), (), Reference(Path("."), (), (), {}, {}))
+    watch = Watch(clients, Policy.load(), lambda: empty)
+    client, intruder = "spiffe://mesh.internal/client", "spiffe://elsewhere.example/intruder"
+    add("service-a", "allow-list", "allow", "listed", client)  # before the view started: not counted
+    watch.poll()
+    add("service-a", "allow-list", "allow", "listed", client)
+    add("service-a", "allow-list", "allow", "listed", client)  # admitted, then refused for its token:
+    add("service-a", "token", "deny", "missing", client)  # one request that did not get through
+    add("service-a", "tls", "deny", "unknown_ca", None)
+    add("service-c", "allow-list", "deny", "not_listed", intruder)
+    watch.poll()
+    state = watch.state()
+    assert edge(state, "client", "service-a") | {"reasons": None} == {
+        "caller": "client",
+        "callee": "service-a",
+        "in_policy": True,
+        "allowed": 1,
+        "refused": {"token/missing": 1},
+        "reasons": None,
+        "red": True,
+    }
+    assert edge(state, "unverified", "service-a")["refused"] == {"tls/unknown_ca": 1}
+    assert not edge(state, intruder, "service-c")["in_policy"]  # a caller from elsewhere keeps its whole name
+    assert len(state["feed"]) == 5 and not state["missed"]
+    add("service-c", "allow-list", "deny", "not_listed", intruder, seq=5)  # the ring dropped 3 between two reads
+    watch.poll()
+    assert watch.state()["missed"] == {"service-c": 3}
 
 
 # ── GET /decisions on the real mesh ─────────────────────────────────────────────────────────────────────────
