@@ -59,6 +59,8 @@ def test_ring_keeps_the_newest_and_numbers_them() -> None:
         ("certificate has expired", "expired"),
         ("certificate revoked", "revoked"),
         ("CRL has expired", "crl_expired"),
+        ("unsupported certificate purpose", "wrong_purpose"),
+        ("UNSUPPORTED_PROTOCOL", "old_tls"),
     ],
 )
 def test_tls_reasons_have_codes(reason: str, code: str) -> None:

@@ -92,6 +92,7 @@ _TLS_CODES = (
     ("not yet valid", "not_yet_valid"),
     ("revoked", "revoked"),
     ("unsupported certificate purpose", "wrong_purpose"),
+    ("unsupported protocol", "old_tls"),
     ("crl has expired", "crl_expired"),
 )
 
