@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full fuzz test-fast lint fmt bench soak flood renew-soak \
+.PHONY: help venv pki pki-force run call status view demo walkthrough revoke rotate rotate-ca retire test test-full fuzz test-fast lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -53,6 +53,16 @@ run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445
 call: $(VENV)/.installed ## call service-a as the client (while `make run PORTS=…` is going)
 	$(VENV)/bin/mesh-client https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS)))/chain \
 		--token-url https://127.0.0.1:$(word 4,$(subst $(comma), ,$(PORTS)))
+
+# PORTS if given; else the Docker mesh's published ports (MESH_PORT_A… as `make up` took them), which default to
+# `make run`'s.
+STATUS_PORTS = $(if $(filter command line environment,$(origin PORTS)),$(PORTS),$(or $(MESH_PORT_A),8443)$(comma)$(or \
+	$(MESH_PORT_B),8444)$(comma)$(or $(MESH_PORT_C),8445)$(comma)$(or $(MESH_PORT_TOKENS),8446))
+status: $(VENV)/.installed ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
+	$(PY) -m cockpit status --ports $(STATUS_PORTS)
+
+view: $(VENV)/.installed ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…): who calls whom, refusals, expiry
+	$(PY) -m view --ports $(STATUS_PORTS)
 
 demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop (PORTS=…)
 	$(PY) -m client.demo --ports $(PORTS)

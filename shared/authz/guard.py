@@ -15,7 +15,7 @@ from fastapi import Request
 
 from shared.authz.rules import Authorizer, Decision
 from shared.inbound.asgi import VerifiedPeer
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.problem import Problem
 from shared.x509.identity import PeerIdentity
 
@@ -122,3 +122,5 @@ class Guard:
             caller=(caller.spiffe_id or caller.subject) if caller else "none",
             caller_sha256=caller.sha256 if caller else "none",
         )
+        if self.resource == "api" or not decision.allowed:  # the operator's own reads would drown the rest
+            recent.record("allow-list", verdict, decision.reason, decision.code, caller)
