@@ -18,12 +18,9 @@ from pathlib import Path
 
 from services.__main__ import run
 from services.config import ServiceConfig
-from shared.certs import load_certificates
-from shared.handshake import tls_protocol
-from shared.identity import CallerIdentity
-from shared.limits import ConnectionLimits, RequestLimits
-from shared.peer import IDENTITY_KEY, expose
+from shared.inbound import IDENTITY_KEY, ConnectionLimits, RequestLimits, expose, tls_protocol
 from shared.tls import LiveTLS
+from shared.x509 import PeerIdentity, load_certificates
 
 
 def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> type[asyncio.Protocol]:
@@ -31,7 +28,7 @@ def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> type[asy
     leaf = load_certificates(caller_cert)[0]
     pem = caller_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     extension = {"client_cert_chain": [pem], "tls_version": 0, "cipher_suite": 0}
-    extension[IDENTITY_KEY] = CallerIdentity.from_certificate(leaf)
+    extension[IDENTITY_KEY] = PeerIdentity.from_certificate(leaf)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class PlaintextProtocol(RequestLimits, HttpToolsProtocol):

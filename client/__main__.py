@@ -27,13 +27,10 @@ import httpx
 
 from shared import tls
 from shared.authz import authorize_id
-from shared.callee import CalleeCheck, callee_check, sync_transport
-from shared.certs import load_certificates
-from shared.downstream import explain_transport_error
-from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
-from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
+from shared.outbound import CalleeCheck, callee_check, explain_transport_error, sync_transport
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
+from shared.x509 import InvalidSpiffeId, InvalidSvid, MaterialError, SpiffeId, load_certificates, svid_id
 
 # service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"

@@ -16,8 +16,8 @@ from client.__main__ import call, default_server_id
 from pki import Policy, init, load_issuer, self_signed
 from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, chain_environments, running
 from shared.authz import authorize_id
-from shared.callee import callee_check
 from shared.layout import Layout
+from shared.outbound import callee_check
 from shared.tls import TLSMaterial
 
 

@@ -32,11 +32,10 @@ from pki.revocation import (
 )
 from pki.rollover import RollOver, run_command
 from pki.rotation import ROTATION_GRACE, replace_now, retire, rotate_begin, rotate_finish
-from shared import log
-from shared.allowlist import AllowList
-from shared.certs import extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
-from shared.files import MaterialError
+from shared.authz import AllowList
 from shared.layout import DEFAULT_OUT, Layout
+from shared.observability import log
+from shared.x509 import MaterialError, extended_key_usages, is_ca, load_certificates, subject_alt_names, thumbprint
 
 # Commands that only read pki/out take no lock; `renew` takes it for each tick and `rotate-ca` for each stage
 # (a lock held for ever by `renew --watch` would shut every other command out). Every other command holds

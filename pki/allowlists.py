@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pki.output import write_file
 from pki.policy import Policy
-from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
+from shared.x509 import load_certificates, thumbprint
 
 __all__ = ["render_allow_lists", "render_token_policy"]
 

@@ -24,8 +24,8 @@ from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer,
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
-from shared.certs import KeyType, load_certificates, subject_alt_names
 from shared.layout import Layout
+from shared.x509 import KeyType, load_certificates, subject_alt_names
 
 __all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_san", "service_sans"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pki.authority import PKIError
-from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.tokens import TOKEN_SERVICE
+from shared.x509 import InvalidSpiffeId, SpiffeId
 
 __all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 

@@ -32,8 +32,8 @@ from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
-from shared.certs import crl_blocks, load_certificates
 from shared.layout import Layout
+from shared.x509 import crl_blocks, load_certificates
 
 __all__ = ["RENEW_AT", "Renewer", "due"]
 

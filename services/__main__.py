@@ -18,14 +18,14 @@ from pydantic import ValidationError
 
 from services.app import create_app
 from services.config import ServiceConfig
-from shared import log, tls
-from shared.files import MaterialError
-from shared.handshake import tls_protocol
-from shared.limits import raise_open_files_limit
+from shared import tls
+from shared.inbound import raise_open_files_limit, tls_protocol
+from shared.observability import log
+from shared.x509 import MaterialError
 
 AppFactory = Callable[[ServiceConfig, tls.LiveTLS], FastAPI]
 
-# Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.downstream.KEEPALIVE_EXPIRY.
+# Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.outbound.KEEPALIVE_EXPIRY.
 KEEP_ALIVE_SECONDS = 5
 
 
@@ -70,7 +70,7 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
             "max_handshakes": config.max_handshakes,
         },
     )
-    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.handshake), so
+    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.inbound.handshake), so
     # uvicorn would announce "http://"; our "starting" line above says what really listens.
     logging.getLogger("uvicorn.error").addFilter(lambda record: "Uvicorn running on" not in record.getMessage())
     uvicorn.run(
@@ -81,7 +81,7 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         h11_max_incomplete_event_size=config.max_header_bytes,
         backlog=config.listen_backlog,
-        ws="none",  # no route speaks WebSocket; shared.limits refuses every upgrade before uvicorn sees it
+        ws="none",  # no route speaks WebSocket; shared.inbound.limits refuses every upgrade before uvicorn sees it
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,
     )

@@ -16,25 +16,17 @@ from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
 from services.reloader import CrlFreshness, Reloader
-from shared import tls, trace
-from shared.allowlist import AllowList
-from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
-from shared.downstream import Downstream
-from shared.files import MaterialError
-from shared.guard import Guard
-from shared.identity import CallerIdentity
-from shared.limits import DeclaredBodyLimit
-from shared.metrics import Gauge, exposition
-from shared.onbehalf import OnBehalfOf
-from shared.peer import VerifiedPeer
+from shared import tls
+from shared.authz import AllowList, Authorizer, Guard, authorize_all, authorize_client_leaf, authorize_listed
+from shared.inbound import DeclaredBodyLimit, VerifiedPeer
+from shared.observability import Gauge, TraceMiddleware, exposition, trace
+from shared.outbound import Downstream
 from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
-from shared.spiffe import InvalidSpiffeId, SpiffeId
-from shared.token_client import TokenClient
-from shared.tokens import UserToken
-from shared.trace import TraceMiddleware
+from shared.tokens import OnBehalfOf, TokenClient, UserToken
+from shared.x509 import InvalidSpiffeId, MaterialError, PeerIdentity, SpiffeId
 
-# The decision codes of shared.authz, as the hop table says them.
+# The decision codes of shared.authz.rules, as the hop table says them.
 ADMITTED_BY = {"listed": "thumbprint", "listed_spiffe_id": "spiffe-id"}
 
 
@@ -60,7 +52,7 @@ def peer_id(config: ServiceConfig, live: tls.LiveTLS, name: str, or_else: str = 
 
 def own_id(config: ServiceConfig, live: tls.LiveTLS, needed_for: str, or_else: str = "") -> SpiffeId:
     """This service's SPIFFE ID, read from the certificate in force; MaterialError naming what needed it."""
-    own = CallerIdentity.from_certificate(live.certificate) if live.certificate else None
+    own = PeerIdentity.from_certificate(live.certificate) if live.certificate else None
     if own is None or own.spiffe_id is None:
         problem = own.svid_problem if own else "no certificate"
         raise MaterialError(
@@ -77,7 +69,7 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     """
     files = config.files
     guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
-    Caller = Annotated[CallerIdentity, Depends(guard)]
+    Caller = Annotated[PeerIdentity, Depends(guard)]
     expected_callee = downstream_id(config, live) if config.downstream_name else None
     token_service_id = peer_id(config, live, config.token_service_name) if config.token_service_url else None
     on_behalf = OnBehalfOf(config.name, None, config.require_user_token)  # its TokenClient comes with the start

@@ -22,13 +22,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.allowlist import AllowList
-from shared.authz import Authorizer
-from shared.connections import close_where
-from shared.downstream import Downstream
-from shared.files import MaterialError
-from shared.guard import Guard
+from shared.authz import AllowList, Authorizer, Guard
+from shared.inbound import close_where
+from shared.outbound import Downstream
 from shared.tls import LiveTLS
+from shared.x509 import MaterialError
 
 __all__ = ["WARN_AT", "CrlFreshness", "Reloader"]
 

@@ -6,7 +6,7 @@ key lifetime before it signs anything, and a replaced key stays published until 
     keys.jwks()           # {"keys": [...]}: the public halves of the next, current and replaced keys, for GET /jwks
     keys.key_set()        # the same keys, to check a token it is given back (RFC 8693's subject token)
 
-Verifiers (shared.token_client) fetch the set at least every minute and when a token names a key they do not
+Verifiers (shared.tokens.client) fetch the set at least every minute and when a token names a key they do not
 have (one fetch at a time, at most one every few seconds); with `roll_every` above that minute, every verifier
 holds a key before the first token it signs.
 

@@ -1,7 +1,7 @@
 """`python -m services.token_service`: the token service — the same mTLS stack as every service, plus
 `POST /token` and `GET /jwks`.
 
-It signs user tokens (shared/tokens.py) and decides every request from the token policy
+It signs user tokens (shared/tokens/token.py) and decides every request from the token policy
 (services/token_policy.py, rendered from pki/policy.toml). The caller is known by its certificate, checked
 during the handshake and against allow/token-service.txt like any call in the mesh; every token it gets is
 bound to that certificate. Two grants:
@@ -32,13 +32,11 @@ from services.config import ServiceConfig
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
 from shared import tls
-from shared.allowlist import AllowList
-from shared.files import MaterialError
-from shared.guard import Guard
-from shared.identity import CallerIdentity
-from shared.metrics import Counter
+from shared.authz import AllowList, Guard
+from shared.observability import Counter
 from shared.problem import echo
 from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, USER_GRANT, TokenRefused, mint, verify
+from shared.x509 import MaterialError, PeerIdentity
 
 __all__ = ["create_token_app"]
 
@@ -51,7 +49,7 @@ grants = Counter(
 def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     files = config.files
     guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
-    Caller = Annotated[CallerIdentity, Depends(guard)]
+    Caller = Annotated[PeerIdentity, Depends(guard)]
     policy = TokenPolicy.load(files.tokens_policy)  # before anything listens: no policy, no service
     issuer = str(own_id(config, live, "the issuer (iss) of every token it signs"))
     keys = SigningKeys(config.signing_key_lifetime, policy.lifetime)

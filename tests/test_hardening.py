@@ -24,8 +24,8 @@ from bench.soak import FD_BOUND, Usage, soak
 from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
-from shared.downstream import Downstream
 from shared.layout import Layout
+from shared.outbound import Downstream
 from shared.problem import Problem
 from shared.tokens import USER_GRANT
 from tests.support import (

@@ -16,8 +16,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from pki import ROTATION_GRACE, PKIError, Policy, init, issue_identity, retire, revoke, rotate_begin, rotate_finish
 from pki.__main__ import main
-from shared.allowlist import AllowList
-from shared.certs import (
+from shared.authz import AllowList
+from shared.layout import Layout
+from shared.x509 import (
     extended_key_usages,
     load_certificates,
     load_crl,
@@ -25,7 +26,6 @@ from shared.certs import (
     subject_alt_names,
     thumbprint,
 )
-from shared.layout import Layout
 
 POLICY = Policy.load()
 

@@ -31,9 +31,9 @@ from pki.renewal import ABANDONED, Renewer, due
 from pki.revocation import revoked
 from pki.rollover import RollOver
 from services.local import chain_environments, running
-from shared.allowlist import AllowList
-from shared.certs import load_certificates, load_key, thumbprint
+from shared.authz import AllowList
 from shared.layout import Layout
+from shared.x509 import load_certificates, load_key, thumbprint
 from tests.compose.stack import ROOT
 from tests.support import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, get, start_services, wait_until
 from tests.support import free_ports as ports

@@ -21,7 +21,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from shared.callee import CalleeCheck, refuse_unless
+from shared.outbound.callee import CalleeCheck, refuse_unless
 
 
 @contextlib.contextmanager
@@ -77,7 +77,7 @@ class _Stream(httpcore.AsyncNetworkStream):
 
 class NativeTLSBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, check: CalleeCheck) -> None:
-        self._check = check  # who the callee must be, after each handshake (shared.callee)
+        self._check = check  # who the callee must be, after each handshake (shared.outbound.callee)
 
     async def connect_tcp(
         self,

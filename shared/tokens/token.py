@@ -30,8 +30,8 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError, UnsupportedAlgorithmError
 from joserfc.jwk import ECKey, KeySet
 
-from shared.identity import CallerIdentity
 from shared.problem import echo
+from shared.x509.identity import PeerIdentity
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -88,7 +88,7 @@ class UserToken:
         return {"sub": self.subject, "actors": list(self.actors), "scope": " ".join(sorted(self.scopes))}
 
 
-def x5t_s256(caller: CallerIdentity) -> str:
+def x5t_s256(caller: PeerIdentity) -> str:
     """RFC 8705's certificate thumbprint: the SHA-256 of the DER (our hex thumbprint), base64url, no padding."""
     return base64.urlsafe_b64encode(bytes.fromhex(caller.sha256)).rstrip(b"=").decode()
 
@@ -100,7 +100,7 @@ def mint(
     subject: str,
     audience: str,
     scopes: frozenset[str],
-    holder: CallerIdentity,
+    holder: PeerIdentity,
     lifetime: int,
     previous: UserToken | None = None,
 ) -> tuple[str, int]:
@@ -166,7 +166,7 @@ def verify(raw: str, keys: KeySet, *, issuer: str, audience: str, now: float | N
     )
 
 
-def check_holder(token: UserToken, caller: CallerIdentity) -> None:
+def check_holder(token: UserToken, caller: PeerIdentity) -> None:
     """RFC 8705 §3: the token is bound to the certificate on *this* connection; and its current actor is the
     caller (RFC 8693 §4.1: only the current actor counts for decisions; the nested ones are history)."""
     if token.bound_to != x5t_s256(caller):

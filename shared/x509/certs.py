@@ -9,7 +9,7 @@ whose message names the file and the fix::
     subject_alt_names(leaf)      # [('DNS', 'service-a'), ('DNS', 'localhost'), ('IP', '127.0.0.1'), ('URI', 'spiffe://…')]
 
 Reading here is plain: the PKI tool reads its own files. A service reads the files that decide who gets in
-through `shared.files.read_protected` first, and parses the bytes with the `parse_*` functions.
+through `shared.x509.read_protected` first, and parses the bytes with the `parse_*` functions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from shared.files import MaterialError
+from shared.x509.files import MaterialError
 
 __all__ = [
     "EKU_OIDS",

@@ -5,7 +5,7 @@ an OSError, logged only in the loop's debug mode, and no TLS alert is sent eithe
 Operators then cannot see who was refused or why. So uvicorn is given no SSL context at all: each
 connection starts as plain TCP, and `TLSTermination` upgrades it with asyncio's public `loop.start_tls()`,
 which raises the handshake's error where we can log it — peer address and OpenSSL's reason, at WARNING.
-On success it reads the verified peer certificate once (shared.peer) and starts uvicorn's HTTP protocol on
+On success it reads the verified peer certificate once (shared.inbound.asgi) and starts uvicorn's HTTP protocol on
 the TLS transport exactly as if uvicorn had done the handshake.
 
 It touches one uvicorn internal, the per-connection `self.app`; the end-to-end tests fail loudly if a
@@ -20,11 +20,11 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared.connections import caller_key, connections, peer_address
-from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
-from shared.metrics import Counter
-from shared.peer import IDENTITY_KEY, expose, tls_extension
-from shared.tls import Recheck
+from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
+from shared.inbound.connections import caller_key, connections, peer_address
+from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
+from shared.observability.metrics import Counter
+from shared.tls.live import Recheck
 
 __all__ = ["TLSTermination", "tls_protocol"]
 
@@ -44,7 +44,7 @@ class TLSTermination:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(connections.unauthenticated) >= self.limits.max_handshakes:
             # Never refuse the newcomer: it is the likeliest to be a real caller mid-handshake. Shed the
-            # connection that has waited longest without a byte, or else the oldest handshake (shared.limits).
+            # connection that has waited longest without a byte, or else the oldest handshake (shared.inbound.limits).
             victim = connections.oldest_unauthenticated()
             if victim is not None:
                 why = f"{self.limits.max_handshakes} connections are not yet authenticated (the limit): the oldest goes"
@@ -93,7 +93,7 @@ class TLSTermination:
             self._admit()
 
     def _admit(self) -> None:
-        """Keep the caller's new connection within its share and the global cap (shared.limits): its own
+        """Keep the caller's new connection within its share and the global cap (shared.inbound.limits): its own
         idle connection goes first; the new one is refused only if none of that caller's is idle."""
         entry = connections.established.get(self)  # type: ignore[call-overload]
         if entry is None:  # closed while it was being let in

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from shared import certs
-from shared.spiffe import InvalidSvid, svid_id
+from shared.x509 import certs
+from shared.x509.spiffe import InvalidSvid, svid_id
 
 
 @dataclass(frozen=True)
-class CallerIdentity:
+class PeerIdentity:
     """The caller as its certificate describes it. TLS has already verified the chain before we get here.
 
-    caller = CallerIdentity.from_certificate(leaf)
+    caller = PeerIdentity.from_certificate(leaf)
     caller.sha256, caller.spiffe_id        # what allow-lists and logs name
     """
 
@@ -38,7 +38,7 @@ class CallerIdentity:
     anchor: str | None = None
 
     @classmethod
-    def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
+    def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
         try:
             spiffe_id, svid_problem = str(svid_id(cert)), None
         except InvalidSvid as e:
@@ -60,13 +60,13 @@ class CallerIdentity:
 
     @classmethod
     @functools.lru_cache(maxsize=1024)
-    def from_der(cls, der: bytes) -> CallerIdentity:
+    def from_der(cls, der: bytes) -> PeerIdentity:
         """Cached: every new connection of the same peer presents the same bytes, parsed once."""
         return cls.from_certificate(x509.load_der_x509_certificate(der))
 
     @classmethod
     @functools.lru_cache(maxsize=256)
-    def from_pem(cls, pem: str) -> CallerIdentity:
+    def from_pem(cls, pem: str) -> PeerIdentity:
         """For servers that fill the ASGI TLS extension themselves; cached, so each certificate is parsed once."""
         return cls.from_certificate(x509.load_pem_x509_certificate(pem.encode()))
 

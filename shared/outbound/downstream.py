@@ -13,12 +13,13 @@ from typing import Any
 
 import httpx
 
-from shared import nativetls, trace
-from shared.authz import authorize_id
-from shared.callee import CalleeRefused, callee_check
+from shared.authz.rules import authorize_id
+from shared.observability import trace
+from shared.outbound import nativetls
+from shared.outbound.callee import CalleeRefused, callee_check
 from shared.problem import Problem, echo
-from shared.spiffe import SpiffeId
-from shared.tls import Recheck
+from shared.tls.live import Recheck
+from shared.x509.spiffe import SpiffeId
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").

@@ -19,9 +19,9 @@ from typing import Any
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from shared.downstream import Downstream
+from shared.outbound.downstream import Downstream
 from shared.problem import Problem
-from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
+from shared.tokens.token import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
 
 __all__ = ["TokenClient"]
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from shared import trace
+from shared.observability import trace
 
 # uvicorn adds color_message (the same text with ANSI colours) to its records; a log file wants neither.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}

@@ -2,7 +2,7 @@
 
 guard = Guard("service-b", authorize_all(authorize_client_leaf(), authorize_listed(allow_list)))
 router = APIRouter(dependencies=[Depends(guard)])       # every route behind it is guarded
-Caller = Annotated[CallerIdentity, Depends(guard)]        # and a handler can ask who called
+Caller = Annotated[PeerIdentity, Depends(guard)]        # and a handler can ask who called
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import logging
 
 from fastapi import Request
 
-from shared.authz import Authorizer, Decision
-from shared.identity import CallerIdentity
-from shared.metrics import Counter
-from shared.peer import VerifiedPeer
+from shared.authz.rules import Authorizer, Decision
+from shared.inbound.asgi import VerifiedPeer
+from shared.observability.metrics import Counter
 from shared.problem import Problem
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["Guard"]
 
@@ -31,7 +31,7 @@ class Guard:
     """Returns the caller's identity if `authorizer` admits it; otherwise refuses with a problem document.
 
     Apply it to every route that does business (`APIRouter(dependencies=[Depends(guard)])`), and take
-    `caller: Annotated[CallerIdentity, Depends(guard)]` where the handler needs to know who called.
+    `caller: Annotated[PeerIdentity, Depends(guard)]` where the handler needs to know who called.
     """
 
     def __init__(self, service: str, authorizer: Authorizer, resource: str = "api") -> None:
@@ -39,7 +39,7 @@ class Guard:
         self.authorizer = authorizer
         self.resource = resource  # what this guard protects, in logs and metrics: "api", "metrics"
 
-    async def __call__(self, request: Request) -> CallerIdentity:
+    async def __call__(self, request: Request) -> PeerIdentity:
         # async on purpose: a plain `def` dependency would be sent to a thread pool on every request.
         caller = VerifiedPeer.of(request.scope).caller
         if caller is None:
@@ -68,7 +68,7 @@ class Guard:
         request.state.admitted_by = decision.code  # which rule let the caller in, for the handler to report
         return caller
 
-    def _log(self, caller: CallerIdentity | None, decision: Decision) -> None:
+    def _log(self, caller: PeerIdentity | None, decision: Decision) -> None:
         verdict = "allow" if decision.allowed else "deny"
         log.info(
             "authz",

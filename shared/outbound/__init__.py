@@ -1,0 +1,21 @@
+"""Calling the next service: our certificate out, the callee proven to be who we meant, failures explained."""
+
+from __future__ import annotations
+
+from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check, refuse_unless, sync_transport
+from shared.outbound.downstream import KEEPALIVE_EXPIRY, MAX_RESPONSE_BYTES, Downstream, explain_transport_error
+from shared.outbound.nativetls import NativeTLSBackend, transport
+
+__all__ = [
+    "KEEPALIVE_EXPIRY",
+    "MAX_RESPONSE_BYTES",
+    "CalleeCheck",
+    "CalleeRefused",
+    "Downstream",
+    "NativeTLSBackend",
+    "callee_check",
+    "explain_transport_error",
+    "refuse_unless",
+    "sync_transport",
+    "transport",
+]
