@@ -230,19 +230,30 @@ def prepare(workdir: Path) -> None:
             (workdir / shared).symlink_to(ROOT / shared)
 
 
-def check_code_links(text: str, name: str = "walkthrough.md") -> list[str]:
-    """Links like [`symbol`](../path#L42) must still point at a line containing `symbol`; other relative
-    links must point at a file that exists."""
+def check_code_links(text: str, name: str = "walkthrough.md", base: Path = ROOT / "docs") -> list[str]:
+    """Links like [`symbol`](../path#L42) must still point at a line containing `symbol`; every other relative
+    link must point at a file that exists (relative to `base`, the document's folder), and at a heading of it
+    when it names one (`other.md#a-heading`, as the forge makes anchors)."""
     problems = []
     for symbol, path, line in re.findall(r"\[`([^`]+)`\]\(\.\./([^)#]+)#L(\d+)\)", text):
         source = ROOT / path
         lines = source.read_text().splitlines() if source.is_file() else []
         if int(line) > len(lines) or symbol not in lines[int(line) - 1]:
             problems.append(f"{name}: the link to {path}#L{line} should show `{symbol}`, and no longer does")
-    for path in re.findall(r"\]\((?!https?:|#|mailto:)([^)#\s]+)(?:#[^)]*)?\)", text):
-        if not (ROOT / "docs" / path).resolve().exists():
+    for path, anchor in re.findall(r"\]\((?!https?:|mailto:)([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        target = (base / path).resolve() if path else None
+        if target is not None and not target.exists():
             problems.append(f"{name}: the link to {path} points at nothing; fix the path")
+        elif anchor and not anchor.startswith("L") and (target is None or target.suffix == ".md"):
+            headings = text if target is None else target.read_text()
+            if anchor not in {_anchor(h) for h in re.findall(r"^#+ (.*)$", headings, re.M)}:
+                problems.append(f"{name}: the link to {path}#{anchor} names no heading there; fix the anchor")
     return problems
+
+
+def _anchor(heading: str) -> str:
+    """The forge's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def words(text: str) -> int:
@@ -258,6 +269,7 @@ def main() -> int:
         print(f"walkthrough: WALKTHROUGH_ONLY={only} names none of {[doc.name for doc in DOCS]}", file=sys.stderr)
         return 1
     problems = [p for doc in DOCS for p in check_code_links(doc.read_text(), doc.name)]
+    problems += check_code_links((ROOT / "README.md").read_text(), "README.md", ROOT)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1
