@@ -94,7 +94,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     )
 
 
-DOCUMENT_PORTS = (8443, 8444, 8445, 8446, 9445, 9446)  # A, B, C, the token service, two for chapter 12
+DOCUMENT_PORTS = (8443, 8444, 8445, 8446, 9445, 9446)  # A, B, C, the token service, two for chapters 5 and 8
 
 
 class Walkthrough:
