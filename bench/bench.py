@@ -48,8 +48,8 @@ from bench.scaling import allow_list_scaling, crl_scaling
 from bench.sidecar import SidecarPorts, running_sidecars
 from client.__main__ import user_token
 from pki import Policy, init
-from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running, token_environment
+from services.wiring import service_policy
 from shared import tls
 from shared.authz import AllowList, authorize_id
 from shared.layout import Layout

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from bench.handshake import bare_handshake_ms
 from pki import load_issuer
-from services.app import service_policy
+from services.wiring import service_policy
 from shared import tls
 from shared.authz import AllowList
 from shared.layout import Layout

@@ -30,7 +30,7 @@ from shared.authz import authorize_id
 from shared.layout import DEFAULT_OUT, Layout
 from shared.outbound import CalleeCheck, callee_check, explain_transport_error, sync_transport
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
-from shared.x509 import InvalidSpiffeId, InvalidSvid, MaterialError, SpiffeId, load_certificates, svid_id
+from shared.x509 import InvalidSpiffeId, MaterialError, SpiffeId, load_certificates, peer_id
 
 # service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"
@@ -72,7 +72,7 @@ def user_token(token_url: str, material: tls.TLSMaterial, user: str, audience: s
     """As an edge: ask the token service for a token on behalf of `user`, for `audience`, bound to our
     certificate (the one on this connection). How the edge authenticated its user is out of scope here.
     Raises CannotAct with the token service's reason."""
-    check = callee_check(authorize_id(default_server_id(material, TOKEN_SERVICE)))
+    check = callee_check(authorize_id(default_server_id(TOKEN_SERVICE, material.cert)))
     form = {"grant_type": USER_GRANT, "user": user, "audience": audience}
     try:
         with httpx.Client(transport=sync_transport(tls.client_context(material), check), timeout=timeout) as client:
@@ -197,13 +197,16 @@ def hop_table(hops: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def default_server_id(material: tls.TLSMaterial, server_name: str) -> SpiffeId:
-    """spiffe://<our own trust domain>/<server name>; mesh.internal when our certificate names no domain."""
-    trust_domain = "mesh.internal"
-    if material.cert is not None:
-        with contextlib.suppress(MaterialError, InvalidSvid):
-            trust_domain = svid_id(load_certificates(material.cert)[0]).trust_domain
-    return SpiffeId(trust_domain, f"/{server_name}")
+def default_server_id(server_name: str, *certificates: Path | None) -> SpiffeId:
+    """spiffe://<our own trust domain>/<server name>, the trust domain read from the first of `certificates` that
+    carries a SPIFFE ID: the one we present, then (when we present none, or a foreign one: an experiment) the
+    client's own in the mesh's files. None of them: MaterialError, never a trust domain made up."""
+    for path in certificates:
+        if path is not None and path.exists():
+            with contextlib.suppress(MaterialError):
+                return peer_id(load_certificates(path)[0], path, server_name)
+    last = next((path for path in reversed(certificates) if path is not None), None)
+    return peer_id(None, last, server_name, "or give the server's SPIFFE ID with --server-id")
 
 
 def default_server_name(url: str) -> str:
@@ -269,9 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_name = args.server_name or default_server_name(args.url)
     try:
-        expected = SpiffeId.parse(args.server_id) if args.server_id else default_server_id(material, server_name)
+        expected = (
+            SpiffeId.parse(args.server_id)
+            if args.server_id
+            else default_server_id(server_name, material.cert, layout.cert("client"))
+        )
     except InvalidSpiffeId as e:
         print(f"client: --server-id {args.server_id}: {e}", file=sys.stderr)
+        return 2
+    except MaterialError as e:
+        print(f"client: {e}", file=sys.stderr)
         return 2
     check = callee_check(authorize_id(expected))
     try:

@@ -123,7 +123,7 @@ def main() -> int:
 def play(scene: Scene, layout: Layout) -> bool:
     print(f"▶ {scene.title}\n  $ {scene.cli}")
     material = TLSMaterial(ca=layout.ca_cert, cert=scene.cert, key=scene.key, crl=layout.crl)
-    check = callee_check(authorize_id(default_server_id(material, scene.server_name)))
+    check = callee_check(authorize_id(default_server_id(scene.server_name, scene.cert, layout.cert("client"))))
     outcome = call(f"https://127.0.0.1:{scene.port}/chain", scene.server_name, material, check)
     print("  " + outcome.text.replace("\n", "\n  ") + "\n")
     return outcome.ok if scene.expect == "ok" else (not outcome.ok and outcome.text.startswith(scene.expect))

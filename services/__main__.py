@@ -56,7 +56,10 @@ def load_config() -> ServiceConfig:
         raise CannotStart(f"service: cannot start: {problems}") from None
 
 
-def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol], scheme: str = "https") -> None:
+Protocol = Callable[..., asyncio.Protocol]  # a protocol class, or what makes one per connection (tls_protocol)
+
+
+def serve(config: ServiceConfig, app: FastAPI, protocol: Protocol, scheme: str = "https") -> None:
     logging.getLogger("mesh").info(
         "starting",
         extra={
@@ -88,7 +91,7 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
 
 
 def run(
-    protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.Protocol], str]],
+    protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[Protocol, str]],
     create: AppFactory = create_app,
 ) -> int:
     """Configure, check and serve; `protocol_for` picks the HTTP protocol class and the scheme it speaks."""

@@ -38,7 +38,7 @@ from shared.tokens import (
     verify,
     x5t_s256,
 )
-from shared.x509 import MaterialError, PeerIdentity
+from shared.x509 import MaterialError, PeerIdentity, SpiffeId
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
 ISSUER = "spiffe://mesh.internal/token-service"
@@ -319,7 +319,14 @@ def test_an_exchange_follows_the_policy_in_force_not_the_one_the_subject_token_w
 
 def token_client(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> TokenClient:
     """service-a's TokenClient, its calls to the token service answered in-process by `handler`."""
-    connection = Downstream("service-a", "token-service", "https://token-service", ssl.create_default_context(), 5)
+    connection = Downstream(
+        "service-a",
+        "token-service",
+        "https://token-service",
+        ssl.create_default_context(),
+        5,
+        SpiffeId("mesh.internal", "/token-service"),
+    )
     connection.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return TokenClient(connection, ISSUER, lambda: 0)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.authz.allowlist import AllowList
-from shared.authz.guard import Guard, authz_decisions
+from shared.authz.guard import Admitted, Authorizers, Guard, authz_decisions
 from shared.authz.rules import (
     Authorizer,
     Decision,
@@ -17,8 +17,10 @@ from shared.authz.rules import (
 )
 
 __all__ = [
+    "Admitted",
     "AllowList",
     "Authorizer",
+    "Authorizers",
     "Decision",
     "Guard",
     "authorize_all",

@@ -1,13 +1,15 @@
-"""The FastAPI dependency that applies an authorizer to every request, and says what it decided.
+"""The FastAPI dependency that applies an authorizer to every request, and returns what it decided.
 
-guard = Guard("service-b", authorize_all(authorize_client_leaf(), authorize_listed(allow_list)))
+authorizers = Authorizers(api=authorize_all(authorize_client_leaf(), authorize_listed(allow_list)))
+guard = Guard("service-b", authorizers)                 # guards the resource "api"
 router = APIRouter(dependencies=[Depends(guard)])       # every route behind it is guarded
-Caller = Annotated[PeerIdentity, Depends(guard)]        # and a handler can ask who called
+Caller = Annotated[Admitted, Depends(guard)]            # and a handler can ask who called, and by which rule
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -17,7 +19,7 @@ from shared.observability.metrics import Counter
 from shared.problem import Problem
 from shared.x509.identity import PeerIdentity
 
-__all__ = ["Guard"]
+__all__ = ["Admitted", "Authorizers", "Guard"]
 
 log = logging.getLogger("mesh.authz")
 authz_decisions = Counter(
@@ -27,19 +29,52 @@ authz_decisions = Counter(
 )
 
 
+# The rules that admit a caller (Decision.code), as the hop table names them.
+_ADMITTED_BY = {"listed": "thumbprint", "listed_spiffe_id": "spiffe-id"}
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The guard's verdict on a caller it let in: who, and by which rule."""
+
+    caller: PeerIdentity
+    rule: str  # Decision.code of the rule that admitted it
+
+    @property
+    def by(self) -> str:
+        """What the caller was recognised by: "thumbprint" or "spiffe-id" (or the rule's code)."""
+        return _ADMITTED_BY.get(self.rule, self.rule)
+
+
+class Authorizers:
+    """The authorizer in force for each resource of a service ("api", "metrics"): replaced whole when its
+    allow-list changes (services.reloader), read afresh by the guard on every request. Never edited in place."""
+
+    def __init__(self, **by_resource: Authorizer) -> None:
+        self._by_resource = dict(by_resource)
+
+    def __getitem__(self, resource: str) -> Authorizer:
+        return self._by_resource[resource]
+
+    def replace(self, resource: str, authorizer: Authorizer) -> None:
+        if resource not in self._by_resource:
+            raise KeyError(f"no authorizer for {resource!r}: a reload may replace one, never add one")
+        self._by_resource[resource] = authorizer
+
+
 class Guard:
-    """Returns the caller's identity if `authorizer` admits it; otherwise refuses with a problem document.
+    """Admits a caller if the authorizer in force for `resource` does; otherwise refuses with a problem document.
 
     Apply it to every route that does business (`APIRouter(dependencies=[Depends(guard)])`), and take
-    `caller: Annotated[PeerIdentity, Depends(guard)]` where the handler needs to know who called.
+    `admitted: Annotated[Admitted, Depends(guard)]` where the handler needs to know who called.
     """
 
-    def __init__(self, service: str, authorizer: Authorizer, resource: str = "api") -> None:
+    def __init__(self, service: str, authorizers: Authorizers, resource: str = "api") -> None:
         self.service = service
-        self.authorizer = authorizer
+        self.authorizers = authorizers
         self.resource = resource  # what this guard protects, in logs and metrics: "api", "metrics"
 
-    async def __call__(self, request: Request) -> PeerIdentity:
+    async def __call__(self, request: Request) -> Admitted:
         # async on purpose: a plain `def` dependency would be sent to a thread pool on every request.
         caller = VerifiedPeer.of(request.scope).caller
         if caller is None:
@@ -53,7 +88,7 @@ class Guard:
                 f"{self.service} requires a client certificate; none was presented on this connection.",
                 service=self.service,
             )
-        decision = self.authorizer(caller)
+        decision = self.authorizers[self.resource](caller)
         self._log(caller, decision)
         if not decision.allowed:
             raise Problem(
@@ -65,8 +100,7 @@ class Guard:
                 caller=caller.summary(),
                 reason=decision.reason,
             )
-        request.state.admitted_by = decision.code  # which rule let the caller in, for the handler to report
-        return caller
+        return Admitted(caller, decision.code)
 
     def _log(self, caller: PeerIdentity | None, decision: Decision) -> None:
         verdict = "allow" if decision.allowed else "deny"

@@ -11,7 +11,7 @@ from shared.inbound.connections import (
     connections,
     peer_address,
 )
-from shared.inbound.handshake import TLSTermination, tls_protocol, tls_refusals
+from shared.inbound.handshake import TLSHttpToolsProtocol, TLSTermination, tls_protocol, tls_refusals
 from shared.inbound.limits import (
     ConnectionLimits,
     Deadline,
@@ -31,6 +31,7 @@ __all__ = [
     "DeclaredBodyLimit",
     "RequestLimits",
     "SampledLog",
+    "TLSHttpToolsProtocol",
     "TLSTermination",
     "Unauthenticated",
     "VerifiedPeer",

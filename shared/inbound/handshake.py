@@ -15,10 +15,13 @@ uvicorn upgrade changes it. There is no plaintext mode: without an SSLContext th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
 
 from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
 from shared.inbound.connections import caller_key, connections, peer_address
@@ -26,7 +29,7 @@ from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, con
 from shared.observability.metrics import Counter
 from shared.tls.live import Recheck
 
-__all__ = ["TLSTermination", "tls_protocol"]
+__all__ = ["TLSHttpToolsProtocol", "TLSTermination", "tls_protocol"]
 
 log = logging.getLogger("mesh.tls")
 tls_refusals = Counter("mesh_tls_refusals_total", "TLS handshakes refused, by OpenSSL's reason", ["reason"])
@@ -38,7 +41,7 @@ class TLSTermination:
     app: Any
     server_context: Callable[[], ssl.SSLContext]  # the one in force now: rebuilt whenever the files change
     limits: ConnectionLimits
-    recheck: Recheck
+    recheck: Recheck  # LiveTLS.recheck: the trust in force when a handshake completes
     _established = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -208,19 +211,36 @@ class _FirstBytes(asyncio.BufferedProtocol):
         self.tls.resume_writing()
 
 
+class TLSHttpToolsProtocol(TLSTermination, RequestLimits, HttpToolsProtocol):
+    """uvicorn's fastest HTTP/1.1 protocol, behind our TLS termination and our request limits.
+
+    Each connection gets its own instance from uvicorn (with uvicorn's arguments), plus ours, given once per
+    service by `tls_protocol`: the server context in force, the limits, and the re-check of a finished handshake.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        server_context: Callable[[], ssl.SSLContext],
+        limits: ConnectionLimits,
+        recheck: Recheck,
+        **kwargs: Any,
+    ) -> None:
+        self.server_context, self.limits, self.recheck = server_context, limits, recheck
+        super().__init__(*args, **kwargs)
+
+
 def tls_protocol(
     context: Callable[[], ssl.SSLContext], limits: ConnectionLimits, recheck: Recheck
-) -> type[asyncio.Protocol]:
-    """uvicorn's fastest HTTP/1.1 protocol class, terminating TLS with the context `context()` returns now.
+) -> Callable[..., asyncio.Protocol]:
+    """What uvicorn makes each connection's protocol with: TLSHttpToolsProtocol, terminating TLS with the
+    context `context()` returns when the connection comes (uvicorn accepts any callable as `http`).
 
     uvicorn.run(app, http=tls_protocol(lambda: live.server, config.limits, live.recheck))
     """
     if not isinstance(context(), ssl.SSLContext):
         raise TypeError("a service speaks TLS only: tls_protocol() needs an ssl.SSLContext")
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
-
-    attributes = {"server_context": staticmethod(context), "limits": limits, "recheck": staticmethod(recheck)}
-    return type("TLSHttpToolsProtocol", (TLSTermination, RequestLimits, HttpToolsProtocol), attributes)
+    return functools.partial(TLSHttpToolsProtocol, server_context=context, limits=limits, recheck=recheck)
 
 
 def _run_eagerly(coroutine: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:

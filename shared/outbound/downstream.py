@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import httpx
 from shared.authz.rules import authorize_id
 from shared.observability import trace
 from shared.outbound import nativetls
-from shared.outbound.callee import CalleeRefused, callee_check
+from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check
 from shared.problem import Problem, echo
 from shared.tls.live import Recheck
 from shared.x509.spiffe import SpiffeId
@@ -27,6 +28,9 @@ KEEPALIVE_EXPIRY = 4.0
 # A hop's answer is a few KB of JSON. A callee that sends more is broken or hostile, and what it sends would be
 # held in our memory: we stop reading at this bound (the connection is dropped) and answer 502.
 MAX_RESPONSE_BYTES = 1 << 20
+
+# How a Downstream gets its transport: `nativetls.transport` in a service; an httpx.MockTransport in a test.
+Connect = Callable[[ssl.SSLContext, httpx.Limits, CalleeCheck], httpx.AsyncBaseTransport]
 
 log = logging.getLogger("mesh.downstream")
 _KINDS = {
@@ -45,26 +49,28 @@ class Downstream:
         url: str,
         context: ssl.SSLContext,
         timeout: float,
+        expected_id: SpiffeId,
+        *,
         keepalive: bool = True,
-        expected_id: SpiffeId | None = None,
         recheck: Recheck | None = None,
+        connect: Connect = nativetls.transport,
     ) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
         self.keepalive = keepalive
         self.context = context
-        # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID.
-        self.expected_id = expected_id or SpiffeId("mesh.internal", f"/{name}")
+        # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID...
+        self.expected_id = expected_id
         # ...and, with `recheck` (LiveTLS.recheck), still trusted when the handshake completes: a pool renewed
         # after a trust change can still finish a handshake begun with the old context.
         self.check = callee_check(authorize_id(self.expected_id), recheck)
+        self.connect = connect  # the transport's maker: the event loop's TLS, or a test's httpx.MockTransport
         self.client = self._new_client()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> httpx.AsyncClient:
         keepalive = 20 if self.keepalive else 0  # 20: httpx's default
         limits = httpx.Limits(max_keepalive_connections=keepalive, keepalive_expiry=KEEPALIVE_EXPIRY)
-        transport = nativetls.transport(self.context, limits, self.check)
-        return httpx.AsyncClient(transport=transport, timeout=self.timeout)
+        return httpx.AsyncClient(transport=self.connect(self.context, limits, self.check), timeout=self.timeout)
 
     def renew(self, context: ssl.SSLContext) -> None:
         """New connections from now on, with `context` (the TLS material changed); the old pool closes once

@@ -22,6 +22,7 @@ import httpcore
 import httpx
 
 from shared.outbound.callee import CalleeCheck, refuse_unless
+from shared.outbound.pool import on_backend
 
 
 @contextlib.contextmanager
@@ -103,14 +104,4 @@ class NativeTLSBackend(httpcore.AsyncNetworkBackend):
 
 def transport(context: ssl.SSLContext, limits: httpx.Limits, check: CalleeCheck) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, with its connection pool on NativeTLSBackend, every callee checked by `check`."""
-    http = httpx.AsyncHTTPTransport(verify=context, limits=limits)
-    # httpx has no public way to choose the network backend; its transport keeps the httpcore pool in
-    # `_pool` (stable across httpx 0.2x, which pyproject.toml pins). Rebuild it the way httpx does.
-    http._pool = httpcore.AsyncConnectionPool(
-        ssl_context=context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=NativeTLSBackend(check),
-    )
-    return http
+    return on_backend(httpx.AsyncHTTPTransport(verify=context, limits=limits), context, limits, NativeTLSBackend(check))

@@ -1,7 +1,8 @@
 """The token service as the services use it, over mTLS like every other call: its key set, to check the
 tokens they are called with, and RFC 8693 exchange, to get a token for the next hop.
 
-    tokens = TokenClient(Downstream("service-a", "token-service", url, context, 5.0), issuer, generation)
+    to_tokens = Downstream("service-a", "token-service", url, context, 5.0, token_service_id)
+    tokens = TokenClient(to_tokens, issuer, generation)
     user = await tokens.verify(raw, audience="service-a")        # TokenRefused if a rule fails
     onward = await tokens.exchange(user, audience="service-b")   # a token for B, bound to our certificate
 """

@@ -24,7 +24,7 @@ from shared.x509.certs import (
     thumbprint,
 )
 from shared.x509.files import MaterialError, read_protected
-from shared.x509.identity import PeerIdentity
+from shared.x509.identity import PeerIdentity, own_id, peer_id
 from shared.x509.spiffe import MAX_LENGTH, InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
 
 __all__ = [
@@ -48,9 +48,11 @@ __all__ = [
     "load_crl",
     "load_key",
     "normalise_thumbprint",
+    "own_id",
     "parse_certificates",
     "parse_crl",
     "parse_key",
+    "peer_id",
     "read_protected",
     "subject_alt_names",
     "svid_id",
