@@ -5,8 +5,10 @@ from __future__ import annotations
 from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check, refuse_unless, sync_transport
 from shared.outbound.downstream import KEEPALIVE_EXPIRY, MAX_RESPONSE_BYTES, Downstream, explain_transport_error
 from shared.outbound.nativetls import NativeTLSBackend, transport
+from shared.outbound.pool import HTTPX_MINOR, on_backend
 
 __all__ = [
+    "HTTPX_MINOR",
     "KEEPALIVE_EXPIRY",
     "MAX_RESPONSE_BYTES",
     "CalleeCheck",
@@ -15,6 +17,7 @@ __all__ = [
     "NativeTLSBackend",
     "callee_check",
     "explain_transport_error",
+    "on_backend",
     "refuse_unless",
     "sync_transport",
     "transport",

@@ -54,14 +54,14 @@ class OnBehalfOf:
                     f"{token.subject} may not reach {self.service}: it is not in the token's scope "
                     f"({' '.join(sorted(token.scopes)) or 'empty'})",
                     error="insufficient_scope",
-                    status=403,
                 )
         except TokenRefused as refused:
             self._log(caller, None, refused.reason, refused.error)
+            status = 403 if refused.error == "insufficient_scope" else 401  # RFC 6750 §3.1
             raise Problem(
-                refused.status,
+                status,
                 refused.error.replace("_", "-"),
-                "User token refused" if refused.status == 401 else "User not allowed here",
+                "User token refused" if status == 401 else "User not allowed here",
                 f"{self.service} refused the request: {refused.reason}.",
                 headers={"WWW-Authenticate": f'Bearer error="{refused.error}"'},
                 service=self.service,

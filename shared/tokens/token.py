@@ -64,11 +64,13 @@ ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
 class TokenRefused(Exception):
-    """A token failed a rule: `reason` says which, `error` is RFC 6750's code (401 invalid_token, 403 scope)."""
+    """A token failed a rule: `reason` says which, `error` is RFC 6750's code (invalid_token, insufficient_scope).
 
-    def __init__(self, reason: str, error: str = "invalid_token", status: int = 401) -> None:
+    What it becomes in HTTP is decided at the edge (shared.tokens.onbehalf), not here."""
+
+    def __init__(self, reason: str, error: str = "invalid_token") -> None:
         super().__init__(reason)
-        self.reason, self.error, self.status = reason, error, status
+        self.reason, self.error = reason, error
 
 
 @dataclass(frozen=True)
