@@ -16,11 +16,12 @@ from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
 from services.reloader import CrlFreshness, Reloader
+from services.status import service_status
 from services.wiring import Service, build
 from shared import tls
 from shared.authz import Admitted
 from shared.inbound import DeclaredBodyLimit, VerifiedPeer
-from shared.observability import Gauge, TraceMiddleware, exposition, trace
+from shared.observability import Gauge, TraceMiddleware, exposition, recent, trace
 from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
 from shared.tokens import UserToken
@@ -74,8 +75,8 @@ def mesh_app(service: Service) -> FastAPI:
 
 def base_app(service: Service) -> FastAPI:
     """What every service of the mesh has, the token service included: error documents, trace ids, a body
-    limit, /healthz, /metrics for the identities of allow/metrics.txt, the gauges, and the live reload of its
-    TLS material and of every file in `service.reloads`. The connections it makes are closed at the end."""
+    limit, /healthz, /metrics and /status for the identities of allow/metrics.txt, the gauges, and the live reload
+    of its TLS material and of every file in `service.reloads`. The connections it makes are closed at the end."""
     config, live = service.config, service.live
     freshness = CrlFreshness(live)
     _gauges(live, freshness)
@@ -132,6 +133,18 @@ def base_app(service: Service) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         """Prometheus text: decisions and TLS refusals. Only for the identities in allow/metrics.txt."""
         return PlainTextResponse(exposition(service=config.name), media_type="text/plain; version=0.0.4")
+
+    @app.get("/status", dependencies=[Depends(service.metrics_guard)])
+    async def operator_status() -> dict[str, Any]:
+        """What this service holds now (services/status.py). Only for the identities in allow/metrics.txt."""
+        return service_status(config.name, live, service.allow_lists, service.status)
+
+    @app.get("/decisions", dependencies=[Depends(service.metrics_guard)])
+    async def decisions(after: int = 0) -> dict[str, Any]:
+        """The latest decisions numbered above `after` (shared.observability.decisions), for the identities of
+        allow/metrics.txt only."""
+        entries, last = recent.since(after)
+        return {"service": config.name, "kept": recent.size, "last": last, "decisions": [d.as_dict() for d in entries]}
 
     return app
 

@@ -68,7 +68,9 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     policy = TokenPolicy.load(files.tokens_policy)  # before anything listens: no policy, no service
     live_policy = LivePolicy(policy, SigningKeys(config.signing_key_lifetime, policy.lifetime))
     keys = live_policy.keys
-    app = base_app(replace(service, reloads={**service.reloads, files.tokens_policy: live_policy.reload}))
+    app = base_app(
+        replace(service, reloads={**service.reloads, files.tokens_policy: live_policy.reload}, status=keys.status)
+    )
     Caller = Annotated[Admitted, Depends(service.guard)]
 
     @app.get("/jwks", dependencies=[Depends(service.guard)])

@@ -11,8 +11,10 @@ httpx.MockTransport maker and drive the app in-process (tests/wiring).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.config import ServiceConfig
 from services.reloader import Reload
@@ -55,18 +57,27 @@ class Service:
         Downstream, ...
     ]  # every connection the service makes: renewed with the TLS material, closed at the end
     reloads: dict[Path, Reload]  # the registry: every file besides the TLS material whose change is taken in
+    # The allow-list each authorizer was made from, by file: what GET /status reports (services.status).
+    allow_lists: dict[Path, AllowList]
+    status: Callable[[], dict[str, Any]] | None = None  # what the service adds to GET /status of its own
 
 
 def build(config: ServiceConfig, live: LiveTLS, *, connect: Connect = nativetls.transport) -> Service:
     """The service `config` describes, failing fast (before anything listens) on a bad allow-list or identity."""
     files = config.files
+    allow_lists = {path: AllowList.load(path) for path in (files.allow_list, files.metrics_allow_list)}
     authorizers = Authorizers(
-        api=service_policy(AllowList.load(files.allow_list)),
-        metrics=service_policy(AllowList.load(files.metrics_allow_list)),
+        api=service_policy(allow_lists[files.allow_list]),
+        metrics=service_policy(allow_lists[files.metrics_allow_list]),
     )
 
     def allow_list(resource: str) -> Reload:
-        return lambda path: authorizers.replace(resource, service_policy(AllowList.load(path)))
+        def reload(path: Path) -> None:
+            allow = AllowList.load(path)
+            authorizers.replace(resource, service_policy(allow))
+            allow_lists[path] = allow
+
+        return reload
 
     def to(name: str, url: str, expected: SpiffeId, keepalive: bool = True) -> Downstream:
         assert live.client is not None
@@ -104,6 +115,7 @@ def build(config: ServiceConfig, live: LiveTLS, *, connect: Connect = nativetls.
         downstream=downstream,
         callees=tuple(c for c in (downstream, tokens.connection if tokens else None) if c is not None),
         reloads={files.allow_list: allow_list("api"), files.metrics_allow_list: allow_list("metrics")},
+        allow_lists=allow_lists,
     )
 
 

@@ -90,6 +90,7 @@ def test_revoking_after_a_renewal_refuses_the_stolen_certificate(small_mesh: tup
 
     result = pki(layout, policy_path, "revoke", "client", "--reason", "key-compromise")
     assert "fresh key and certificate in place" in result.stdout and "next:" in result.stdout
+    assert "`make status` shows which services hold the new CRL" in result.stdout
 
     def stolen_refused() -> bool:
         try:
