@@ -48,10 +48,9 @@ from shared.x509 import (
     read_protected,
 )
 
-__all__ = ["BLOCKING", "Finding", "check", "gate"]
+__all__ = ["Finding", "check", "gate"]
 
 Kind = Literal["policy", "permissions", "ca", "crl", "identity", "allow-list"]
-BLOCKING: frozenset[Kind] = frozenset({"policy", "permissions", "ca"})  # no `pki` command repairs these
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,9 @@ class Finding:
     text: str  # what is wrong, naming the file; the fix follows " — " where the rule's own sentence gives it
 
 
-def check(layout: Layout, policy_path: Path) -> list[Finding]:
+def check(layout: Layout, policy_path: Path, *, blocking_only: bool = False) -> list[Finding]:
+    """Everything wrong, in the order of the module's list. `blocking_only`: only what no `pki` command repairs —
+    the policy, permissions, the CA (kinds "policy", "permissions", "ca") — which is also cheap to read."""
     try:
         policy = Policy.load(policy_path)
     except PKIError as e:
@@ -74,14 +75,14 @@ def check(layout: Layout, policy_path: Path) -> list[Finding]:
     if findings:
         return findings  # nothing else is read from files others may have changed
     findings = _authority(layout)
-    if findings:
+    if findings or blocking_only:
         return findings
     return [*_crls(layout), *_identities(layout, policy), *_allow_lists(layout, policy)]
 
 
 def gate(layout: Layout, policy_path: Path) -> None:
     """Before a command writes pki/out: refuse while something is wrong that no command repairs."""
-    if blocking := [f for f in check(layout, policy_path) if f.kind in BLOCKING]:
+    if blocking := check(layout, policy_path, blocking_only=True):
         raise PKIError(
             "nothing was written — fix this first (`python -m pki check` says all that is wrong):\n  "
             + "\n  ".join(f.text for f in blocking)
