@@ -21,7 +21,7 @@ from services.wiring import Service, build
 from shared import tls
 from shared.authz import Admitted
 from shared.inbound import DeclaredBodyLimit, VerifiedPeer
-from shared.observability import Gauge, TraceMiddleware, exposition, trace
+from shared.observability import Gauge, TraceMiddleware, exposition, recent, trace
 from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
 from shared.tokens import UserToken
@@ -138,6 +138,13 @@ def base_app(service: Service) -> FastAPI:
     async def operator_status() -> dict[str, Any]:
         """What this service holds now (services/status.py). Only for the identities in allow/metrics.txt."""
         return service_status(config.name, live, service.allow_lists, service.status)
+
+    @app.get("/decisions", dependencies=[Depends(service.metrics_guard)])
+    async def decisions(after: int = 0) -> dict[str, Any]:
+        """The latest decisions numbered above `after` (shared.observability.decisions), for the identities of
+        allow/metrics.txt only."""
+        entries, last = recent.since(after)
+        return {"service": config.name, "kept": recent.size, "last": last, "decisions": [d.as_dict() for d in entries]}
 
     return app
 

@@ -15,7 +15,7 @@ from fastapi import Request
 
 from shared.authz.rules import Authorizer, Decision
 from shared.inbound.asgi import VerifiedPeer
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.problem import Problem
 from shared.x509.identity import PeerIdentity
 
@@ -104,7 +104,8 @@ class Guard:
 
     def _log(self, caller: PeerIdentity | None, decision: Decision) -> None:
         verdict = "allow" if decision.allowed else "deny"
-        log.info(
+        log.log(
+            logging.INFO if decision.allowed else logging.WARNING,  # a refusal is what an operator looks for
             "authz",
             extra={
                 "resource": self.resource,
@@ -121,3 +122,5 @@ class Guard:
             caller=(caller.spiffe_id or caller.subject) if caller else "none",
             caller_sha256=caller.sha256 if caller else "none",
         )
+        if self.resource == "api" or not decision.allowed:  # the operator's own reads would drown the rest
+            recent.record("allow-list", verdict, decision.reason, decision.code, caller)

@@ -26,7 +26,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[s
 from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
 from shared.inbound.connections import caller_key, connections, peer_address
 from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.tls.live import Recheck
 
 __all__ = ["TLSHttpToolsProtocol", "TLSTermination", "tls_protocol"]
@@ -127,6 +127,7 @@ class TLSTermination:
             reason = getattr(outcome, "verify_message", None) or outcome.reason or str(outcome)
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": str(outcome)})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             raw.close()
         elif (
             isinstance(outcome, BaseException)
@@ -141,6 +142,7 @@ class TLSTermination:
         elif reason := self._no_longer_good(outcome.get_extra_info("ssl_object")):
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "refused by the trust in force"})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             outcome.abort()
         else:
             # Checked and registered in this one callback, on the event loop that also runs the reloads: a

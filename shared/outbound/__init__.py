@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check, refuse_unless, sync_transport
-from shared.outbound.downstream import KEEPALIVE_EXPIRY, MAX_RESPONSE_BYTES, Downstream, explain_transport_error
+from shared.outbound.downstream import (
+    KEEPALIVE_EXPIRY,
+    MAX_RESPONSE_BYTES,
+    Downstream,
+    closed_without_answer,
+    explain_transport_error,
+)
 from shared.outbound.nativetls import NativeTLSBackend, transport
 from shared.outbound.pool import HTTPX_MINOR, on_backend
 
@@ -16,6 +22,7 @@ __all__ = [
     "Downstream",
     "NativeTLSBackend",
     "callee_check",
+    "closed_without_answer",
     "explain_transport_error",
     "on_backend",
     "refuse_unless",

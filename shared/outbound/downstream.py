@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -212,9 +214,14 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
         return f"{server} failed our check that it is {name}: {detail}"
+    if any(isinstance(cause, socket.gaierror) for cause in _causes(error)):
+        host = urlsplit(url).hostname if url else name
+        return f"the name {host} does not resolve (DNS): check it" + (f" in {url}" if url else "")
     if any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error)):
         return f"nothing accepts connections at {url} (is {name} running?)" if url else f"{name} is not reachable"
-    if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
+    if any(marker in text for marker in _NOT_TLS):
+        return f"{server} does not speak TLS (plain HTTP?): is it the right port, and is it {name}?"
+    if closed_without_answer(error):
         # uvicorn (asyncio) refuses a client certificate by closing the connection without a TLS alert; with
         # TLS 1.3 the client only notices on its first read. So "closed without answering" is the signature
         # of a refusal at the TLS layer.
@@ -223,6 +230,21 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
             "(none presented, not signed by a CA it trusts, expired or not yet valid, revoked, or not for client use)"
         )
     return f"{name} could not be called ({type(error).__name__})" if not url else f"{type(error).__name__}: {text}"
+
+
+# What OpenSSL says when the answer to our ClientHello is not TLS at all: a plain HTTP server's "HTTP/1.1 400".
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "PACKET_LENGTH_TOO_LONG")
+
+
+def closed_without_answer(error: httpx.HTTPError) -> bool:
+    """The server took the connection and closed it without an answer: how it refuses a client certificate.
+    Not a failed name lookup, a refused connection, a timeout or a server that is no TLS server."""
+    causes = _causes(error)
+    return (
+        isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError)
+        and not any(isinstance(cause, socket.gaierror | ConnectionRefusedError) for cause in causes)
+        and not any(marker in str(error) for marker in (*_NOT_TLS, "CERTIFICATE_VERIFY_FAILED"))
+    )
 
 
 def _causes(error: BaseException) -> list[BaseException]:

@@ -17,7 +17,7 @@ import logging
 from fastapi import Request
 
 from shared.inbound.asgi import VerifiedPeer
-from shared.observability.metrics import Counter
+from shared.observability import Counter, recent
 from shared.problem import Problem
 from shared.tokens.client import TokenClient
 from shared.tokens.token import TokenRefused, UserToken, check_holder
@@ -83,6 +83,7 @@ class OnBehalfOf:
             },
         )
         token_decisions.inc(decision=verdict, reason=code)
+        recent.record("token", verdict, reason, None if token is None else code, caller)
 
 
 def _bearer(header: str | None) -> str | None:

@@ -86,6 +86,8 @@ def parse_certificates(data: bytes, path: Path, what: str = "certificate") -> li
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
+        if b"PRIVATE KEY-----" in data:  # a .key given for a .crt: saying "regenerate it" would cost them the key
+            raise MaterialError(f"{path}: this is a private key, not a certificate — give its .crt file") from None
         raise MaterialError(f"{path}: {what} is not a PEM certificate — regenerate it with `make pki`") from None
 
 
