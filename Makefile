@@ -111,7 +111,7 @@ bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved; w
 	$(PY) -m bench.bench
 
 renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
-	MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
+	MESH_TEST_FULL=1 MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
 
 soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
