@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call demo walkthrough revoke rotate rotate-ca retire test test-full fuzz lint fmt bench soak flood renew-soak \
+.PHONY: help venv pki pki-force run call status view demo walkthrough revoke rotate rotate-ca retire test test-full fuzz lint fmt bench soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -13,7 +13,11 @@ comma  := ,
 # sslyze, the TLS scanner the tests run against the services, pins an older `cryptography`; it gets a
 # virtualenv of its own so that it never decides the project's versions.
 SSLYZE := .venv-tools/bin/sslyze
-COMPOSE ?= docker compose
+# This checkout's own Docker stack: a project name from its directory (name and a checksum of the path), so
+# that `make pki`, `revoke`, `clean`… run in another checkout never deploy into, or delete the volumes of, this
+# one's mesh. COMPOSE_PROJECT_NAME in the environment (the walkthrough's, a CI's) wins.
+COMPOSE_PROJECT_NAME ?= mtls-mesh-$(shell printf '%s' '$(notdir $(CURDIR))' | tr -c 'a-zA-Z0-9_-' - | tr A-Z a-z)-$(shell printf '%s' '$(CURDIR)' | cksum | cut -d' ' -f1)
+COMPOSE ?= docker compose --project-name $(COMPOSE_PROJECT_NAME)
 # For Docker: the base image (default: the official python:3.11-slim) and an optional CA bundle for
 # builds behind a TLS-inspecting proxy. Both are read from the command line or the environment.
 export PYTHON_IMAGE
@@ -42,14 +46,26 @@ pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps w
 pki-force: $(VENV)/.installed ## throw the CA away (says what: revocations, ledger…) and make a new CA and identities
 	$(PY) -m pki init --force
 
+# In a terminal, the services' logs are for a person (MESH_LOG_FORMAT=text); piped or in a container, JSON lines.
 run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445,8446); Ctrl-C stops all
-	$(PY) -m services.local --ports $(PORTS)
+	@MESH_LOG_FORMAT=$${MESH_LOG_FORMAT:-$$(test -t 1 && echo text || echo json)} exec $(VENV)/bin/mesh-local --ports $(PORTS)
 
-call: $(VENV)/.installed ## call service-a as the client (while `make run` is going)
-	$(PY) -m client https://127.0.0.1:$(firstword $(subst $(comma), ,$(PORTS)))/chain
+call: $(VENV)/.installed ## call service-a as the client (while `make run PORTS=…` is going)
+	$(VENV)/bin/mesh-client https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS)))/chain \
+		--token-url https://127.0.0.1:$(word 4,$(subst $(comma), ,$(PORTS)))
 
-demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop
-	$(PY) -m client.demo
+# PORTS if given; else the Docker mesh's published ports (MESH_PORT_A… as `make up` took them), which default to
+# `make run`'s.
+STATUS_PORTS = $(if $(filter command line environment,$(origin PORTS)),$(PORTS),$(or $(MESH_PORT_A),8443)$(comma)$(or \
+	$(MESH_PORT_B),8444)$(comma)$(or $(MESH_PORT_C),8445)$(comma)$(or $(MESH_PORT_TOKENS),8446))
+status: $(VENV)/.installed ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
+	$(PY) -m cockpit status --ports $(STATUS_PORTS)
+
+view: $(VENV)/.installed ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…): who calls whom, refusals, expiry
+	$(PY) -m view --ports $(STATUS_PORTS)
+
+demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop (PORTS=…)
+	$(PY) -m client.demo --ports $(PORTS)
 
 revoke: $(VENV)/.installed ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
 	@test -n "$(NAME)$(SERIAL)$(CERT)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" \
@@ -158,7 +174,7 @@ up: image ## start the mesh in Docker, wait until healthy, and call it (MESH_REQ
 	@echo "The mesh runs in Docker (make ps, make logs). Try:"
 	@echo "  curl --cacert pki/out/ca.crt --cert pki/out/client.crt --key pki/out/client.key \\"
 	@echo "       --resolve service-b:8444:127.0.0.1 https://service-b:8444/chain     # 403: hop skipped"
-	@echo "  .venv/bin/python -m client --user alice                                 # on behalf of alice"
+	@echo "  .venv/bin/mesh-client --user alice                                      # on behalf of alice"
 	@echo "  make down                                                               # stop it"
 
 down: ## stop the Docker mesh: containers and networks (the PKI stays)

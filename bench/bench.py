@@ -48,16 +48,13 @@ from bench.scaling import allow_list_scaling, crl_scaling
 from bench.sidecar import SidecarPorts, running_sidecars
 from client.__main__ import user_token
 from pki import Policy, init
-from services.app import service_policy
 from services.local import CHAIN, ServiceProcess, chain_environments, free_ports, running, token_environment
-from shared import nativetls, tls
-from shared.allowlist import AllowList
-from shared.authz import authorize_id
-from shared.callee import callee_check
-from shared.certs import load_certificates
-from shared.identity import CallerIdentity
+from services.wiring import service_policy
+from shared import tls
+from shared.authz import AllowList, authorize_id
 from shared.layout import Layout
-from shared.spiffe import SpiffeId
+from shared.outbound import callee_check, nativetls
+from shared.x509 import PeerIdentity, SpiffeId, load_certificates
 
 HERE = Path(__file__).parent
 
@@ -131,7 +128,7 @@ class Variant:
         if self.tls12:
             context.maximum_version = ssl.TLSVersion.TLSv1_2
         limits = httpx.Limits(max_keepalive_connections=0 if self.cold else 20, keepalive_expiry=4)
-        # The same client stack as the services' own calls to the next hop (shared.downstream).
+        # The same client stack as the services' own calls to the next hop (shared.outbound.downstream).
         check = callee_check(authorize_id(SpiffeId("mesh.internal", "/service-a")))
         return httpx.AsyncClient(transport=nativetls.transport(context, limits, check), timeout=10)
 
@@ -205,7 +202,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 def authz_microseconds(layout: Layout) -> float:
     """One authorization decision (leaf + clientAuth + allow-list lookup), as each request pays it."""
     policy = service_policy(AllowList.load(layout.allow_list("service-b")))
-    caller = CallerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     runs = 200_000
     best = min(timeit.repeat(lambda: policy(caller), number=runs, repeat=5))
     return best / runs * 1e6

@@ -39,8 +39,8 @@ import httpx
 from pki import Policy, init, issue_identity
 from services.local import ServiceProcess, chain_environments, free_ports, running
 from shared import tls
+from shared.inbound import raise_open_files_limit
 from shared.layout import Layout
-from shared.limits import raise_open_files_limit
 
 OK_WITHIN = 1.0  # seconds: a call slower than this counts as failed
 # Seconds an attacker's socket waits, after the service closed it, before it connects again (±50 %): the pace

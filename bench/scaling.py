@@ -20,12 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from bench.handshake import bare_handshake_ms
 from pki import load_issuer
-from services.app import service_policy
+from services.wiring import service_policy
 from shared import tls
-from shared.allowlist import AllowList
-from shared.certs import load_certificates
-from shared.identity import CallerIdentity
+from shared.authz import AllowList
 from shared.layout import Layout
+from shared.x509 import PeerIdentity, load_certificates
 
 SIZES = (10, 10_000, 100_000)
 
@@ -72,7 +71,7 @@ def crl_scaling(layout: Layout, scratch: Path) -> dict[str, dict[str, float]]:
 
 
 def allow_list_scaling(layout: Layout, scratch: Path) -> dict[str, dict[str, float]]:
-    caller = CallerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     results = {}
     for size in SIZES:
         path = scratch / f"allow-{size}.txt"

@@ -14,24 +14,22 @@ import asyncio
 import os
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from services.__main__ import run
 from services.config import ServiceConfig
-from shared.certs import load_certificates
-from shared.handshake import tls_protocol
-from shared.identity import CallerIdentity
-from shared.limits import ConnectionLimits, RequestLimits
-from shared.peer import IDENTITY_KEY, expose
+from shared.inbound import IDENTITY_KEY, ConnectionLimits, RequestLimits, expose, tls_protocol
 from shared.tls import LiveTLS
+from shared.x509 import PeerIdentity, load_certificates
 
 
-def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> type[asyncio.Protocol]:
+def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> Callable[..., asyncio.Protocol]:
     """Plain HTTP, with `caller_cert`'s identity in the TLS extension as if a handshake had verified it."""
     leaf = load_certificates(caller_cert)[0]
     pem = caller_cert.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     extension = {"client_cert_chain": [pem], "tls_version": 0, "cipher_suite": 0}
-    extension[IDENTITY_KEY] = CallerIdentity.from_certificate(leaf)
+    extension[IDENTITY_KEY] = PeerIdentity.from_certificate(leaf)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class PlaintextProtocol(RequestLimits, HttpToolsProtocol):
@@ -46,7 +44,7 @@ def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> type[asy
     return PlaintextProtocol
 
 
-def bench_protocol(config: ServiceConfig, live: LiveTLS) -> tuple[type[asyncio.Protocol], str]:
+def bench_protocol(config: ServiceConfig, live: LiveTLS) -> tuple[Callable[..., asyncio.Protocol], str]:
     if os.environ.get("BENCH_TLS_MAX") == "1.2":
         for context in (live.server, live.client):
             if context is not None:

@@ -5,13 +5,15 @@
     python -m client --no-cert                         # no certificate: refused during the handshake
     python -m client --user alice                      # on behalf of alice: a user token, bound to our certificate
 
-Exit status 0 when the call succeeded, 1 when it was refused or failed (the reason is printed).
+Exit status 0 when the call succeeded, 1 when it was refused or failed (the reason is printed), 2 when
+our own files or options are wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import ipaddress
 import json
 import os
@@ -24,21 +26,26 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from cryptography import x509
 
+from pki.revocation import REVOCATION_REASONS
 from shared import tls
 from shared.authz import authorize_id
-from shared.callee import CalleeCheck, callee_check, sync_transport
-from shared.certs import load_certificates
-from shared.downstream import explain_transport_error
-from shared.files import MaterialError
 from shared.layout import DEFAULT_OUT, Layout
-from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
+from shared.outbound import CalleeCheck, callee_check, closed_without_answer, explain_transport_error, sync_transport
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
+from shared.x509 import InvalidSpiffeId, MaterialError, PeerIdentity, SpiffeId, load_certificates, peer_id
 
-# service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere).
+# service-a under `make run`; MESH_CLIENT_URL moves it (`make run PORTS=…` puts A elsewhere and prints the line).
 DEFAULT_URL = os.environ.get("MESH_CLIENT_URL") or "https://127.0.0.1:8443/chain"
 # The token service under `make run`; MESH_TOKEN_URL moves it.
 DEFAULT_TOKEN_URL = os.environ.get("MESH_TOKEN_URL") or "https://127.0.0.1:8446"
+ENVIRONMENT = """environment:
+  MESH_CLIENT_URL   the URL called when none is given (now: {url})
+  MESH_TOKEN_URL    the token service, for --user (now: {token_url})
+  MESH_CLIENT_USER  --user's default
+  MESH_PKI_DIR      --pki-dir's default
+`make run PORTS=…` prints these for the ports it uses."""
 
 
 @dataclass
@@ -63,10 +70,16 @@ def call(
         with httpx.Client(transport=sync_transport(context, check), timeout=timeout) as client:
             response = client.get(url, headers=headers, extensions={"sni_hostname": server_name})
     except httpx.HTTPError as e:
-        return Outcome(False, f"refused before HTTP: {explain_transport_error(e, server_name, timeout, url)}")
+        reason = explain_transport_error(e, server_name, timeout, url)
+        if closed_without_answer(e) and (revoked := own_revocation(material)):
+            reason = f"{server_name} refused our certificate at the TLS layer: {revoked}"
+        return Outcome(False, f"refused before HTTP: {reason}")
     body = problem_body(response)
     if response.status_code == 200:
-        text = hop_table(body["hops"]) if isinstance(body, dict) and "hops" in body else json.dumps(body)
+        if isinstance(body, dict) and "hops" in body:
+            text = hop_table(body["hops"])
+        else:  # /metrics is text (Prometheus's exposition format): printed as it came
+            text = body if isinstance(body, str) else json.dumps(body)
         return Outcome(True, text, 200, body)
     return Outcome(False, explain_problem(response.status_code, body), response.status_code, body)
 
@@ -75,7 +88,7 @@ def user_token(token_url: str, material: tls.TLSMaterial, user: str, audience: s
     """As an edge: ask the token service for a token on behalf of `user`, for `audience`, bound to our
     certificate (the one on this connection). How the edge authenticated its user is out of scope here.
     Raises CannotAct with the token service's reason."""
-    check = callee_check(authorize_id(default_server_id(material, TOKEN_SERVICE)))
+    check = callee_check(authorize_id(default_server_id(TOKEN_SERVICE, material.cert)))
     form = {"grant_type": USER_GRANT, "user": user, "audience": audience}
     try:
         with httpx.Client(transport=sync_transport(tls.client_context(material), check), timeout=timeout) as client:
@@ -87,6 +100,34 @@ def user_token(token_url: str, material: tls.TLSMaterial, user: str, audience: s
         said = f"{body.get('error')}: {body.get('error_description')}" if isinstance(body, dict) else body
         raise CannotAct(f"no user token: {TOKEN_SERVICE} answered {response.status_code}: {said}")
     return str(body["access_token"])
+
+
+def own_revocation(material: tls.TLSMaterial) -> str | None:
+    """Why our own CRL (crl.pem) says our certificate is revoked, as a sentence; None if it does not say so.
+
+    The rule is the services' own (LiveTLS.refusal): the CRL of the CA that issued us, checked as a service
+    checks it. Only the reason and date are read from the CRL entry here.
+    """
+    if material.cert is None or material.crl is None:
+        return None
+    try:
+        live = tls.LiveTLS(material, require_client_cert=False, outgoing=False)
+    except MaterialError:  # our files do not make a consistent set (another CA's certificate, say): no verdict
+        return None
+    ours = live.certificate
+    if ours is None or live.refusal(us := PeerIdentity.from_certificate(ours)) != "certificate revoked":
+        return None
+    entry = next(e for crl in live.crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number)))
+    try:
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        flag = x509.ReasonFlags.unspecified
+    reason = next((name for name, known in REVOCATION_REASONS.items() if known == flag), flag.value)
+    identity = (us.spiffe_id or material.cert.stem).rsplit("/", 1)[-1]
+    return (
+        f"your certificate {material.cert} (serial {ours.serial_number:x}) is revoked (reason {reason}, since "
+        f"{entry.revocation_date_utc:%Y-%m-%d %H:%M}Z) — use a new one (`make rotate NAME={identity}` issues it)"
+    )
 
 
 class CannotAct(Exception):
@@ -200,13 +241,16 @@ def hop_table(hops: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def default_server_id(material: tls.TLSMaterial, server_name: str) -> SpiffeId:
-    """spiffe://<our own trust domain>/<server name>; mesh.internal when our certificate names no domain."""
-    trust_domain = "mesh.internal"
-    if material.cert is not None:
-        with contextlib.suppress(MaterialError, InvalidSvid):
-            trust_domain = svid_id(load_certificates(material.cert)[0]).trust_domain
-    return SpiffeId(trust_domain, f"/{server_name}")
+def default_server_id(server_name: str, *certificates: Path | None) -> SpiffeId:
+    """spiffe://<our own trust domain>/<server name>, the trust domain read from the first of `certificates` that
+    carries a SPIFFE ID: the one we present, then (when we present none, or a foreign one: an experiment) the
+    client's own in the mesh's files. None of them: MaterialError, never a trust domain made up."""
+    for path in certificates:
+        if path is not None and path.exists():
+            with contextlib.suppress(MaterialError):
+                return peer_id(load_certificates(path)[0], path, server_name)
+    last = next((path for path in reversed(certificates) if path is not None), None)
+    return peer_id(None, last, server_name, "or give the server's SPIFFE ID with --server-id")
 
 
 def default_server_name(url: str) -> str:
@@ -221,9 +265,13 @@ def default_server_name(url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m client",
+        description=__doc__,
+        epilog=ENVIRONMENT.format(url=DEFAULT_URL, token_url=DEFAULT_TOKEN_URL),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default: {DEFAULT_URL}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default: {DEFAULT_URL} (MESH_CLIENT_URL)")
     parser.add_argument(
         "--server-name",
         help="the identity the server must prove (TLS server name; its certificate must carry it as a DNS SAN). "
@@ -253,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "--print-token", action="store_true", help="with --user: print the user token and stop (to read or reuse it)"
     )
     parser.add_argument(
-        "--token-url", default=DEFAULT_TOKEN_URL, help=f"the token service (default: {DEFAULT_TOKEN_URL})"
+        "--token-url",
+        default=DEFAULT_TOKEN_URL,
+        help=f"the token service (default: {DEFAULT_TOKEN_URL}, MESH_TOKEN_URL)",
     )
     parser.add_argument("--json", action="store_true", help="print the response body as JSON")
     parser.add_argument("--load", type=int, metavar="N", help="send N requests (keep-alive) and count failures")
@@ -262,6 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         "--during", metavar="COMMAND", help="with --load: run COMMAND meanwhile; keep the load on until it ends"
     )
     args = parser.parse_args(argv)
+    for option, url in (("url", args.url), ("--token-url", args.token_url)):
+        if urlsplit(url).scheme != "https":
+            # httpx would send it in the clear, with no certificate on either side: not a call of this mesh.
+            print(f"client: {option} {url}: not an https:// URL — the mesh speaks mutual TLS only", file=sys.stderr)
+            return 2
+    # A file named on the command line is the user's: `make pki` would not create it.
+    for option, path in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca), ("--crl", args.crl)):
+        if path is not None and not path.exists():
+            print(f"client: {option} {path}: no such file — check the path", file=sys.stderr)
+            return 2
 
     layout = Layout(args.pki_dir)
     material = tls.TLSMaterial(
@@ -272,9 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_name = args.server_name or default_server_name(args.url)
     try:
-        expected = SpiffeId.parse(args.server_id) if args.server_id else default_server_id(material, server_name)
+        expected = (
+            SpiffeId.parse(args.server_id)
+            if args.server_id
+            else default_server_id(server_name, material.cert, layout.cert("client"))
+        )
     except InvalidSpiffeId as e:
         print(f"client: --server-id {args.server_id}: {e}", file=sys.stderr)
+        return 2
+    except MaterialError as e:
+        print(f"client: {e}", file=sys.stderr)
         return 2
     check = callee_check(authorize_id(expected))
     try:

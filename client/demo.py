@@ -7,6 +7,8 @@ the way the story says it must.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -14,10 +16,10 @@ from pathlib import Path
 
 from client.__main__ import call, default_server_id
 from pki import Policy, init, load_issuer, self_signed
-from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, chain_environments, running
+from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, busy_ports, chain_environments, parse_ports, running
 from shared.authz import authorize_id
-from shared.callee import callee_check
 from shared.layout import Layout
+from shared.outbound import callee_check
 from shared.tls import TLSMaterial
 
 
@@ -32,7 +34,26 @@ class Scene:
     cli: str
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    parser.add_argument(
+        "--ports",
+        default=",".join(map(str, DEFAULT_PORTS)),
+        help="ports of A,B,C and the token service, as for `make run` (default: 8443,8444,8445,8446)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        ports = parse_ports(args.ports)
+    except ValueError as e:
+        parser.error(f"--ports {e}")
+    if busy := busy_ports(ports[:3]):
+        print(
+            f"demo: 127.0.0.1:{busy[0]} is already in use (`make run`?) — stop it, or choose free ports: "
+            "make demo PORTS=9443,9444,9445,9446",
+            file=sys.stderr,
+        )
+        return 1
     layout = Layout()
     created = init(layout)
     print(f"PKI: {'created ' + ', '.join(created) if created else 'kept the existing one'} in {layout.out}/\n")
@@ -44,7 +65,7 @@ def main() -> int:
             .write(Path(scratch))
         )
         forged_cert, forged_key = self_signed("service-a", dns=["service-a"]).write(Path(scratch), "self-signed")
-        a, b, c, _ = DEFAULT_PORTS
+        a, b, c, _ = ports
         client = (layout.cert("client"), layout.key("client"))
         scenes = [
             Scene(
@@ -53,7 +74,7 @@ def main() -> int:
                 "service-a",
                 *client,
                 "ok",
-                "python -m client",
+                f"mesh-client https://127.0.0.1:{a}/chain",
             ),
             Scene(
                 "no client certificate at all",
@@ -62,7 +83,7 @@ def main() -> int:
                 None,
                 None,
                 "refused before HTTP",
-                "python -m client --no-cert",
+                f"mesh-client https://127.0.0.1:{a}/chain --no-cert",
             ),
             Scene(
                 "the client skips a hop and calls service-b directly",
@@ -70,7 +91,7 @@ def main() -> int:
                 "service-b",
                 *client,
                 "403 from service-b",
-                f"python -m client https://127.0.0.1:{b}/chain --server-name service-b",
+                f"mesh-client https://127.0.0.1:{b}/chain --server-name service-b",
             ),
             Scene(
                 "the client calls service-c directly",
@@ -78,7 +99,7 @@ def main() -> int:
                 "service-c",
                 *client,
                 "403 from service-c",
-                f"python -m client https://127.0.0.1:{c}/chain --server-name service-c",
+                f"mesh-client https://127.0.0.1:{c}/chain --server-name service-c",
             ),
             Scene(
                 "a new identity, issued by our own CA, on no allow-list",
@@ -87,8 +108,8 @@ def main() -> int:
                 stranger_cert,
                 stranger_key,
                 "403 from service-a",
-                "python -m pki issue stranger --client-only && python -m client --cert pki/out/stranger.crt "
-                "--key pki/out/stranger.key",
+                "mesh-pki issue stranger --client-only && "
+                f"mesh-client https://127.0.0.1:{a}/chain --cert pki/out/stranger.crt --key pki/out/stranger.key",
             ),
             Scene(
                 "a self-signed certificate claiming to be service-a",
@@ -97,20 +118,19 @@ def main() -> int:
                 forged_cert,
                 forged_key,
                 "refused before HTTP",
-                "python -m client --cert self-signed.crt --key self-signed.key",
+                f"mesh-client https://127.0.0.1:{a}/chain --cert self-signed.crt --key self-signed.key",
             ),
         ]
         processes = [
             ServiceProcess(env, Path(scratch) / f"{env['MESH_NAME']}.log")
-            for env in chain_environments(DEFAULT_PORTS[:3], layout.out)
+            for env in chain_environments(ports[:3], layout.out)
         ]
         try:
             with running(processes):
-                print(f"mesh up: {' → '.join(f'{n} :{p}' for n, p in zip(CHAIN, DEFAULT_PORTS[:3], strict=True))}\n")
+                print(f"mesh up: {' → '.join(f'{n} :{p}' for n, p in zip(CHAIN, ports[:3], strict=True))}\n")
                 failures = sum(not play(scene, layout) for scene in scenes)
         except RuntimeError as e:
             print(f"demo: could not start the mesh: {e}", file=sys.stderr)
-            print("demo: is `make run` already using ports 8443-8445? Stop it first.", file=sys.stderr)
             return 1
     print("mesh stopped.")
     if failures:
@@ -123,7 +143,7 @@ def main() -> int:
 def play(scene: Scene, layout: Layout) -> bool:
     print(f"▶ {scene.title}\n  $ {scene.cli}")
     material = TLSMaterial(ca=layout.ca_cert, cert=scene.cert, key=scene.key, crl=layout.crl)
-    check = callee_check(authorize_id(default_server_id(material, scene.server_name)))
+    check = callee_check(authorize_id(default_server_id(scene.server_name, scene.cert, layout.cert("client"))))
     outcome = call(f"https://127.0.0.1:{scene.port}/chain", scene.server_name, material, check)
     print("  " + outcome.text.replace("\n", "\n  ") + "\n")
     return outcome.ok if scene.expect == "ok" else (not outcome.ok and outcome.text.startswith(scene.expect))

@@ -21,7 +21,7 @@ One module per task:
     deploy       each container's own material, for Docker
     output       atomic, permission-safe writes
 
-Reading certificates, keys and CRLs, thumbprints and SANs is `shared.certs`'s: the services read through
+Reading certificates, keys and CRLs, thumbprints and SANs is `shared.x509.certs`'s: the services read through
 it too, and never import this package. Where the files live is `shared.layout.Layout`.
 """
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from pki.output import write_file
 from pki.policy import Policy
-from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
+from shared.x509 import load_certificates, thumbprint
 
-__all__ = ["render_allow_lists", "render_token_policy"]
+__all__ = ["expected_allow_lists", "render_allow_lists", "render_token_policy"]
 
 
 def render_allow_lists(layout: Layout, policy: Policy) -> None:
@@ -38,6 +38,30 @@ def render_token_policy(layout: Layout, policy: Policy) -> None:
     write_file(layout.tokens_policy, (json.dumps(document, indent=2) + "\n").encode())
 
 
+def expected_allow_lists(layout: Layout, policy: Policy) -> dict[str, list[tuple[str, str]]]:
+    """What the policy says each allow-list file (by name: `service-a.txt`, `metrics.txt`) holds now: its
+    (value, comment) lines. `make pki` writes exactly these; `pki check` and `cockpit status` compare to them."""
+    lists = {layout.allow_list(callee).name: policy.allow.get(callee, ()) for callee in policy.services}
+    lists[layout.metrics_allow_list.name] = policy.metrics
+    return {name: _entries(layout, policy, callers) for name, callers in lists.items()}
+
+
+def _entries(layout: Layout, policy: Policy, callers: Iterable[str]) -> list[tuple[str, str]]:
+    if policy.authorize_by == "spiffe-id":
+        return [(policy.spiffe_id(caller), caller) for caller in callers]
+    entries = []
+    for caller in callers:
+        for cert, note in [
+            (layout.cert(caller), ""),
+            (layout.next_cert(caller), " (next: rotation under way)"),
+            (layout.previous_cert(caller), " (previous: until `pki retire`)"),
+        ]:
+            if cert.exists():
+                leaf = load_certificates(cert)[0]
+                entries.append((thumbprint(leaf), f"{caller} {policy.spiffe_id(caller)}{note}"))
+    return entries
+
+
 def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: Iterable[str]) -> None:
     lines = [
         f"# {header}",
@@ -49,16 +73,5 @@ def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: It
         lines[2] = (
             "# Format: one SPIFFE ID (any valid certificate of ours for that name) or SHA-256 thumbprint per line;"
         )
-        lines += [f"{policy.spiffe_id(caller)}  # {caller}" for caller in callers]
-        write_file(path, ("\n".join(lines) + "\n").encode())
-        return
-    for caller in callers:
-        for cert, note in [
-            (layout.cert(caller), ""),
-            (layout.next_cert(caller), " (next: rotation under way)"),
-            (layout.previous_cert(caller), " (previous: until `pki retire`)"),
-        ]:
-            if cert.exists():
-                leaf = load_certificates(cert)[0]
-                lines.append(f"{thumbprint(leaf)}  # {caller} {policy.spiffe_id(caller)}{note}")
+    lines += [f"{value}  # {comment}" for value, comment in _entries(layout, policy, callers)]
     write_file(path, ("\n".join(lines) + "\n").encode())

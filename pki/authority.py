@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pki.output import write_file
-from shared.certs import EKU_OIDS, KeyType, PrivateKey, load_certificates, load_key, thumbprint
-from shared.certs import key_type as key_type_of
 from shared.layout import Layout
+from shared.x509 import EKU_OIDS, KeyType, PrivateKey, load_certificates, load_key, thumbprint
+from shared.x509 import key_type as key_type_of
 
 __all__ = [
     "CertificateAuthority",

@@ -24,8 +24,8 @@ from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer,
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
-from shared.certs import KeyType, load_certificates, subject_alt_names
 from shared.layout import Layout
+from shared.x509 import KeyType, load_certificates, subject_alt_names
 
 __all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_san", "service_sans"]
 
@@ -75,7 +75,7 @@ def init(
     """
     policy = policy or Policy.load()
     created: list[str] = []
-    if force or _no_ca(layout):
+    if force or no_ca(layout):
         # A new CA: nothing of the old one may linger — not its rotation leftovers (they would stay listed),
         # not its revocations and ledger (its serials mean nothing to the new intermediate), not its CRL.
         for leftover in (layout.out / "next", layout.out / "previous", layout.rollover):
@@ -106,7 +106,7 @@ def _ca_files(layout: Layout) -> list[Path]:
     return [layout.ca_cert, layout.ca_key, layout.intermediate_cert, layout.intermediate_key]
 
 
-def _no_ca(layout: Layout) -> bool:
+def no_ca(layout: Layout) -> bool:
     """True when there is no CA at all and nothing that belonged to one; refuses (PKIError) half of one."""
     present = [path for path in _ca_files(layout) if path.exists()]
     if present and len(present) < len(_ca_files(layout)):

@@ -23,9 +23,8 @@ from cryptography import x509
 
 from pki.authority import PKIError, now
 from pki.output import write_file
-from shared.certs import load_certificates, thumbprint
-from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.x509 import PeerIdentity, load_certificates, thumbprint
 
 __all__ = ["Issued", "entries", "find", "issuer_key_id", "record", "unexpired"]
 
@@ -55,7 +54,7 @@ class Issued:
             serial=f"{cert.serial_number:x}",
             name=name,
             sha256=thumbprint(cert),
-            spiffe_id=CallerIdentity.from_certificate(cert).spiffe_id,
+            spiffe_id=PeerIdentity.from_certificate(cert).spiffe_id,
             not_after=cert.not_valid_after_utc.isoformat(),
             issuer_key_id=issuer_key_id(cert),
         )

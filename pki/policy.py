@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 import tomllib
@@ -11,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pki.authority import PKIError
-from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.tokens import TOKEN_SERVICE
+from shared.x509 import InvalidSpiffeId, SpiffeId
 
 __all__ = ["POLICY_FILE", "Policy", "check_identity_name"]
 
@@ -55,6 +56,65 @@ def _loopback_sans(value: object) -> bool:
     raise ValueError(f"loopback_sans = {value!r} (or MESH_LOOPBACK_SANS): write true or false")
 
 
+# Every key the policy may have, by table; anything else is a mistake (a misspelled key would be ignored).
+KEYS: dict[str, tuple[str, ...]] = {
+    "": (
+        "trust_domain",
+        "authorize_by",
+        "leaf_lifetime",
+        "crl_lifetime",
+        "loopback_sans",
+        "services",
+        "clients",
+        "metrics",
+        "allow",
+        "tokens",
+    ),
+    "tokens": ("edges", "lifetime", "users"),
+}
+
+
+def _refuse_unknown_keys(path: Path, text: str, data: dict[str, Any]) -> None:
+    for table, known in KEYS.items():
+        keys = data.get(table, {}) if table else data
+        for key in keys if isinstance(keys, dict) else ():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"the keys here are {', '.join(known)}"
+                where = f"[{table}] " if table else ""
+                raise PKIError(f"{path}:{_line_of(text, key, table)}: unknown {where}key `{key}` — {hint}")
+
+
+def _line_of(text: str, key: str, table: str) -> int | str:
+    """The line that sets `key` in `[table]` ("": before any table), or that opens it as `[table.key]`."""
+    current, dotted = "", f"{table}.{key}" if table else key
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if header := re.fullmatch(r"\[\s*([^\]]+?)\s*\]", stripped):
+            current = header.group(1)
+            if current == dotted:
+                return number
+        elif current == table and re.match(rf'"?{re.escape(key)}"?\s*[=.]', stripped):
+            return number
+    return "?"
+
+
+def _toml_error_line(error: tomllib.TOMLDecodeError, text: str) -> int | str:
+    """The line to look at. tomllib names where it noticed: for an unfinished statement (a list not closed, a
+    missing value) that is the start of the next line, one past the mistake — then name the last line with
+    something on it before."""
+    match = re.search(r"at line (\d+), column (\d+)", str(error))
+    if not match:
+        return "?"
+    line, column = int(match.group(1)), int(match.group(2))
+    if column == 1 and line > 1:
+        lines = text.split("\n")
+        for number in range(line - 1, 0, -1):
+            if lines[number - 1].strip() and not lines[number - 1].strip().startswith("#"):
+                return number
+    return line
+
+
 def check_identity_name(name: str) -> None:
     if name in RESERVED_NAMES or not IDENTITY_NAME.fullmatch(name):
         raise PKIError(
@@ -89,7 +149,16 @@ class Policy:
     @classmethod
     def load(cls, path: Path = POLICY_FILE) -> Policy:
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
+        except FileNotFoundError:
+            raise PKIError(f"{path}: no such policy file") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            said = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+            raise PKIError(f"{path}:{_toml_error_line(e, text)}: {said} — not valid TOML") from None
+        _refuse_unknown_keys(path, text, data)
+        try:
             tokens = data.get("tokens", {})
             policy = cls(
                 trust_domain=data["trust_domain"],
@@ -105,9 +174,7 @@ class Policy:
                 crl_lifetime=parse_duration(data.get("crl_lifetime", "30d"), "crl_lifetime"),
                 loopback_sans=_loopback_sans(data.get("loopback_sans", True)),
             )
-        except FileNotFoundError:
-            raise PKIError(f"{path}: no such policy file") from None
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as e:
             raise PKIError(f"{path}: not a valid policy ({type(e).__name__}: {e}); see pki/policy.toml") from None
         if policy.crl_lifetime < MIN_CRL_LIFETIME:
             raise PKIError(

@@ -32,8 +32,8 @@ from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
-from shared.certs import crl_blocks, load_certificates
 from shared.layout import Layout
+from shared.x509 import crl_blocks, load_certificates
 
 __all__ = ["RENEW_AT", "Renewer", "due"]
 
@@ -48,14 +48,20 @@ def due(layout: Layout, policy: Policy, at: dt.datetime | None = None) -> list[s
     at = at or now()
     names = []
     for name in [*policy.services, *policy.clients]:
-        if layout.cert(name).exists() and at >= _renewal_time(load_certificates(layout.cert(name))[0]):
+        if layout.cert(name).exists() and at >= renewal_time(load_certificates(layout.cert(name))[0]):
             names.append(name)
     return names
 
 
-def _renewal_time(cert: x509.Certificate) -> dt.datetime:
-    issued = cert.not_valid_before_utc + CLOCK_SKEW  # certificates are back-dated by the clock skew
-    return issued + (cert.not_valid_after_utc - issued) * RENEW_AT
+def renewal_time(cert: x509.Certificate) -> dt.datetime:
+    return renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def renewal_due(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When the renewer replaces a certificate valid from `not_before` to `not_after` (also `cockpit status`'s
+    rule for "renewal due" and "renewal overdue")."""
+    issued = not_before + CLOCK_SKEW  # certificates are back-dated by the clock skew
+    return issued + (not_after - issued) * RENEW_AT
 
 
 class Renewer:

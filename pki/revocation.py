@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from pki import ledger
 from pki.authority import CLOCK_SKEW, CertificateAuthority, PKIError, load_issuer, now
 from pki.output import write_file
-from shared.certs import crl_blocks, crl_number, load_certificates, load_crl, thumbprint
-from shared.files import MaterialError
 from shared.layout import Layout
+from shared.x509 import MaterialError, crl_blocks, crl_number, load_certificates, load_crl, thumbprint
 
 __all__ = [
     "CRL_VALIDITY",

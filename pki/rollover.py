@@ -40,9 +40,9 @@ from pki.policy import Policy
 from pki.renewal import Renewer
 from pki.revocation import first_crl, write_crl
 from pki.rotation import ROTATION_GRACE
-from shared.certs import crl_blocks, load_certificates, thumbprint
 from shared.layout import Layout
 from shared.tls import TLSMaterial, client_context
+from shared.x509 import crl_blocks, load_certificates, thumbprint
 
 __all__ = ["RollOver"]
 

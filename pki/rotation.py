@@ -21,8 +21,8 @@ from pki.identities import SAN_KINDS
 from pki.output import write_file
 from pki.policy import Policy
 from pki.revocation import revoke_certificate
-from shared.certs import extended_key_usages, key_type, load_certificates, subject_alt_names
 from shared.layout import Layout
+from shared.x509 import extended_key_usages, key_type, load_certificates, subject_alt_names
 
 __all__ = ["ROTATION_GRACE", "replace_now", "retire", "rotate_begin", "rotate_finish"]
 

@@ -6,11 +6,15 @@ CA, CRL or allow-list is missing or malformed: a service that cannot check its c
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import logging
+import os
 import resource
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,14 +22,14 @@ from pydantic import ValidationError
 
 from services.app import create_app
 from services.config import ServiceConfig
-from shared import log, tls
-from shared.files import MaterialError
-from shared.handshake import tls_protocol
-from shared.limits import raise_open_files_limit
+from shared import tls
+from shared.inbound import raise_open_files_limit, tls_protocol
+from shared.observability import log
+from shared.x509 import MaterialError
 
 AppFactory = Callable[[ServiceConfig, tls.LiveTLS], FastAPI]
 
-# Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.downstream.KEEPALIVE_EXPIRY.
+# Above uvicorn's own keep-alive timeout (5 s) is never useful: see shared.outbound.KEEPALIVE_EXPIRY.
 KEEP_ALIVE_SECONDS = 5
 
 
@@ -52,11 +56,47 @@ def load_config() -> ServiceConfig:
     try:
         return ServiceConfig()  # type: ignore[call-arg]
     except ValidationError as e:
-        problems = "; ".join(f"MESH_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
-        raise CannotStart(f"service: cannot start: {problems}") from None
+        problems = "; ".join(map(_problem, e.errors()))
+        raise CannotStart(f"service: cannot start: {problems} (`python -m services --help` lists them all)") from None
 
 
-def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol], scheme: str = "https") -> None:
+def _problem(error: Any) -> str:
+    """One configuration problem as a sentence: which variable, what it holds, what it should hold."""
+    if not error["loc"]:  # a rule about several settings together: its message names them
+        return str(error["msg"]).removeprefix("Value error, ")
+    variable = f"MESH_{'_'.join(map(str, error['loc'])).upper()}"
+    if error["type"] == "missing":
+        return f"{variable} is not set" + (" (which service is this? e.g. service-a)" * (variable == "MESH_NAME"))
+    expected = {"int_parsing": "a whole number", "float_parsing": "a number", "bool_parsing": "true or false"}
+    return f"{variable}={os.environ.get(variable, '')!r} is not {expected.get(error['type']) or error['msg']}"
+
+
+def parse_arguments(argv: list[str] | None = None) -> None:
+    """No options but --help and --version: a service is configured by its environment, listed by --help."""
+    settings = "\n".join(
+        f"  MESH_{name.upper():<30} {'(required)' if field.is_required() else 'default: ' + _default(field)}"
+        for name, field in ServiceConfig.model_fields.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m services",
+        description=f"{__doc__}\nSettings, from the environment (README.md, Configuration, says what each does):\n"
+        f"{settings}\n\nExample: MESH_NAME=service-c MESH_PORT=8445 python -m services",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    parser.parse_args(argv)
+
+
+def _default(field: Any) -> str:
+    if field.default_factory is not None:
+        return "computed at start"
+    return "none" if field.default is None else str(field.default)
+
+
+Protocol = Callable[..., asyncio.Protocol]  # a protocol class, or what makes one per connection (tls_protocol)
+
+
+def serve(config: ServiceConfig, app: FastAPI, protocol: Protocol, scheme: str = "https") -> None:
     logging.getLogger("mesh").info(
         "starting",
         extra={
@@ -70,7 +110,7 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
             "max_handshakes": config.max_handshakes,
         },
     )
-    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.handshake), so
+    # uvicorn gets no SSL settings: our protocol class terminates TLS itself (see shared.inbound.handshake), so
     # uvicorn would announce "http://"; our "starting" line above says what really listens.
     logging.getLogger("uvicorn.error").addFilter(lambda record: "Uvicorn running on" not in record.getMessage())
     uvicorn.run(
@@ -81,19 +121,20 @@ def serve(config: ServiceConfig, app: FastAPI, protocol: type[asyncio.Protocol],
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         h11_max_incomplete_event_size=config.max_header_bytes,
         backlog=config.listen_backlog,
-        ws="none",  # no route speaks WebSocket; shared.limits refuses every upgrade before uvicorn sees it
+        ws="none",  # no route speaks WebSocket; shared.inbound.limits refuses every upgrade before uvicorn sees it
         log_config=None,  # keep log.configure's JSON lines
         server_header=False,
     )
 
 
 def run(
-    protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[type[asyncio.Protocol], str]],
+    protocol_for: Callable[[ServiceConfig, tls.LiveTLS], tuple[Protocol, str]],
     create: AppFactory = create_app,
 ) -> int:
     """Configure, check and serve; `protocol_for` picks the HTTP protocol class and the scheme it speaks."""
     # Before the configuration, whose default max_connections is half of this limit. Under systemd or a
     # shell the soft limit is often 1,024 while the hard one is far higher: the flood would find the lower.
+    parse_arguments()
     raise_open_files_limit()
     try:
         config = load_config()

@@ -1,14 +1,14 @@
 """The service: one FastAPI app, three configurations. A, B and C differ only in their `ServiceConfig`.
 
-`base_app` is what every service of the mesh shares with the token service (services/token_service.py).
+The parts are built in services.wiring; here they get their routes. `base_app` is what every service of the
+mesh shares with the token service (services/token_service.py).
 """
 
 import asyncio
 import datetime as dt
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -16,121 +16,48 @@ from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
 from services.reloader import CrlFreshness, Reloader
-from shared import tls, trace
-from shared.allowlist import AllowList
-from shared.authz import Authorizer, authorize_all, authorize_client_leaf, authorize_listed
-from shared.downstream import Downstream
-from shared.files import MaterialError
-from shared.guard import Guard
-from shared.identity import CallerIdentity
-from shared.limits import DeclaredBodyLimit
-from shared.metrics import Gauge, exposition
-from shared.onbehalf import OnBehalfOf
-from shared.peer import VerifiedPeer
+from services.status import service_status
+from services.wiring import Service, build
+from shared import tls
+from shared.authz import Admitted
+from shared.inbound import DeclaredBodyLimit, VerifiedPeer
+from shared.observability import Gauge, TraceMiddleware, exposition, recent, trace
 from shared.problem import EXCEPTION_HANDLERS
 from shared.reload import Watcher
-from shared.spiffe import InvalidSpiffeId, SpiffeId
-from shared.token_client import TokenClient
 from shared.tokens import UserToken
-from shared.trace import TraceMiddleware
-
-# The decision codes of shared.authz, as the hop table says them.
-ADMITTED_BY = {"listed": "thumbprint", "listed_spiffe_id": "spiffe-id"}
-
-
-def service_policy(allow_list: AllowList) -> Authorizer:
-    """Who may call a service: a leaf certificate for client use whose thumbprint is on its allow-list."""
-    return authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
-
-
-def downstream_id(config: ServiceConfig, live: tls.LiveTLS) -> SpiffeId:
-    """The SPIFFE ID the next hop must present: MESH_DOWNSTREAM_ID, or our own trust domain + its name."""
-    if config.downstream_id:
-        try:
-            return SpiffeId.parse(config.downstream_id)
-        except InvalidSpiffeId as e:
-            raise MaterialError(f"MESH_DOWNSTREAM_ID={config.downstream_id!r} is not a SPIFFE ID: {e}") from None
-    return peer_id(config, live, str(config.downstream_name), "or set MESH_DOWNSTREAM_ID")
-
-
-def peer_id(config: ServiceConfig, live: tls.LiveTLS, name: str, or_else: str = "") -> SpiffeId:
-    """spiffe://<our own trust domain>/<name>: the SPIFFE ID a peer of ours called `name` presents."""
-    return SpiffeId(own_id(config, live, f"the SPIFFE ID {name} must present", or_else).trust_domain, f"/{name}")
-
-
-def own_id(config: ServiceConfig, live: tls.LiveTLS, needed_for: str, or_else: str = "") -> SpiffeId:
-    """This service's SPIFFE ID, read from the certificate in force; MaterialError naming what needed it."""
-    own = CallerIdentity.from_certificate(live.certificate) if live.certificate else None
-    if own is None or own.spiffe_id is None:
-        problem = own.svid_problem if own else "no certificate"
-        raise MaterialError(
-            f"{config.files.cert}: {needed_for} comes from this service's own SPIFFE ID, and its certificate has "
-            f"none ({problem}) — issue it one with `make pki`{f', {or_else}' if or_else else ''}"
-        )
-    return SpiffeId.parse(own.spiffe_id)
 
 
 def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
-    """Build the app, failing fast (before anything listens) if an allow-list is bad.
+    """The app of service A, B or C, failing fast (before anything listens) if an allow-list or identity is bad.
 
     `live` holds the TLS contexts, already checked: the server's (given to uvicorn) and the outgoing one.
     """
-    files = config.files
-    guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
-    Caller = Annotated[CallerIdentity, Depends(guard)]
-    expected_callee = downstream_id(config, live) if config.downstream_name else None
-    token_service_id = peer_id(config, live, config.token_service_name) if config.token_service_url else None
-    on_behalf = OnBehalfOf(config.name, None, config.require_user_token)  # its TokenClient comes with the start
+    return mesh_app(build(config, live))
+
+
+def mesh_app(service: Service) -> FastAPI:
+    """The routes of a service of the chain, over the parts `build` made."""
+    config, guard, on_behalf = service.config, service.guard, service.on_behalf
+    Caller = Annotated[Admitted, Depends(guard)]
     User = Annotated[UserToken | None, Depends(on_behalf)]
-
-    def start(app: FastAPI) -> list[Downstream]:
-        """The connections this service makes, once its event loop runs: to the next hop, to the token service."""
-        callees = []
-        app.state.downstream = None
-        if config.downstream_url and config.downstream_name and live.client is not None:
-            app.state.downstream = Downstream(
-                config.name,
-                config.downstream_name,
-                config.downstream_url,
-                live.client,
-                config.downstream_timeout,
-                config.downstream_keepalive,
-                expected_callee,
-                recheck=live.recheck,
-            )
-            callees.append(app.state.downstream)
-        if config.token_service_url and token_service_id and live.client is not None:
-            to_tokens = Downstream(
-                config.name,
-                config.token_service_name,
-                config.token_service_url,
-                live.client,
-                config.downstream_timeout,
-                expected_id=token_service_id,
-                recheck=live.recheck,
-            )
-            on_behalf.tokens = TokenClient(to_tokens, str(token_service_id), lambda: live.generation)
-            callees.append(to_tokens)
-        return callees
-
-    app = base_app(config, live, {files.allow_list: guard}, start)
+    app = base_app(service)
     # Every route here is allow-listed, then has its user token checked (required or not, a token sent is checked).
     mesh = APIRouter(dependencies=[Depends(guard), Depends(on_behalf)])
 
     @mesh.get("/chain")
-    async def chain(request: Request, caller: Caller, user: User) -> dict[str, Any]:
+    async def chain(request: Request, admitted: Caller, user: User) -> dict[str, Any]:
         """This hop — who called us, over what, on whose behalf — followed by the hops of everyone downstream."""
         span = trace.current.get()
         peer = VerifiedPeer.of(request.scope)
         hop = {
             "service": config.name,
-            "caller": caller.summary(),
-            "admitted_by": ADMITTED_BY.get(request.state.admitted_by, request.state.admitted_by),
+            "caller": admitted.caller.summary(),
+            "admitted_by": admitted.by,
             "tls": {"version": peer.tls_version, "cipher": peer.cipher},
             "on_behalf_of": user.summary() if user else None,
             "trace_id": span.trace_id if span else None,
         }
-        downstream: Downstream | None = request.app.state.downstream
+        downstream = service.downstream
         if downstream is None:
             return {"hops": [hop]}
         headers = {}
@@ -146,37 +73,18 @@ def create_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     return app
 
 
-def base_app(
-    config: ServiceConfig,
-    live: tls.LiveTLS,
-    guards: dict[Path, Guard],
-    start: Callable[[FastAPI], list[Downstream]],
-    on_change: Callable[[set[Path]], None] | None = None,
-    watch: tuple[Path, ...] = (),
-) -> FastAPI:
+def base_app(service: Service) -> FastAPI:
     """What every service of the mesh has, the token service included: error documents, trace ids, a body
-    limit, /healthz, /metrics for the identities of allow/metrics.txt, the gauges, and the live reload of its
-    TLS material and of the allow-lists in `guards` (plus `watch`, handed to `on_change`).
-
-    `start(app)` runs once the event loop does, and returns the connections the service makes (closed at the
-    end, renewed when the TLS material changes).
-    """
-    metrics_guard = Guard(config.name, service_policy(AllowList.load(config.files.metrics_allow_list)), "metrics")
-    guards = {**guards, config.files.metrics_allow_list: metrics_guard}
+    limit, /healthz, /metrics and /status for the identities of allow/metrics.txt, the gauges, and the live reload
+    of its TLS material and of every file in `service.reloads`. The connections it makes are closed at the end."""
+    config, live = service.config, service.live
     freshness = CrlFreshness(live)
     _gauges(live, freshness)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        callees = start(app)
-        reloader = Reloader(live, guards, service_policy, callees)
-
-        def changed(paths: set[Path]) -> None:
-            reloader(paths)
-            if on_change is not None and paths & set(watch):
-                on_change(paths & set(watch))
-
-        watcher = Watcher([*live.material.files(), *guards, *watch], changed, config.reload_interval)
+        reloader = Reloader(live, service.reloads, service.callees)
+        watcher = Watcher([*live.material.files(), *service.reloads], reloader, config.reload_interval)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
@@ -185,7 +93,7 @@ def base_app(
         watching.cancel()
         checking.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
-        for callee in callees:
+        for callee in service.callees:
             await callee.aclose()
 
     # No /docs or /openapi.json: every route is either guarded or deliberately open, nothing in between.
@@ -221,10 +129,22 @@ def base_app(
             else None,
         }
 
-    @app.get("/metrics", dependencies=[Depends(metrics_guard)])
+    @app.get("/metrics", dependencies=[Depends(service.metrics_guard)])
     async def metrics() -> PlainTextResponse:
         """Prometheus text: decisions and TLS refusals. Only for the identities in allow/metrics.txt."""
         return PlainTextResponse(exposition(service=config.name), media_type="text/plain; version=0.0.4")
+
+    @app.get("/status", dependencies=[Depends(service.metrics_guard)])
+    async def operator_status() -> dict[str, Any]:
+        """What this service holds now (services/status.py). Only for the identities in allow/metrics.txt."""
+        return service_status(config.name, live, service.allow_lists, service.status)
+
+    @app.get("/decisions", dependencies=[Depends(service.metrics_guard)])
+    async def decisions(after: int = 0) -> dict[str, Any]:
+        """The latest decisions numbered above `after` (shared.observability.decisions), for the identities of
+        allow/metrics.txt only."""
+        entries, last = recent.since(after)
+        return {"service": config.name, "kept": recent.size, "last": last, "decisions": [d.as_dict() for d in entries]}
 
     return app
 

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.inbound import ConnectionLimits
 from shared.layout import DEFAULT_OUT, Layout
-from shared.limits import ConnectionLimits
 from shared.tls import TLSMaterial
 from shared.tokens import TOKEN_SERVICE
 
@@ -68,7 +68,7 @@ class ServiceConfig(BaseSettings):
     # Requests are small here: anything bigger is refused before it costs memory (413 / 400).
     max_body_bytes: int = 64 * 1024
     max_header_bytes: int = 16 * 1024
-    # What one connection may take (why each bound exists: shared/limits.py). The peer's first byte (its
+    # What one connection may take (why each bound exists: shared/inbound/limits.py). The peer's first byte (its
     # ClientHello) and its whole TLS handshake must arrive, counted from the accept, and a request (from the
     # handshake or its first byte to its last) must arrive within these seconds; idle keep-alive ends after
     # 5 s (uvicorn); a closing connection waits this long for the peer's TLS close_notify.

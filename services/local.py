@@ -8,6 +8,8 @@ configuration only. The tests and `make demo` start the chain with the same code
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.metadata
 import os
 import signal
 import socket
@@ -15,10 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from shared.layout import DEFAULT_OUT
 from shared.tokens import TOKEN_SERVICE
@@ -36,6 +38,69 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def busy_ports(ports: Sequence[int]) -> list[int]:
+    """Those of `ports` that something on 127.0.0.1 holds already (another `make run`, say)."""
+    busy = []
+    for port in ports:
+        with socket.socket() as s:
+            # As uvicorn binds: connections of a mesh just stopped (TIME_WAIT) do not hold a port, a listener does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def parse_ports(text: str, count: int = 4) -> list[int]:
+    """`8443,8444,8445,8446` as numbers, or ValueError with the sentence that says what is wrong."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != count:
+        raise ValueError(f"{text!r}: give {count} ports, for A, B, C and the token service, e.g. 9443,9444,9445,9446")
+    for part in parts:
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise ValueError(f"{text!r}: {part!r} is not a port (a number from 1 to 65535)")
+    return [int(part) for part in parts]
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), looked up here in the parent: a child between fork and exec should only call it."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1  # the signal a process gets when the thread that started it ends, however it ends
+
+
+def die_with_parent() -> None:
+    """Have this process receive SIGTERM when its parent dies, even by SIGKILL: then no service outlives
+    `make run` and keeps its port. Linux only; elsewhere a no-op. Called in each child before exec (below), and
+    by `services.local` itself, so that the chain also goes when `make` does."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _tie_to(parent: int) -> Callable[[], None]:
+    def tie() -> None:
+        die_with_parent()
+        if os.getppid() != parent:  # the parent died before prctl: nobody would ever signal us
+            os._exit(1)
+
+    return tie
+
+
+def child_options() -> dict[str, Any]:
+    """Popen options for a child that must not outlive us. Its own session: a Ctrl-C in the terminal reaches only
+    `services.local`, which stops the children itself (no child prints a KeyboardInterrupt traceback). prctl ties
+    a child to the *thread* that started it, and only the main thread lives as long as the process."""
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
+        return {"start_new_session": True}
+    return {"start_new_session": True, "preexec_fn": _tie_to(os.getpid())}
 
 
 def chain_environments(
@@ -88,6 +153,7 @@ class ServiceProcess:
             stdout=self._log_file or subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            **child_options(),
         )
         if self._log_file is None:
             threading.Thread(target=self._relay, daemon=True).start()
@@ -144,6 +210,7 @@ def renewing(pki_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        **child_options(),
     )
     threading.Thread(target=relay, args=("renewer", renewer), daemon=True).start()
     try:
@@ -171,8 +238,17 @@ def running(processes: Sequence[ServiceProcess]) -> Iterator[Sequence[ServicePro
             process.stop()
 
 
+def client_commands(ports: Sequence[int]) -> list[str]:
+    """How to call the chain on these ports from another terminal: the exact commands, the ports spelled out."""
+    if list(ports) == list(DEFAULT_PORTS):
+        return ["make call", ".venv/bin/mesh-client --user alice"]
+    urls = f"MESH_CLIENT_URL=https://127.0.0.1:{ports[0]}/chain MESH_TOKEN_URL=https://127.0.0.1:{ports[3]}"
+    return [f"make call PORTS={','.join(map(str, ports))}", f"{urls} .venv/bin/mesh-client --user alice"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.local", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
     parser.add_argument(
         "--ports",
         default=",".join(map(str, DEFAULT_PORTS)),
@@ -180,9 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="PKI directory (default: pki/out)")
     args = parser.parse_args(argv)
-    ports = [int(p) for p in args.ports.split(",")]
-    if len(ports) != 4:
-        parser.error(f"--ports {args.ports}: give four ports, for A, B, C and the token service")
+    try:
+        ports = parse_ports(args.ports)
+    except ValueError as e:
+        parser.error(f"--ports {e}")
+    if busy := busy_ports(ports):
+        # Checked before anything starts: a service that cannot bind would exit, but the port answers all the
+        # same (the other mesh's), and we would announce "mesh up" for a mesh that is not ours.
+        listed = ", ".join(f"127.0.0.1:{port}" for port in busy)
+        print(
+            f"mesh: {listed} already in use (another `make run`?) — stop it, or choose free ports: "
+            "make run PORTS=9443,9444,9445,9446",
+            file=sys.stderr,
+        )
+        return 1
+    die_with_parent()  # `make run` killed, even by SIGKILL: we get SIGTERM and stop the services
     # MESH_REQUIRE_USER_TOKEN and any other MESH_* setting in our environment reach every service.
     processes = [ServiceProcess(env) for env in chain_environments(ports[:3], args.pki_dir, token_port=ports[3])] + [
         ServiceProcess(token_environment(ports[3], args.pki_dir), module="services.token_service")
@@ -195,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         with running(processes), renewing(args.pki_dir):
             names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes[:3])
             tokens = f"{processes[3].name} (127.0.0.1:{processes[3].port})"
-            print(f"mesh up: client → {names}; {tokens}. Try: make call. Ctrl-C stops all four.", flush=True)
+            commands = "".join(f"\n  {command}" for command in client_commands(ports))
+            print(f"mesh up: client → {names}; {tokens}. Ctrl-C stops all four. Call it:{commands}", flush=True)
             while not stop.wait(0.5):
                 if exited := [p for p in processes if p.process and p.process.poll() is not None]:
                     print(f"{exited[0].name} exited; stopping the mesh", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 `shared.reload.Watcher` says which files changed; the `Reloader` decides what that means:
 
-- an allow-list: its guard gets a new authorizer (a broken file is refused, the old list stays);
+- a file of the service's registry (services.wiring: `Service.reloads` — its allow-lists, the token service's
+  policy): the part it feeds is replaced whole (a broken file is refused, the old part stays);
 - the certificate, key, CA or CRL: new TLS contexts are built and swapped in (shared.tls.LiveTLS), every
   open connection of a caller a new handshake would refuse (revoked, expired, or issued by a CA — by key — no
   longer trusted) is closed, and the pools towards the next hop and the token service are replaced, so that
@@ -19,18 +20,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from shared.allowlist import AllowList
-from shared.authz import Authorizer
-from shared.connections import close_where
-from shared.downstream import Downstream
-from shared.files import MaterialError
-from shared.guard import Guard
+from shared.inbound import close_where
+from shared.outbound import Downstream
 from shared.tls import LiveTLS
+from shared.x509 import MaterialError
 
-__all__ = ["WARN_AT", "CrlFreshness", "Reloader"]
+__all__ = ["WARN_AT", "CrlFreshness", "Reload", "Reloader"]
+
+# How a changed file is taken in: load it, check it, swap the part it feeds — or raise MaterialError, changing nothing.
+Reload = Callable[[Path], None]
 
 log = logging.getLogger("mesh.reload")
 
@@ -48,24 +49,18 @@ FIX = (
 class Reloader:
     """Call it with the set of changed paths (from `Watcher`); it logs what it took and what it refused.
 
-    reloader = Reloader(live, {allow_path: guard}, service_policy)
-    Watcher([*tls_files, allow_path], reloader, interval=1.0)
+    reloader = Reloader(live, service.reloads, service.callees)
+    Watcher([*live.material.files(), *service.reloads], reloader, interval=1.0)
     """
 
-    def __init__(
-        self,
-        live: LiveTLS,
-        guards: dict[Path, Guard],
-        policy: Callable[[AllowList], Authorizer],
-        callees: list[Downstream] | None = None,
-    ) -> None:
-        self.live, self.guards, self.policy, self.callees = live, guards, policy, callees or []
+    def __init__(self, live: LiveTLS, reloads: Mapping[Path, Reload], callees: Sequence[Downstream] = ()) -> None:
+        self.live, self.reloads, self.callees = live, reloads, callees
         self.tls_files = set(live.material.files())
 
     def __call__(self, changed: set[Path]) -> None:
-        for path in sorted(changed & set(self.guards)):
+        for path in sorted(changed & set(self.reloads)):
             try:
-                self.guards[path].authorizer = self.policy(AllowList.load(path))
+                self.reloads[path](path)
                 log.info("reloaded", extra={"files": [str(path)]})
             except MaterialError as e:
                 log.error("reload_refused", extra={"file": str(path), "reason": str(e)})

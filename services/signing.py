@@ -6,7 +6,7 @@ key lifetime before it signs anything, and a replaced key stays published until 
     keys.jwks()           # {"keys": [...]}: the public halves of the next, current and replaced keys, for GET /jwks
     keys.key_set()        # the same keys, to check a token it is given back (RFC 8693's subject token)
 
-Verifiers (shared.token_client) fetch the set at least every minute and when a token names a key they do not
+Verifiers (shared.tokens.client) fetch the set at least every minute and when a token names a key they do not
 have (one fetch at a time, at most one every few seconds); with `roll_every` above that minute, every verifier
 holds a key before the first token it signs.
 
@@ -16,6 +16,7 @@ and tokens signed before the restart stop verifying (their holders ask again; th
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,19 @@ class SigningKeys:
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [{**key.as_dict(private=False), "use": "sig", "alg": ALGORITHM} for key in self.published()]}
+
+    def status(self) -> dict[str, Any]:
+        """For the operator (GET /status): which key signs, which is next and when it takes over."""
+        current = self.current()
+        takes_over = dt.datetime.fromtimestamp(self._since + self.roll_every, dt.UTC)
+        return {
+            "signing_keys": {
+                "current": current.kid,
+                "next": self._next.kid,
+                "next_signs_at": f"{takes_over:%Y-%m-%dT%H:%M:%SZ}",
+                "published": [key.kid for key in self.published()],
+            }
+        }
 
     @staticmethod
     def _new_key() -> ECKey:

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.files import MaterialError, read_protected
-from shared.identity import CallerIdentity
 from shared.problem import echo
-from shared.spiffe import InvalidSpiffeId, SpiffeId
 from shared.tokens import UserToken
+from shared.x509 import InvalidSpiffeId, MaterialError, PeerIdentity, SpiffeId, read_protected
 
 __all__ = ["GrantRefused", "TokenPolicy"]
 
@@ -47,7 +45,7 @@ class TokenPolicy:
 
     @classmethod
     def load(cls, path: Path) -> TokenPolicy:
-        # Like an allow-list, it decides who gets in: refused if others could change it (shared.files).
+        # Like an allow-list, it decides who gets in: refused if others could change it (shared.x509.files).
         text = read_protected(path, "token policy")
         try:
             data: dict[str, Any] = json.loads(text)
@@ -63,7 +61,7 @@ class TokenPolicy:
                 f"{path}: not a token policy ({type(e).__name__}: {e}) — run `make pki` to render it again"
             ) from None
 
-    def holder(self, caller: CallerIdentity) -> str:
+    def holder(self, caller: PeerIdentity) -> str:
         """The caller's name in this mesh: the last segment of a SPIFFE ID of our own trust domain."""
         try:
             spiffe_id = SpiffeId.parse(caller.spiffe_id or "")

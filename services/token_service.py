@@ -1,7 +1,7 @@
 """`python -m services.token_service`: the token service — the same mTLS stack as every service, plus
 `POST /token` and `GET /jwks`.
 
-It signs user tokens (shared/tokens.py) and decides every request from the token policy
+It signs user tokens (shared/tokens/token.py) and decides every request from the token policy
 (services/token_policy.py, rendered from pki/policy.toml). The caller is known by its certificate, checked
 during the handshake and against allow/token-service.txt like any call in the mesh; every token it gets is
 bound to that certificate. Two grants:
@@ -19,6 +19,7 @@ Answers are RFC 8693 §2.2: `{"access_token", "issued_token_type", "token_type":
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -27,18 +28,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from services.__main__ import main as serve
-from services.app import base_app, own_id, service_policy
+from services.app import base_app
 from services.config import ServiceConfig
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
+from services.wiring import build
 from shared import tls
-from shared.allowlist import AllowList
-from shared.files import MaterialError
-from shared.guard import Guard
-from shared.identity import CallerIdentity
-from shared.metrics import Counter
+from shared.authz import Admitted
+from shared.observability import Counter
 from shared.problem import echo
 from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, USER_GRANT, TokenRefused, mint, verify
+from shared.x509 import own_id
 
 __all__ = ["create_token_app"]
 
@@ -48,35 +48,40 @@ grants = Counter(
 )
 
 
+class LivePolicy:
+    """The token policy in force: replaced whole when tokens.json changes (make pki), or kept if the new one is
+    broken. Tokens already signed may live as long as the old policy said: replaced keys are kept for the longer."""
+
+    def __init__(self, policy: TokenPolicy, keys: SigningKeys) -> None:
+        self.policy, self.keys = policy, keys
+
+    def reload(self, path: Path) -> None:
+        policy = TokenPolicy.load(path)
+        self.keys.token_lifetime = max(self.keys.token_lifetime, policy.lifetime)
+        self.policy = policy
+
+
 def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     files = config.files
-    guard = Guard(config.name, service_policy(AllowList.load(files.allow_list)))
-    Caller = Annotated[CallerIdentity, Depends(guard)]
+    service = build(config, live)
+    issuer = str(own_id(live.certificate, files.cert, "the issuer (iss) of every token it signs"))
     policy = TokenPolicy.load(files.tokens_policy)  # before anything listens: no policy, no service
-    issuer = str(own_id(config, live, "the issuer (iss) of every token it signs"))
-    keys = SigningKeys(config.signing_key_lifetime, policy.lifetime)
+    live_policy = LivePolicy(policy, SigningKeys(config.signing_key_lifetime, policy.lifetime))
+    keys = live_policy.keys
+    app = base_app(
+        replace(service, reloads={**service.reloads, files.tokens_policy: live_policy.reload}, status=keys.status)
+    )
+    Caller = Annotated[Admitted, Depends(service.guard)]
 
-    def reload_policy(changed: set[Path]) -> None:
-        """A changed tokens.json (make pki) is taken live; a broken one is refused and the old one stays."""
-        nonlocal policy
-        try:
-            policy = TokenPolicy.load(files.tokens_policy)
-            # Tokens already signed may live as long as the old policy said: keep replaced keys for the longer.
-            keys.token_lifetime = max(keys.token_lifetime, policy.lifetime)
-            log.info("reloaded", extra={"files": [str(files.tokens_policy)]})
-        except MaterialError as e:
-            log.error("reload_refused", extra={"file": str(files.tokens_policy), "reason": str(e)})
-
-    app = base_app(config, live, {files.allow_list: guard}, lambda app: [], reload_policy, (files.tokens_policy,))
-
-    @app.get("/jwks", dependencies=[Depends(guard)])
+    @app.get("/jwks", dependencies=[Depends(service.guard)])
     async def jwks() -> dict[str, Any]:
         """The public keys tokens are signed with: the current one and those whose tokens may still be valid."""
         return keys.jwks()
 
     @app.post("/token")
-    async def token(request: Request, caller: Caller) -> JSONResponse:
+    async def token(request: Request, admitted: Caller) -> JSONResponse:
         """Grant a token bound to the caller's certificate, or refuse with the rule it broke."""
+        caller, policy = admitted.caller, live_policy.policy
         form = _form(await request.body())
         grant = form.get("grant_type", "")
         try:

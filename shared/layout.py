@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.tls import TLSMaterial
+from shared.tls.material import TLSMaterial
 
 __all__ = ["DEFAULT_OUT", "Layout"]
 

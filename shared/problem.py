@@ -1,4 +1,19 @@
-"""Errors as RFC 9457 problem documents: machine-readable, and a sentence a person can act on."""
+"""Errors as RFC 9457 problem documents: machine-readable, and a sentence a person can act on.
+
+Each layer has its own exception, which knows nothing of HTTP; only the edge of a request turns one into a
+`Problem`, and only there is a status chosen:
+
+- files and certificates (shared.x509, shared.tls): `MaterialError` (and `InvalidSpiffeId`, `InvalidSvid` when
+  parsing) — never HTTP: a service refuses to start, or keeps its old files; the CLIs exit 2.
+- authorization (shared.authz): no exception, a `Decision` — `Guard` answers 401 (no certificate) or 403.
+- user tokens (shared.tokens): `TokenRefused`, with RFC 6750's code — `OnBehalfOf` answers 401, or 403 for
+  insufficient_scope.
+- the token service's policy (services.token_policy): `GrantRefused`, with RFC 6749's code — `POST /token`
+  answers 400, or 401 for invalid_client.
+- calling on (shared.outbound): `CalleeRefused` — `Downstream` answers 502 naming the hop (504 on a timeout).
+- the PKI tool, the client, a service starting: `PKIError`, `CannotAct`, `CannotStart` — an exit code and the
+  sentence.
+"""
 
 from __future__ import annotations
 

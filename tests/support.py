@@ -27,9 +27,9 @@ from joserfc.jwk import ECKey
 
 from pki import Identity, load_issuer
 from services.local import ServiceProcess, free_ports
-from shared.identity import CallerIdentity
 from shared.layout import Layout
 from shared.tokens import x5t_s256
+from shared.x509 import PeerIdentity
 
 __all__ = [
     "FULL_MATRIX",
@@ -207,7 +207,7 @@ def once_for_both_modes(layout: Layout) -> None:
 
 def authorize_by(layout: Layout) -> str:
     """The mode a PKI's allow-lists were rendered in: "spiffe-id" if they name identities, else "thumbprint"."""
-    from shared.allowlist import AllowList
+    from shared.authz import AllowList
 
     return "spiffe-id" if AllowList.load(layout.allow_list("service-a")).ids else "thumbprint"
 
@@ -236,7 +236,7 @@ def forge(key: ECKey | None, header: dict[str, Any], claims: dict[str, Any], *, 
     return f"{signing_input}.{b64(signature or b'')}"
 
 
-def token_claims(holder: CallerIdentity, audience: str, **overrides: Any) -> dict[str, Any]:
+def token_claims(holder: PeerIdentity, audience: str, **overrides: Any) -> dict[str, Any]:
     """The claims the token service would sign for `holder` (alice, every scope), changed by `overrides`."""
     now = int(time.time())
     claims = {
@@ -255,8 +255,8 @@ def token_claims(holder: CallerIdentity, audience: str, **overrides: Any) -> dic
     return {**claims, **overrides}
 
 
-def identity_of(creds: Credentials) -> CallerIdentity:
-    return CallerIdentity.from_certificate(x509.load_pem_x509_certificate(creds.cert.read_bytes()))
+def identity_of(creds: Credentials) -> PeerIdentity:
+    return PeerIdentity.from_certificate(x509.load_pem_x509_certificate(creds.cert.read_bytes()))
 
 
 def post_token(url: str, context: ssl.SSLContext, form: dict[str, str]) -> httpx.Response:

@@ -6,23 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from shared.allowlist import AllowList
-from shared.authz import (
-    authorize_all,
-    authorize_any,
-    authorize_client_leaf,
-    authorize_listed,
-)
-from shared.certs import load_certificates
-from shared.files import MaterialError
-from shared.identity import CallerIdentity
+from shared.authz import AllowList, authorize_all, authorize_any, authorize_client_leaf, authorize_listed
 from shared.layout import Layout
+from shared.x509 import MaterialError, PeerIdentity, load_certificates
 
 A, B = "a" * 64, "b" * 64
 
 
-def identity(sha256: str = A, *, is_leaf: bool = True, client_auth: bool = True) -> CallerIdentity:
-    return CallerIdentity(
+def identity(sha256: str = A, *, is_leaf: bool = True, client_auth: bool = True) -> PeerIdentity:
+    return PeerIdentity(
         sha256=sha256,
         subject="CN=x,O=mtls-mesh",
         spiffe_id=None,
@@ -91,8 +83,8 @@ def test_authorize_any_admits_any_verified_certificate() -> None:
 def test_identity_from_a_real_certificate(layout: Layout) -> None:
     intermediate = load_certificates(layout.intermediate_cert)[0]
     leaf = load_certificates(layout.cert("service-b"))[0]
-    caller = CallerIdentity.from_certificate(leaf)
+    caller = PeerIdentity.from_certificate(leaf)
     assert caller.spiffe_id == "spiffe://mesh.internal/service-b"
     assert caller.dns_names == ("service-b", "localhost")
     assert caller.is_leaf and caller.client_auth
-    assert not CallerIdentity.from_certificate(intermediate).is_leaf
+    assert not PeerIdentity.from_certificate(intermediate).is_leaf

@@ -24,8 +24,8 @@ from pki import CertificateAuthority, Policy, init, load_issuer
 from pki.revocation import crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
 from pki.rollover import RollOver
 from services.local import chain_environments, running
-from shared.certs import crl_blocks, crl_number
 from shared.layout import Layout
+from shared.x509 import crl_blocks, crl_number
 from tests.compose.stack import ROOT
 from tests.support import (
     TLS_REFUSALS,

@@ -19,9 +19,9 @@ from pki import CertificateAuthority, Identity
 from pki.output import write_file
 from pki.revocation import first_crl
 from services.local import ServiceProcess, chain_environments, running
-from shared.certs import load_certificates, thumbprint
-from shared.downstream import explain_transport_error
 from shared.layout import Layout
+from shared.outbound import explain_transport_error
+from shared.x509 import load_certificates, thumbprint
 from tests.support import (
     TLS_REFUSALS,
     Credentials,

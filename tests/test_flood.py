@@ -22,8 +22,8 @@ import pytest
 from bench.flood import GREEDY, flood, prepare
 from pki import Policy, issue_identity, revoke
 from services.local import chain_environments, running
+from shared.inbound import raise_open_files_limit
 from shared.layout import Layout
-from shared.limits import raise_open_files_limit
 from tests.support import (
     FULL_MATRIX,
     Credentials,

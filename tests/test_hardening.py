@@ -25,10 +25,11 @@ from bench.soak import FD_BOUND, Usage, soak
 from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
-from shared.downstream import Downstream
 from shared.layout import Layout
+from shared.outbound import Downstream
 from shared.problem import Problem
 from shared.tokens import USER_GRANT
+from shared.x509 import SpiffeId
 from tests.support import (
     FULL_MATRIX,
     Credentials,
@@ -544,7 +545,14 @@ def test_a_compressed_answer_is_refused_unread() -> None:
         assert request.headers["accept-encoding"] == "identity"
         return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(bomb))
 
-    downstream = Downstream("service-b", "service-c", "https://service-c", ssl.create_default_context(), 5)
+    downstream = Downstream(
+        "service-b",
+        "service-c",
+        "https://service-c",
+        ssl.create_default_context(),
+        5,
+        SpiffeId("mesh.internal", "/service-c"),
+    )
     downstream.client = httpx.AsyncClient(transport=httpx.MockTransport(callee))
     with pytest.raises(Problem) as refused:
         asyncio.run(downstream.get_json("/chain"))

@@ -16,8 +16,9 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from pki import ROTATION_GRACE, PKIError, Policy, init, issue_identity, retire, revoke, rotate_begin, rotate_finish
 from pki.__main__ import main
-from shared.allowlist import AllowList
-from shared.certs import (
+from shared.authz import AllowList
+from shared.layout import Layout
+from shared.x509 import (
     extended_key_usages,
     load_certificates,
     load_crl,
@@ -25,7 +26,6 @@ from shared.certs import (
     subject_alt_names,
     thumbprint,
 )
-from shared.layout import Layout
 
 POLICY = Policy.load()
 
@@ -205,9 +205,10 @@ def test_make_pki_says_when_an_identity_in_use_is_revoked(tmp_path, capsys: pyte
     assert main(["--out", str(out), "init"]) == 0
     revoke(Layout(out), "service-b", "key-compromise")
     capsys.readouterr()
-    assert main(["--out", str(out), "init"]) == 0
-    warning = capsys.readouterr().err
-    assert "service-b's certificate is revoked" in warning and "make rotate NAME=service-b" in warning
+    assert main(["--out", str(out), "init"]) == 1, "a revoked identity in use: not up to date"
+    said = capsys.readouterr()
+    assert "service-b's certificate is revoked" in said.err and "make rotate NAME=service-b" in said.err
+    assert "up to date" not in said.out
 
 
 def test_retire_waits_until_every_service_can_have_switched(tmp_path) -> None:

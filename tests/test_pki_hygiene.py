@@ -20,8 +20,8 @@ from cryptography import x509
 from pki import Policy, init, load_issuer, revoke, rotate_begin
 from pki.__main__ import main
 from services.local import chain_environments, running
-from shared.certs import load_certificates, load_crl, subject_alt_names
 from shared.layout import Layout
+from shared.x509 import load_certificates, load_crl, subject_alt_names
 from tests.compose.stack import ROOT
 from tests.support import Credentials, attacker_context, free_ports, get, start_services
 

@@ -31,9 +31,9 @@ from pki.renewal import ABANDONED, Renewer, due
 from pki.revocation import revoked
 from pki.rollover import RollOver
 from services.local import chain_environments, running
-from shared.allowlist import AllowList
-from shared.certs import load_certificates, load_key, thumbprint
+from shared.authz import AllowList
 from shared.layout import Layout
+from shared.x509 import load_certificates, load_key, thumbprint
 from tests.compose.stack import ROOT
 from tests.support import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, get, start_services, wait_until
 from tests.support import free_ports as ports
@@ -90,6 +90,7 @@ def test_revoking_after_a_renewal_refuses_the_stolen_certificate(small_mesh: tup
 
     result = pki(layout, policy_path, "revoke", "client", "--reason", "key-compromise")
     assert "fresh key and certificate in place" in result.stdout and "next:" in result.stdout
+    assert "`make status` shows which services hold the new CRL" in result.stdout
 
     def stolen_refused() -> bool:
         try:

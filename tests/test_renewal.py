@@ -19,8 +19,8 @@ import pytest
 
 from pki import Policy, init
 from services.local import chain_environments, running
-from shared.certs import load_certificates
 from shared.layout import Layout
+from shared.x509 import load_certificates
 from tests.compose.stack import ROOT
 from tests.support import free_ports, matrix, start_services
 

@@ -16,8 +16,8 @@ import pytest
 
 from pki import Policy, init
 from services.local import chain_environments, running
-from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
+from shared.x509 import load_certificates, thumbprint
 from tests.compose.stack import ROOT
 from tests.support import TLS_REFUSALS, Credentials, attacker_context, free_ports, get, matrix, start_services
 

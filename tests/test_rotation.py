@@ -20,8 +20,8 @@ import pytest
 from pki import ROTATION_GRACE, Policy, init, revoke, rotate_begin, rotate_finish
 from services.local import chain_environments, running
 from shared import tls
-from shared.certs import load_certificates, thumbprint
 from shared.layout import Layout
+from shared.x509 import load_certificates, thumbprint
 from tests.support import (
     TLS_REFUSALS,
     Credentials,

@@ -22,8 +22,8 @@ from cryptography import x509
 
 from pki import PKIError, Policy, init, issue_identity, load_issuer, revoke, write_crl
 from services.local import chain_environments, running
-from shared.certs import load_crl
 from shared.layout import Layout
+from shared.x509 import load_crl
 from tests.support import Credentials, Service, attacker_context, free_ports, start_services, wait_until
 
 pytestmark = pytest.mark.e2e

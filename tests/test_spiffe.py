@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 
 from pki import Policy, init
-from shared.allowlist import AllowList
-from shared.authz import authorize_id, authorize_ids, authorize_listed, authorize_member_of
-from shared.certs import load_certificates
-from shared.files import MaterialError
-from shared.identity import CallerIdentity
+from shared.authz import AllowList, authorize_id, authorize_ids, authorize_listed, authorize_member_of
 from shared.layout import Layout
-from shared.spiffe import InvalidSpiffeId, InvalidSvid, SpiffeId, svid_id
+from shared.x509 import InvalidSpiffeId, InvalidSvid, MaterialError, PeerIdentity, SpiffeId, load_certificates, svid_id
 from tests.support import leaf
 
 POLICY = Policy.load()
@@ -88,12 +84,12 @@ def test_a_certificate_that_breaks_an_svid_rule_has_no_spiffe_id(layout: Layout,
     cert = leaf(layout, **kwargs)
     with pytest.raises(InvalidSvid, match=rule):
         svid_id(cert)
-    caller = CallerIdentity.from_certificate(cert)
+    caller = PeerIdentity.from_certificate(cert)
     assert caller.spiffe_id is None and rule.split(";")[0] in (caller.svid_problem or "")
 
 
-def caller_with(layout: Layout, uri: str) -> CallerIdentity:
-    return CallerIdentity.from_certificate(leaf(layout, uris=[uri]))
+def caller_with(layout: Layout, uri: str) -> PeerIdentity:
+    return PeerIdentity.from_certificate(leaf(layout, uris=[uri]))
 
 
 def test_authorizers_by_name(layout: Layout) -> None:
@@ -104,7 +100,7 @@ def test_authorizers_by_name(layout: Layout) -> None:
     assert authorize_ids(b, a)(as_a).allowed
     assert authorize_member_of("mesh.internal")(as_a).allowed
     assert not authorize_member_of("mesh.internal")(foreign).allowed
-    no_svid = CallerIdentity.from_certificate(leaf(layout, uris=[]))
+    no_svid = PeerIdentity.from_certificate(leaf(layout, uris=[]))
     decision = authorize_member_of("mesh.internal")(no_svid)
     assert not decision.allowed and "no SPIFFE ID" in decision.reason
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.files import MaterialError, read_protected
 from shared.layout import Layout
+from shared.x509 import MaterialError, read_protected
 from tests.support import Credentials, free_ports
 
 

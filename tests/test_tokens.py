@@ -24,13 +24,21 @@ from joserfc.jwk import ECKey, KeySet
 from pki import Policy
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
-from shared.downstream import Downstream
-from shared.files import MaterialError
-from shared.identity import CallerIdentity
 from shared.layout import Layout
+from shared.outbound import Downstream
 from shared.problem import Problem
-from shared.token_client import REFETCH_AFTER, TokenClient
-from shared.tokens import LEEWAY_SECONDS, TokenRefused, UserToken, check_holder, mint, verify, x5t_s256
+from shared.tokens import (
+    LEEWAY_SECONDS,
+    REFETCH_AFTER,
+    TokenClient,
+    TokenRefused,
+    UserToken,
+    check_holder,
+    mint,
+    verify,
+    x5t_s256,
+)
+from shared.x509 import MaterialError, PeerIdentity, SpiffeId
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
 ISSUER = "spiffe://mesh.internal/token-service"
@@ -42,7 +50,7 @@ def key() -> ECKey:
 
 
 @pytest.fixture(scope="module")
-def holder(layout: Layout) -> CallerIdentity:
+def holder(layout: Layout) -> PeerIdentity:
     return identity_of(Credentials(layout.cert("service-a"), layout.key("service-a")))
 
 
@@ -56,7 +64,7 @@ def refusal(raw: str, keys: KeySet, audience: str = "service-b") -> str:
     return refused.value.reason
 
 
-def test_a_token_the_service_signed_verifies(key: ECKey, holder: CallerIdentity) -> None:
+def test_a_token_the_service_signed_verifies(key: ECKey, holder: PeerIdentity) -> None:
     raw, expires = mint(
         key,
         issuer=ISSUER,
@@ -101,9 +109,7 @@ def test_a_token_the_service_signed_verifies(key: ECKey, holder: CallerIdentity)
         ("act loop", "actor chain"),
     ],
 )
-def test_forged_tokens_are_refused_naming_the_rule(
-    key: ECKey, holder: CallerIdentity, attack: str, reason: str
-) -> None:
+def test_forged_tokens_are_refused_naming_the_rule(key: ECKey, holder: PeerIdentity, attack: str, reason: str) -> None:
     keys = KeySet([key])
     claims = token_claims(holder, "service-b")
     now = int(time.time())
@@ -158,14 +164,14 @@ def test_forged_tokens_are_refused_naming_the_rule(
     assert reason in refusal(raw, keys)
 
 
-def test_within_the_leeway_a_token_is_still_valid(key: ECKey, holder: CallerIdentity) -> None:
+def test_within_the_leeway_a_token_is_still_valid(key: ECKey, holder: PeerIdentity) -> None:
     now = int(time.time())
     raw = forge(key, header(key), token_claims(holder, "service-b", exp=now - LEEWAY_SECONDS + 2))
     verify(raw, KeySet([key]), issuer=ISSUER, audience="service-b")
 
 
 def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(
-    key: ECKey, holder: CallerIdentity, layout: Layout
+    key: ECKey, holder: PeerIdentity, layout: Layout
 ) -> None:
     raw = forge(key, header(key), token_claims(holder, "service-c"))
     token = verify(raw, KeySet([key]), issuer=ISSUER, audience="service-c")
@@ -174,7 +180,7 @@ def test_a_token_is_only_good_with_the_certificate_it_was_issued_to(
         check_holder(token, someone_else)
 
 
-def test_the_current_actor_must_be_the_caller(key: ECKey, holder: CallerIdentity) -> None:
+def test_the_current_actor_must_be_the_caller(key: ECKey, holder: PeerIdentity) -> None:
     claims = token_claims(holder, "service-b", act={"sub": "spiffe://mesh.internal/service-b"})
     token = verify(forge(key, header(key), claims), KeySet([key]), issuer=ISSUER, audience="service-b")
     with pytest.raises(TokenRefused, match=r"holder \(act\.sub\)"):
@@ -182,7 +188,7 @@ def test_the_current_actor_must_be_the_caller(key: ECKey, holder: CallerIdentity
 
 
 def test_an_exchanged_token_keeps_the_user_nests_the_actors_and_never_outlives_its_predecessor(
-    key: ECKey, holder: CallerIdentity
+    key: ECKey, holder: PeerIdentity
 ) -> None:
     previous = UserToken(
         raw="",
@@ -313,17 +319,24 @@ def test_an_exchange_follows_the_policy_in_force_not_the_one_the_subject_token_w
 
 def token_client(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> TokenClient:
     """service-a's TokenClient, its calls to the token service answered in-process by `handler`."""
-    connection = Downstream("service-a", "token-service", "https://token-service", ssl.create_default_context(), 5)
+    connection = Downstream(
+        "service-a",
+        "token-service",
+        "https://token-service",
+        ssl.create_default_context(),
+        5,
+        SpiffeId("mesh.internal", "/token-service"),
+    )
     connection.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return TokenClient(connection, ISSUER, lambda: 0)
 
 
-def strangers(holder: CallerIdentity, count: int) -> list[str]:
+def strangers(holder: PeerIdentity, count: int) -> list[str]:
     """Tokens that each name a kid nobody publishes (each signed by a key of its own)."""
     return [forge(k, header(k), token_claims(holder, "service-b")) for k in (signing_key() for _ in range(count))]
 
 
-def test_unknown_kids_fetch_the_key_set_once_whatever_their_number(key: ECKey, holder: CallerIdentity) -> None:
+def test_unknown_kids_fetch_the_key_set_once_whatever_their_number(key: ECKey, holder: PeerIdentity) -> None:
     """40 tokens at once naming 40 unknown kids: one fetch (the others wait for it), every token refused; then,
     for REFETCH_AFTER, no fetch at all for unknown kids; after it, a new one fetches once more (a key roll)."""
     fetches: list[str] = []
@@ -353,7 +366,7 @@ def test_unknown_kids_fetch_the_key_set_once_whatever_their_number(key: ECKey, h
     asyncio.run(scenario())
 
 
-def test_a_token_service_that_is_down_gets_one_attempt_not_one_per_request(holder: CallerIdentity) -> None:
+def test_a_token_service_that_is_down_gets_one_attempt_not_one_per_request(holder: PeerIdentity) -> None:
     """40 requests while the token service does not answer: one attempt, and each request a 502 naming the hop
     (not a 401 that would blame the token)."""
     attempts: list[str] = []

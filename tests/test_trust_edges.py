@@ -28,11 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from pki import CertificateAuthority, Policy, init, load_issuer, revoke, write_crl
 from pki.output import write_file
 from services.local import chain_environments, running
-from shared.certs import load_certificates, thumbprint
-from shared.files import MaterialError
-from shared.identity import CallerIdentity
 from shared.layout import Layout
 from shared.tls import LiveTLS
+from shared.x509 import MaterialError, PeerIdentity, load_certificates, thumbprint
 from tests.support import (
     TLS_REFUSALS,
     Credentials,
@@ -256,7 +254,7 @@ def live_tls(layout: Layout) -> LiveTLS:
     return LiveTLS(layout.material("service-a"))
 
 
-def peer(layout: Layout, name: str) -> CallerIdentity:
+def peer(layout: Layout, name: str) -> PeerIdentity:
     """`name`'s identity as a connection records it: with the anchor its chain was verified against."""
     return dataclasses.replace(identity_of(Credentials(layout.cert(name), layout.key(name))), anchor=anchor(layout))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from shared.certs import MaterialError, is_ca, parse_certificates
+from shared.x509 import MaterialError, is_ca, parse_certificates
 
 Obj = dict[str, Any]
 

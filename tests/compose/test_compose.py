@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from pki import Policy, issue_identity, revoke
-from shared.certs import load_certificates, thumbprint
+from shared.x509 import load_certificates, thumbprint
 from tests.compose.stack import CHAIN, SERVICES, Stack
 from tests.support import TLS_REFUSALS, attacker_context, get, wait_until
 

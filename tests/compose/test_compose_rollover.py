@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.certs import load_certificates, thumbprint
+from shared.x509 import load_certificates, thumbprint
 from tests.compose.stack import ROOT, SERVICES, Stack, running_stack
 from tests.support import TLS_REFUSALS, Credentials, attacker_context, get, matrix
 

@@ -1,7 +1,7 @@
 """Fuzzing the HTTP layer of a real service over real TLS: garbage request lines, headers and bodies.
 
 The service is the token service (`python -m services.token_service`), because it has a route that reads a
-body (`POST /token`) besides the usual ones; its limits are set small (shared.limits.RequestLimits:
+body (`POST /token`) besides the usual ones; its limits are set small (shared.inbound.RequestLimits:
 MESH_MAX_HEADER_BYTES, MESH_MAX_BODY_BYTES, MESH_REQUEST_TIMEOUT) so that the fuzzer crosses them cheaply.
 Every request goes over its own mutually authenticated TLS connection, as an allow-listed caller or as one
 on no allow-list. Failures: a 5xx, a line at level error (a traceback) in the service's log, a connection

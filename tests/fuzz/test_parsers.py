@@ -27,14 +27,9 @@ from hypothesis import strategies as st
 
 from pki.authority import PKIError
 from pki.policy import AUTHORIZE_BY, IDENTITY_NAME, POLICY_FILE, Policy
-from shared.allowlist import AllowList
-from shared.authz import authorize_listed
-from shared.certs import normalise_thumbprint
-from shared.files import MaterialError
-from shared.identity import CallerIdentity
-from shared.spiffe import MAX_LENGTH, InvalidSpiffeId, SpiffeId
-from shared.token_client import TokenClient
-from shared.tokens import MAX_ACTORS, TokenRefused, verify
+from shared.authz import AllowList, authorize_listed
+from shared.tokens import MAX_ACTORS, TokenClient, TokenRefused, verify
+from shared.x509 import MAX_LENGTH, InvalidSpiffeId, MaterialError, PeerIdentity, SpiffeId, normalise_thumbprint
 from tests.fuzz.profiles import examples
 from tests.fuzz.tokens import (
     AUDIENCE,
@@ -160,7 +155,7 @@ lines = st.one_of(
 
 @pytest.fixture(scope="module")
 def scratch() -> Iterator[Path]:
-    """A private directory for the files the parsers read (0600, ours, as shared.files insists)."""
+    """A private directory for the files the parsers read (0600, ours, as shared.x509.files insists)."""
     with tempfile.TemporaryDirectory() as directory:
         yield Path(directory)
 
@@ -200,10 +195,10 @@ def test_an_allow_list_admits_only_what_a_line_lists(
     # Callers: listed ones, and the names that appear anywhere else in the file (comments) or nowhere.
     elsewhere = re.findall(r"spiffe://[^\s#]*", "\n".join(line for _, line in file_lines))
     shas = [*sorted(listed_thumbprints), other]
-    # A caller's SPIFFE ID is one that parsed from its certificate (shared.identity), or none.
+    # A caller's SPIFFE ID is one that parsed from its certificate (shared.x509.identity), or none.
     ids = [*filter(spec_allows, [*listed, *elsewhere]), "spiffe://mesh.internal/intruder", None]
     sha256, spiffe_id = shas[pick_sha % len(shas)], ids[pick_id % len(ids)]
-    caller = CallerIdentity(sha256, "CN=fuzz", spiffe_id, None, (), is_leaf=True, client_auth=True)
+    caller = PeerIdentity(sha256, "CN=fuzz", spiffe_id, None, (), is_leaf=True, client_auth=True)
     decision = authorize_listed(allow_list)(caller)
     note(f"{caller.sha256} {caller.spiffe_id}: {decision}")
     if decision.allowed:
@@ -401,7 +396,7 @@ class _TokenService:
 def test_a_service_refuses_a_malformed_token_with_token_refused_only(
     header: dict[str, Any], claims: dict[str, Any], signer: Any
 ) -> None:
-    """The path a service takes (shared.token_client: read the kid unverified, maybe fetch /jwks, verify)."""
+    """The path a service takes (shared.tokens.client: read the kid unverified, maybe fetch /jwks, verify)."""
     now = time.time()
     header, claims = changed(good_header(), header), changed(good_claims(now), claims)
     client = TokenClient(_TokenService(), ISSUER, lambda: 0)  # type: ignore[arg-type]

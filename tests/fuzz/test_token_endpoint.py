@@ -2,7 +2,7 @@
 identity of the mesh and forms made of the fields the grants read, near-misses of them, and bytes.
 
 No socket: the app is the one `python -m services.token_service` serves, built from a real PKI, and each
-request carries the caller's certificate the way shared.handshake hands it over (shared.peer.expose). A 5xx
+request carries the caller's certificate the way shared.inbound.handshake hands it over (shared.inbound.expose). A 5xx
 is a failure; so is a token granted that the token policy forbids — checked on the token itself, which must
 verify, be bound to the caller, and name a user, audience and scopes the policy allows this caller.
 """
@@ -25,9 +25,8 @@ from services.config import ServiceConfig
 from services.token_policy import TokenPolicy
 from services.token_service import create_token_app
 from shared import tls
-from shared.identity import CallerIdentity
+from shared.inbound import IDENTITY_KEY, expose
 from shared.layout import Layout
-from shared.peer import IDENTITY_KEY, expose
 from shared.tokens import (
     ACCESS_TOKEN_TYPE,
     EXCHANGE_GRANT,
@@ -38,6 +37,7 @@ from shared.tokens import (
     check_holder,
     verify,
 )
+from shared.x509 import PeerIdentity
 from tests.fuzz.profiles import examples
 from tests.support import Credentials, forge, identity_of, signing_key
 
@@ -50,7 +50,7 @@ class TokenService:
 
     loop: asyncio.AbstractEventLoop
     apps: dict[str, Any]
-    callers: dict[str, CallerIdentity]
+    callers: dict[str, PeerIdentity]
     policy: TokenPolicy
     issuer: str
     keys: KeySet
@@ -67,7 +67,7 @@ class TokenService:
             return await client.request(method, path, content=body, headers=headers)
 
 
-def _extension(caller: CallerIdentity, pem: str) -> dict[str, Any]:
+def _extension(caller: PeerIdentity, pem: str) -> dict[str, Any]:
     return {"client_cert_chain": [pem], "tls_version": 0x0304, "cipher_suite": 0x1302, IDENTITY_KEY: caller}
 
 

@@ -84,7 +84,7 @@ def assert_acceptable(
     header: dict[str, Any], claims: dict[str, Any], signer: Any, now: float = NOW, audience: str = AUDIENCE
 ) -> None:
     """What a token that verify() accepted must have been: signed by `signer`, the token service's key (KEY, unless
-    the test runs against a real one), and every rule of shared/tokens.py met."""
+    the test runs against a real one), and every rule of shared/tokens/token.py met."""
     assert signer is not None and signer is not STRANGER_KEY, "accepted a token no key of ours signed"
     assert header.get("alg") == ALGORITHM and header.get("typ") == TYP and header.get("kid") == signer.kid, header
     assert claims.get("iss") == ISSUER and claims.get("aud") == audience

@@ -1,10 +1,10 @@
 """The open connections of this process, and who is on the other end of each.
 
 A certificate is checked once, at the handshake. So when one is revoked later, its open keep-alive
-connections must be found and closed (`close_where`). And the connection limits (shared.limits) decide from
+connections must be found and closed (`close_where`). And the connection limits (shared.inbound.limits) decide from
 this table whom to turn away: which connection still has no authenticated peer and has waited longest,
 which caller holds how many connections, and which of them is idle. Every connection is in it from the
-accept to its end, and leaves it on every way it can end (shared.handshake); /metrics shows the counts.
+accept to its end, and leaves it on every way it can end (shared.inbound.handshake); /metrics shows the counts.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.identity import CallerIdentity
-from shared.metrics import Gauge
+from shared.observability.metrics import Gauge
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["ConnectionTable", "Unauthenticated", "caller_key", "close_where", "connections", "peer_address"]
 
@@ -26,7 +26,7 @@ def peer_address(transport: asyncio.BaseTransport) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
-def caller_key(caller: CallerIdentity | None) -> str:
+def caller_key(caller: PeerIdentity | None) -> str:
     """Whose connection this is, for the per-caller limit: its SPIFFE ID (a renewed certificate is the same
     caller), else its thumbprint; "" for callers without a certificate (client_cert=optional)."""
     if caller is None:
@@ -45,13 +45,13 @@ class Unauthenticated:
 class ConnectionTable:
     """Connections not yet authenticated (oldest first) and established ones (each with its caller).
 
-    It only keeps the books; shared.handshake and shared.limits decide, and close what they take out.
+    It only keeps the books; shared.inbound.handshake and shared.inbound.limits decide, and close what they take out.
     """
 
     def __init__(self) -> None:
-        self.handshaking = 0  # TLS handshakes running (start_tls not yet returned), kept by shared.handshake
+        self.handshaking = 0  # TLS handshakes running (start_tls not yet returned), kept by shared.inbound.handshake
         self.unauthenticated: dict[asyncio.BaseProtocol, Unauthenticated] = {}
-        self.established: dict[asyncio.BaseProtocol, tuple[asyncio.BaseTransport, CallerIdentity | None]] = {}
+        self.established: dict[asyncio.BaseProtocol, tuple[asyncio.BaseTransport, PeerIdentity | None]] = {}
         self._by_caller: dict[str, dict[asyncio.BaseProtocol, None]] = {}  # per caller, oldest first
         self._idle_since: dict[asyncio.BaseProtocol, float] = {}  # established and between requests
 
@@ -79,7 +79,7 @@ class ConnectionTable:
     # ── established ──
 
     def add(
-        self, connection: asyncio.BaseProtocol, transport: asyncio.BaseTransport, caller: CallerIdentity | None
+        self, connection: asyncio.BaseProtocol, transport: asyncio.BaseTransport, caller: PeerIdentity | None
     ) -> None:
         self.settled(connection)
         self.established[connection] = (transport, caller)
@@ -147,7 +147,7 @@ Gauge(
 )
 
 
-def close_where(should_close: Callable[[CallerIdentity], bool]) -> int:
+def close_where(should_close: Callable[[PeerIdentity], bool]) -> int:
     """Close every open connection whose caller matches; return how many were closed."""
     doomed = [
         transport

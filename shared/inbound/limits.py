@@ -42,8 +42,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from shared.connections import connections, peer_address
-from shared.metrics import Counter
+from shared.inbound.connections import connections, peer_address
+from shared.observability.metrics import Counter
 from shared.problem import Problem
 
 __all__ = [

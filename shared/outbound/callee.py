@@ -22,9 +22,10 @@ from typing import Any
 import httpcore
 import httpx
 
-from shared.authz import Authorizer
-from shared.identity import CallerIdentity
-from shared.tls import Recheck
+from shared.authz.rules import Authorizer
+from shared.outbound.pool import on_backend
+from shared.tls.live import Recheck
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["CalleeCheck", "CalleeRefused", "callee_check", "sync_transport"]
 
@@ -47,7 +48,7 @@ def callee_check(authorizer: Authorizer, recheck: Recheck | None = None) -> Call
             raise CalleeRefused("the callee presented no certificate")
         if recheck is not None and (reason := recheck(ssl_object)):
             raise CalleeRefused(reason)
-        decision = authorizer(CallerIdentity.from_der(der))
+        decision = authorizer(PeerIdentity.from_der(der))
         if not decision.allowed:
             raise CalleeRefused(decision.reason)
 
@@ -107,7 +108,5 @@ class _CheckedBackend(httpcore.SyncBackend):
 
 def sync_transport(context: ssl.SSLContext, check: CalleeCheck) -> httpx.HTTPTransport:
     """httpx's blocking transport, its pool on a backend that checks every callee (for the CLI client)."""
-    http = httpx.HTTPTransport(verify=context)
-    # As in shared.nativetls: httpx has no public way to choose the network backend (pinned < 0.29).
-    http._pool = httpcore.ConnectionPool(ssl_context=context, network_backend=_CheckedBackend(check))
-    return http
+    limits = httpx.Limits()  # httpx's defaults, as `httpx.HTTPTransport(verify=context)` has them
+    return on_backend(httpx.HTTPTransport(verify=context, limits=limits), context, limits, _CheckedBackend(check))

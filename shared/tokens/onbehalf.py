@@ -3,7 +3,7 @@
     on_behalf = OnBehalfOf("service-b", tokens, required=True)
     User = Annotated[UserToken | None, Depends(on_behalf)]
 
-It runs after the certificate guard (`shared.guard`), on the same connection's verified certificate, and
+It runs after the certificate guard (`shared.authz.guard`), on the same connection's verified certificate, and
 checks in this order, answering RFC 6750's 401 `invalid_token` or 403 `insufficient_scope` with a problem
 document naming the rule: the token's signature, `kid`, `typ`, `iss`, `aud`, `exp`/`nbf` (shared.tokens.verify);
 that it is bound to the certificate on this connection and held by the caller (check_holder); and that its
@@ -16,12 +16,12 @@ import logging
 
 from fastapi import Request
 
-from shared.identity import CallerIdentity
-from shared.metrics import Counter
-from shared.peer import VerifiedPeer
+from shared.inbound.asgi import VerifiedPeer
+from shared.observability import Counter, recent
 from shared.problem import Problem
-from shared.token_client import TokenClient
-from shared.tokens import TokenRefused, UserToken, check_holder
+from shared.tokens.client import TokenClient
+from shared.tokens.token import TokenRefused, UserToken, check_holder
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["OnBehalfOf"]
 
@@ -54,14 +54,14 @@ class OnBehalfOf:
                     f"{token.subject} may not reach {self.service}: it is not in the token's scope "
                     f"({' '.join(sorted(token.scopes)) or 'empty'})",
                     error="insufficient_scope",
-                    status=403,
                 )
         except TokenRefused as refused:
             self._log(caller, None, refused.reason, refused.error)
+            status = 403 if refused.error == "insufficient_scope" else 401  # RFC 6750 §3.1
             raise Problem(
-                refused.status,
+                status,
                 refused.error.replace("_", "-"),
-                "User token refused" if refused.status == 401 else "User not allowed here",
+                "User token refused" if status == 401 else "User not allowed here",
                 f"{self.service} refused the request: {refused.reason}.",
                 headers={"WWW-Authenticate": f'Bearer error="{refused.error}"'},
                 service=self.service,
@@ -70,7 +70,7 @@ class OnBehalfOf:
         self._log(caller, token, "valid, bound to this connection's certificate, in scope", "valid")
         return token
 
-    def _log(self, caller: CallerIdentity | None, token: UserToken | None, reason: str, code: str) -> None:
+    def _log(self, caller: PeerIdentity | None, token: UserToken | None, reason: str, code: str) -> None:
         verdict = "allow" if token else "deny"
         log.info(
             "user_token",
@@ -83,6 +83,7 @@ class OnBehalfOf:
             },
         )
         token_decisions.inc(decision=verdict, reason=code)
+        recent.record("token", verdict, reason, None if token is None else code, caller)
 
 
 def _bearer(header: str | None) -> str | None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
-from shared import certs
-from shared.spiffe import InvalidSvid, svid_id
+from shared.x509 import certs
+from shared.x509.files import MaterialError
+from shared.x509.spiffe import InvalidSvid, SpiffeId, svid_id
 
 
 @dataclass(frozen=True)
-class CallerIdentity:
+class PeerIdentity:
     """The caller as its certificate describes it. TLS has already verified the chain before we get here.
 
-    caller = CallerIdentity.from_certificate(leaf)
+    caller = PeerIdentity.from_certificate(leaf)
     caller.sha256, caller.spiffe_id        # what allow-lists and logs name
     """
 
@@ -38,7 +40,7 @@ class CallerIdentity:
     anchor: str | None = None
 
     @classmethod
-    def from_certificate(cls, cert: x509.Certificate) -> CallerIdentity:
+    def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
         try:
             spiffe_id, svid_problem = str(svid_id(cert)), None
         except InvalidSvid as e:
@@ -60,15 +62,39 @@ class CallerIdentity:
 
     @classmethod
     @functools.lru_cache(maxsize=1024)
-    def from_der(cls, der: bytes) -> CallerIdentity:
+    def from_der(cls, der: bytes) -> PeerIdentity:
         """Cached: every new connection of the same peer presents the same bytes, parsed once."""
         return cls.from_certificate(x509.load_der_x509_certificate(der))
 
     @classmethod
     @functools.lru_cache(maxsize=256)
-    def from_pem(cls, pem: str) -> CallerIdentity:
+    def from_pem(cls, pem: str) -> PeerIdentity:
         """For servers that fill the ASGI TLS extension themselves; cached, so each certificate is parsed once."""
         return cls.from_certificate(x509.load_pem_x509_certificate(pem.encode()))
 
     def summary(self) -> dict[str, str | None]:
         return {"sha256": self.sha256, "subject": self.subject, "spiffe_id": self.spiffe_id}
+
+
+def own_id(certificate: x509.Certificate | None, path: Path | None, needed_for: str, or_else: str = "") -> SpiffeId:
+    """Our SPIFFE ID, read from our certificate in force; MaterialError naming the file and what needed it.
+
+    There is no default trust domain anywhere: a peer's ID is derived from ours (`peer_id`), so a certificate of
+    ours without a SPIFFE ID stops whatever needed one, rather than trusting a name we made up.
+    """
+    own = PeerIdentity.from_certificate(certificate) if certificate is not None else None
+    if own is None or own.spiffe_id is None:
+        problem = own.svid_problem if own else "no certificate"
+        raise MaterialError(
+            f"{path}: {needed_for} comes from our own SPIFFE ID, and our certificate has none ({problem}) — "
+            f"issue it one with `make pki`{f', {or_else}' if or_else else ''}"
+        )
+    return SpiffeId.parse(own.spiffe_id)
+
+
+def peer_id(certificate: x509.Certificate | None, path: Path | None, name: str, or_else: str = "") -> SpiffeId:
+    """spiffe://<our own trust domain>/<name>: the SPIFFE ID the peer we call `name` must present.
+
+    The one derivation of a peer's ID, for the services (their next hop, the token service) and the client."""
+    own = own_id(certificate, path, f"the SPIFFE ID {name} must present", or_else)
+    return SpiffeId(own.trust_domain, f"/{name}")

@@ -7,7 +7,7 @@ allowed, or denied with a reason. Small constructors build them; policy composes
 
 reads "admit a leaf client certificate that is on the allow-list". The same type authorizes the other
 direction: a caller checks its callee with `authorize_id(SpiffeId.parse("spiffe://mesh.internal/service-b"))`
-(shared.callee). Nothing else in the project knows how a decision is made; `shared.guard.Guard` applies an
+(shared.outbound.callee). Nothing else in the project knows how a decision is made; `shared.authz.Guard` applies an
 authorizer to every request.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shared.allowlist import AllowList
-from shared.identity import CallerIdentity
-from shared.spiffe import SpiffeId
+from shared.authz.allowlist import AllowList
+from shared.x509.identity import PeerIdentity
+from shared.x509.spiffe import SpiffeId
 
 __all__ = [
     "Authorizer",
@@ -40,7 +40,7 @@ class Decision:
     code: str  # a stable short name, for metrics labels and alerting
 
 
-Authorizer = Callable[[CallerIdentity], Decision]
+Authorizer = Callable[[PeerIdentity], Decision]
 
 
 def authorize_any() -> Authorizer:
@@ -51,7 +51,7 @@ def authorize_any() -> Authorizer:
 def authorize_client_leaf() -> Authorizer:
     """Admit only end-entity certificates issued for client authentication; a CA certificate is no caller."""
 
-    def authorize(caller: CallerIdentity) -> Decision:
+    def authorize(caller: PeerIdentity) -> Decision:
         if not caller.is_leaf:
             return Decision(
                 False, "the certificate is a CA certificate, not a leaf; a CA cannot be a caller", "ca_certificate"
@@ -73,7 +73,7 @@ def authorize_id(expected: SpiffeId) -> Authorizer:
 def authorize_ids(*allowed: SpiffeId) -> Authorizer:
     """Admit peers whose certificate is a valid X509-SVID for one of `allowed`."""
 
-    def authorize(peer: CallerIdentity) -> Decision:
+    def authorize(peer: PeerIdentity) -> Decision:
         if peer.spiffe_id is None:
             return Decision(False, f"the certificate has no SPIFFE ID: {peer.svid_problem}", "no_spiffe_id")
         if SpiffeId.parse(peer.spiffe_id) in allowed:
@@ -86,7 +86,7 @@ def authorize_ids(*allowed: SpiffeId) -> Authorizer:
 def authorize_member_of(trust_domain: str) -> Authorizer:
     """Admit any peer with a valid X509-SVID in `trust_domain`."""
 
-    def authorize(peer: CallerIdentity) -> Decision:
+    def authorize(peer: PeerIdentity) -> Decision:
         if peer.spiffe_id is None:
             return Decision(False, f"the certificate has no SPIFFE ID: {peer.svid_problem}", "no_spiffe_id")
         if SpiffeId.parse(peer.spiffe_id).member_of(trust_domain):
@@ -100,7 +100,7 @@ def authorize_listed(allow_list: AllowList) -> Authorizer:
     """Admit callers the allow-list names — by thumbprint (a pin) or by SPIFFE ID (a name); deny the rest."""
     by_id = authorize_ids(*allow_list.ids)
 
-    def authorize(caller: CallerIdentity) -> Decision:
+    def authorize(caller: PeerIdentity) -> Decision:
         if caller.sha256 in allow_list:
             label = allow_list.label(caller.sha256)
             return Decision(True, f"thumbprint is on {allow_list.source.name} as {label!r}", "listed")
@@ -125,7 +125,7 @@ def _either(ids: tuple[SpiffeId, ...]) -> str:
 def authorize_all(*authorizers: Authorizer) -> Authorizer:
     """Admit only callers that every authorizer admits; the first denial gives the reason."""
 
-    def authorize(caller: CallerIdentity) -> Decision:
+    def authorize(caller: PeerIdentity) -> Decision:
         decision = Decision(False, "no authorizer was given: deny by default", "no_authorizer")
         for authorizer in authorizers:
             decision = authorizer(caller)

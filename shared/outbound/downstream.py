@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from shared import nativetls, trace
-from shared.authz import authorize_id
-from shared.callee import CalleeRefused, callee_check
+from shared.authz.rules import authorize_id
+from shared.observability import trace
+from shared.outbound import nativetls
+from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check
 from shared.problem import Problem, echo
-from shared.spiffe import SpiffeId
-from shared.tls import Recheck
+from shared.tls.live import Recheck
+from shared.x509.spiffe import SpiffeId
 
 # uvicorn closes idle connections after 5 s. Dropping ours sooner means we never send a request on a
 # connection the server is closing at that moment (which would fail with "server disconnected").
@@ -26,6 +30,9 @@ KEEPALIVE_EXPIRY = 4.0
 # A hop's answer is a few KB of JSON. A callee that sends more is broken or hostile, and what it sends would be
 # held in our memory: we stop reading at this bound (the connection is dropped) and answer 502.
 MAX_RESPONSE_BYTES = 1 << 20
+
+# How a Downstream gets its transport: `nativetls.transport` in a service; an httpx.MockTransport in a test.
+Connect = Callable[[ssl.SSLContext, httpx.Limits, CalleeCheck], httpx.AsyncBaseTransport]
 
 log = logging.getLogger("mesh.downstream")
 _KINDS = {
@@ -44,26 +51,28 @@ class Downstream:
         url: str,
         context: ssl.SSLContext,
         timeout: float,
+        expected_id: SpiffeId,
+        *,
         keepalive: bool = True,
-        expected_id: SpiffeId | None = None,
         recheck: Recheck | None = None,
+        connect: Connect = nativetls.transport,
     ) -> None:
         self.caller, self.name, self.url, self.timeout = caller, name, url.rstrip("/"), timeout
         self.keepalive = keepalive
         self.context = context
-        # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID.
-        self.expected_id = expected_id or SpiffeId("mesh.internal", f"/{name}")
+        # Who must answer: the DNS name `name` (TLS checks it) and, after the handshake, this SPIFFE ID...
+        self.expected_id = expected_id
         # ...and, with `recheck` (LiveTLS.recheck), still trusted when the handshake completes: a pool renewed
         # after a trust change can still finish a handshake begun with the old context.
         self.check = callee_check(authorize_id(self.expected_id), recheck)
+        self.connect = connect  # the transport's maker: the event loop's TLS, or a test's httpx.MockTransport
         self.client = self._new_client()
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _new_client(self) -> httpx.AsyncClient:
         keepalive = 20 if self.keepalive else 0  # 20: httpx's default
         limits = httpx.Limits(max_keepalive_connections=keepalive, keepalive_expiry=KEEPALIVE_EXPIRY)
-        transport = nativetls.transport(self.context, limits, self.check)
-        return httpx.AsyncClient(transport=transport, timeout=self.timeout)
+        return httpx.AsyncClient(transport=self.connect(self.context, limits, self.check), timeout=self.timeout)
 
     def renew(self, context: ssl.SSLContext) -> None:
         """New connections from now on, with `context` (the TLS material changed); the old pool closes once
@@ -205,9 +214,14 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
         return f"{server} failed our check that it is {name}: {detail}"
+    if any(isinstance(cause, socket.gaierror) for cause in _causes(error)):
+        host = urlsplit(url).hostname if url else name
+        return f"the name {host} does not resolve (DNS): check it" + (f" in {url}" if url else "")
     if any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error)):
         return f"nothing accepts connections at {url} (is {name} running?)" if url else f"{name} is not reachable"
-    if isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError):
+    if any(marker in text for marker in _NOT_TLS):
+        return f"{server} does not speak TLS (plain HTTP?): is it the right port, and is it {name}?"
+    if closed_without_answer(error):
         # uvicorn (asyncio) refuses a client certificate by closing the connection without a TLS alert; with
         # TLS 1.3 the client only notices on its first read. So "closed without answering" is the signature
         # of a refusal at the TLS layer.
@@ -216,6 +230,21 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
             "(none presented, not signed by a CA it trusts, expired or not yet valid, revoked, or not for client use)"
         )
     return f"{name} could not be called ({type(error).__name__})" if not url else f"{type(error).__name__}: {text}"
+
+
+# What OpenSSL says when the answer to our ClientHello is not TLS at all: a plain HTTP server's "HTTP/1.1 400".
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "PACKET_LENGTH_TOO_LONG")
+
+
+def closed_without_answer(error: httpx.HTTPError) -> bool:
+    """The server took the connection and closed it without an answer: how it refuses a client certificate.
+    Not a failed name lookup, a refused connection, a timeout or a server that is no TLS server."""
+    causes = _causes(error)
+    return (
+        isinstance(error, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError)
+        and not any(isinstance(cause, socket.gaierror | ConnectionRefusedError) for cause in causes)
+        and not any(marker in str(error) for marker in (*_NOT_TLS, "CERTIFICATE_VERIFY_FAILED"))
+    )
 
 
 def _causes(error: BaseException) -> list[BaseException]:

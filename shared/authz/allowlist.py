@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.certs import normalise_thumbprint
-from shared.files import MaterialError, read_protected
-from shared.spiffe import InvalidSpiffeId, SpiffeId
+from shared.x509.certs import normalise_thumbprint
+from shared.x509.files import MaterialError, read_protected
+from shared.x509.spiffe import InvalidSpiffeId, SpiffeId
 
 __all__ = ["AllowList"]
 

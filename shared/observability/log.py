@@ -1,14 +1,20 @@
-"""One JSON object per line, the same field names in every service, so logs can be grepped and joined."""
+"""One JSON object per line, the same field names in every service, so logs can be grepped and joined.
+
+MESH_LOG_FORMAT=text writes the same records for a person instead (`make run` in a terminal):
+
+    12:04:31 WARNING service-b authz decision=deny reason='…' caller_subject='CN=client,O=mtls-mesh'
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from typing import Any
 
-from shared import trace
+from shared.observability import trace
 
 # uvicorn adds color_message (the same text with ANSI colours) to its records; a log file wants neither.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
@@ -36,10 +42,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
+class TextFormatter(JSONFormatter):
+    """One line a person reads: time, level, service, event, then the fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = json.loads(super().format(record))
+        head = f"{event.pop('ts')[11:19]} {event.pop('level').upper():<7} {event.pop('service')} {event.pop('event')}"
+        trace = event.pop("exception", None)
+        fields = " ".join(
+            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in event.items() if v is not None
+        )
+        return f"{head} {fields}".rstrip() + (f"\n{trace}" if trace else "")
+
+
 def configure(service: str, level: str = "info") -> None:
-    """Route our loggers and uvicorn's through the JSON formatter on stdout."""
+    """Route our loggers and uvicorn's to stdout: JSON lines, or text with MESH_LOG_FORMAT=text."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONFormatter(service))
+    text = os.environ.get("MESH_LOG_FORMAT", "json").lower() == "text"
+    handler.setFormatter(TextFormatter(service) if text else JSONFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

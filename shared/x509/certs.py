@@ -9,7 +9,7 @@ whose message names the file and the fix::
     subject_alt_names(leaf)      # [('DNS', 'service-a'), ('DNS', 'localhost'), ('IP', '127.0.0.1'), ('URI', 'spiffe://…')]
 
 Reading here is plain: the PKI tool reads its own files. A service reads the files that decide who gets in
-through `shared.files.read_protected` first, and parses the bytes with the `parse_*` functions.
+through `shared.x509.read_protected` first, and parses the bytes with the `parse_*` functions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from shared.files import MaterialError
+from shared.x509.files import MaterialError
 
 __all__ = [
     "EKU_OIDS",
@@ -86,6 +86,8 @@ def parse_certificates(data: bytes, path: Path, what: str = "certificate") -> li
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
+        if b"PRIVATE KEY-----" in data:  # a .key given for a .crt: saying "regenerate it" would cost them the key
+            raise MaterialError(f"{path}: this is a private key, not a certificate — give its .crt file") from None
         raise MaterialError(f"{path}: {what} is not a PEM certificate — regenerate it with `make pki`") from None
 
 

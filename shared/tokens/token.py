@@ -30,8 +30,8 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError, UnsupportedAlgorithmError
 from joserfc.jwk import ECKey, KeySet
 
-from shared.identity import CallerIdentity
 from shared.problem import echo
+from shared.x509.identity import PeerIdentity
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
@@ -64,11 +64,13 @@ ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
 class TokenRefused(Exception):
-    """A token failed a rule: `reason` says which, `error` is RFC 6750's code (401 invalid_token, 403 scope)."""
+    """A token failed a rule: `reason` says which, `error` is RFC 6750's code (invalid_token, insufficient_scope).
 
-    def __init__(self, reason: str, error: str = "invalid_token", status: int = 401) -> None:
+    What it becomes in HTTP is decided at the edge (shared.tokens.onbehalf), not here."""
+
+    def __init__(self, reason: str, error: str = "invalid_token") -> None:
         super().__init__(reason)
-        self.reason, self.error, self.status = reason, error, status
+        self.reason, self.error = reason, error
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class UserToken:
         return {"sub": self.subject, "actors": list(self.actors), "scope": " ".join(sorted(self.scopes))}
 
 
-def x5t_s256(caller: CallerIdentity) -> str:
+def x5t_s256(caller: PeerIdentity) -> str:
     """RFC 8705's certificate thumbprint: the SHA-256 of the DER (our hex thumbprint), base64url, no padding."""
     return base64.urlsafe_b64encode(bytes.fromhex(caller.sha256)).rstrip(b"=").decode()
 
@@ -100,7 +102,7 @@ def mint(
     subject: str,
     audience: str,
     scopes: frozenset[str],
-    holder: CallerIdentity,
+    holder: PeerIdentity,
     lifetime: int,
     previous: UserToken | None = None,
 ) -> tuple[str, int]:
@@ -166,7 +168,7 @@ def verify(raw: str, keys: KeySet, *, issuer: str, audience: str, now: float | N
     )
 
 
-def check_holder(token: UserToken, caller: CallerIdentity) -> None:
+def check_holder(token: UserToken, caller: PeerIdentity) -> None:
     """RFC 8705 §3: the token is bound to the certificate on *this* connection; and its current actor is the
     caller (RFC 8693 §4.1: only the current actor counts for decisions; the nested ones are history)."""
     if token.bound_to != x5t_s256(caller):

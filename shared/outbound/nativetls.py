@@ -21,7 +21,8 @@ from typing import Any
 import httpcore
 import httpx
 
-from shared.callee import CalleeCheck, refuse_unless
+from shared.outbound.callee import CalleeCheck, refuse_unless
+from shared.outbound.pool import on_backend
 
 
 @contextlib.contextmanager
@@ -77,7 +78,7 @@ class _Stream(httpcore.AsyncNetworkStream):
 
 class NativeTLSBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, check: CalleeCheck) -> None:
-        self._check = check  # who the callee must be, after each handshake (shared.callee)
+        self._check = check  # who the callee must be, after each handshake (shared.outbound.callee)
 
     async def connect_tcp(
         self,
@@ -103,14 +104,4 @@ class NativeTLSBackend(httpcore.AsyncNetworkBackend):
 
 def transport(context: ssl.SSLContext, limits: httpx.Limits, check: CalleeCheck) -> httpx.AsyncHTTPTransport:
     """httpx's own transport, with its connection pool on NativeTLSBackend, every callee checked by `check`."""
-    http = httpx.AsyncHTTPTransport(verify=context, limits=limits)
-    # httpx has no public way to choose the network backend; its transport keeps the httpcore pool in
-    # `_pool` (stable across httpx 0.2x, which pyproject.toml pins). Rebuild it the way httpx does.
-    http._pool = httpcore.AsyncConnectionPool(
-        ssl_context=context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=NativeTLSBackend(check),
-    )
-    return http
+    return on_backend(httpx.AsyncHTTPTransport(verify=context, limits=limits), context, limits, NativeTLSBackend(check))

@@ -5,7 +5,7 @@ an OSError, logged only in the loop's debug mode, and no TLS alert is sent eithe
 Operators then cannot see who was refused or why. So uvicorn is given no SSL context at all: each
 connection starts as plain TCP, and `TLSTermination` upgrades it with asyncio's public `loop.start_tls()`,
 which raises the handshake's error where we can log it — peer address and OpenSSL's reason, at WARNING.
-On success it reads the verified peer certificate once (shared.peer) and starts uvicorn's HTTP protocol on
+On success it reads the verified peer certificate once (shared.inbound.asgi) and starts uvicorn's HTTP protocol on
 the TLS transport exactly as if uvicorn had done the handshake.
 
 It touches one uvicorn internal, the per-connection `self.app`; the end-to-end tests fail loudly if a
@@ -15,18 +15,21 @@ uvicorn upgrade changes it. There is no plaintext mode: without an SSLContext th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from shared.connections import caller_key, connections, peer_address
-from shared.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
-from shared.metrics import Counter
-from shared.peer import IDENTITY_KEY, expose, tls_extension
-from shared.tls import Recheck
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
 
-__all__ = ["TLSTermination", "tls_protocol"]
+from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
+from shared.inbound.connections import caller_key, connections, peer_address
+from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
+from shared.observability import Counter, recent
+from shared.tls.live import Recheck
+
+__all__ = ["TLSHttpToolsProtocol", "TLSTermination", "tls_protocol"]
 
 log = logging.getLogger("mesh.tls")
 tls_refusals = Counter("mesh_tls_refusals_total", "TLS handshakes refused, by OpenSSL's reason", ["reason"])
@@ -38,13 +41,13 @@ class TLSTermination:
     app: Any
     server_context: Callable[[], ssl.SSLContext]  # the one in force now: rebuilt whenever the files change
     limits: ConnectionLimits
-    recheck: Recheck
+    recheck: Recheck  # LiveTLS.recheck: the trust in force when a handshake completes
     _established = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(connections.unauthenticated) >= self.limits.max_handshakes:
             # Never refuse the newcomer: it is the likeliest to be a real caller mid-handshake. Shed the
-            # connection that has waited longest without a byte, or else the oldest handshake (shared.limits).
+            # connection that has waited longest without a byte, or else the oldest handshake (shared.inbound.limits).
             victim = connections.oldest_unauthenticated()
             if victim is not None:
                 why = f"{self.limits.max_handshakes} connections are not yet authenticated (the limit): the oldest goes"
@@ -93,7 +96,7 @@ class TLSTermination:
             self._admit()
 
     def _admit(self) -> None:
-        """Keep the caller's new connection within its share and the global cap (shared.limits): its own
+        """Keep the caller's new connection within its share and the global cap (shared.inbound.limits): its own
         idle connection goes first; the new one is refused only if none of that caller's is idle."""
         entry = connections.established.get(self)  # type: ignore[call-overload]
         if entry is None:  # closed while it was being let in
@@ -124,6 +127,7 @@ class TLSTermination:
             reason = getattr(outcome, "verify_message", None) or outcome.reason or str(outcome)
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": str(outcome)})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             raw.close()
         elif (
             isinstance(outcome, BaseException)
@@ -138,6 +142,7 @@ class TLSTermination:
         elif reason := self._no_longer_good(outcome.get_extra_info("ssl_object")):
             log.warning("tls_refused", extra={"peer": peer, "reason": reason, "error": "refused by the trust in force"})
             tls_refusals.inc(reason=reason)
+            recent.record("tls", "deny", reason, peer=peer)
             outcome.abort()
         else:
             # Checked and registered in this one callback, on the event loop that also runs the reloads: a
@@ -208,19 +213,36 @@ class _FirstBytes(asyncio.BufferedProtocol):
         self.tls.resume_writing()
 
 
+class TLSHttpToolsProtocol(TLSTermination, RequestLimits, HttpToolsProtocol):
+    """uvicorn's fastest HTTP/1.1 protocol, behind our TLS termination and our request limits.
+
+    Each connection gets its own instance from uvicorn (with uvicorn's arguments), plus ours, given once per
+    service by `tls_protocol`: the server context in force, the limits, and the re-check of a finished handshake.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        server_context: Callable[[], ssl.SSLContext],
+        limits: ConnectionLimits,
+        recheck: Recheck,
+        **kwargs: Any,
+    ) -> None:
+        self.server_context, self.limits, self.recheck = server_context, limits, recheck
+        super().__init__(*args, **kwargs)
+
+
 def tls_protocol(
     context: Callable[[], ssl.SSLContext], limits: ConnectionLimits, recheck: Recheck
-) -> type[asyncio.Protocol]:
-    """uvicorn's fastest HTTP/1.1 protocol class, terminating TLS with the context `context()` returns now.
+) -> Callable[..., asyncio.Protocol]:
+    """What uvicorn makes each connection's protocol with: TLSHttpToolsProtocol, terminating TLS with the
+    context `context()` returns when the connection comes (uvicorn accepts any callable as `http`).
 
     uvicorn.run(app, http=tls_protocol(lambda: live.server, config.limits, live.recheck))
     """
     if not isinstance(context(), ssl.SSLContext):
         raise TypeError("a service speaks TLS only: tls_protocol() needs an ssl.SSLContext")
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
-
-    attributes = {"server_context": staticmethod(context), "limits": limits, "recheck": staticmethod(recheck)}
-    return type("TLSHttpToolsProtocol", (TLSTermination, RequestLimits, HttpToolsProtocol), attributes)
+    return functools.partial(TLSHttpToolsProtocol, server_context=context, limits=limits, recheck=recheck)
 
 
 def _run_eagerly(coroutine: Coroutine[Any, Any, Any], done: Callable[[Any], None]) -> None:

@@ -1,7 +1,7 @@
 """The verified peer of a connection, as the app sees it: the ASGI TLS extension, and one typed accessor.
 
 The ASGI spec defines a TLS extension (`scope["extensions"]["tls"]`) carrying the client's certificate
-chain. No uvicorn release fills it, so `shared.handshake` does, once per connection, with `tls_extension`;
+chain. No uvicorn release fills it, so `shared.inbound.handshake` does, once per connection, with `tls_extension`;
 everything that wants to know who is on the other end reads it back through `VerifiedPeer.of(scope)`::
 
     peer = VerifiedPeer.of(request.scope)
@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.identity import CallerIdentity
-from shared.tls import CIPHER_IDS, connection_peer
+from shared.tls.contexts import CIPHER_IDS
+from shared.tls.peer import connection_peer
+from shared.x509.identity import PeerIdentity
 
 __all__ = ["VerifiedPeer", "expose", "tls_extension"]
 
@@ -63,7 +64,7 @@ def expose(app: Any, extension: dict[str, Any]) -> Any:
 class VerifiedPeer:
     """Who is on the other end of this request's connection, and over what."""
 
-    caller: CallerIdentity | None  # None only when the server lets callers in without a certificate
+    caller: PeerIdentity | None  # None only when the server lets callers in without a certificate
     tls_version: str  # "TLSv1.3"
     cipher: str  # OpenSSL's name, "TLS_AES_256_GCM_SHA384"
 
@@ -71,7 +72,7 @@ class VerifiedPeer:
     def of(cls, scope: Mapping[str, Any]) -> VerifiedPeer:
         extension = (scope.get("extensions") or {}).get("tls") or {}
         chain = extension.get("client_cert_chain") or []
-        caller = (extension.get(IDENTITY_KEY) or CallerIdentity.from_pem(chain[0])) if chain else None
+        caller = (extension.get(IDENTITY_KEY) or PeerIdentity.from_pem(chain[0])) if chain else None
         return cls(
             caller=caller,
             tls_version=_TLS_VERSION_NAMES.get(extension.get("tls_version", 0), "unknown"),

@@ -1,7 +1,8 @@
 """The token service as the services use it, over mTLS like every other call: its key set, to check the
 tokens they are called with, and RFC 8693 exchange, to get a token for the next hop.
 
-    tokens = TokenClient(Downstream("service-a", "token-service", url, context, 5.0), issuer, generation)
+    to_tokens = Downstream("service-a", "token-service", url, context, 5.0, token_service_id)
+    tokens = TokenClient(to_tokens, issuer, generation)
     user = await tokens.verify(raw, audience="service-a")        # TokenRefused if a rule fails
     onward = await tokens.exchange(user, audience="service-b")   # a token for B, bound to our certificate
 """
@@ -19,9 +20,9 @@ from typing import Any
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
-from shared.downstream import Downstream
+from shared.outbound.downstream import Downstream
 from shared.problem import Problem
-from shared.tokens import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
+from shared.tokens.token import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
 
 __all__ = ["TokenClient"]
 
