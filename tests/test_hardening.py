@@ -420,11 +420,11 @@ def test_slow_downstream_is_504_within_the_deadline(layout: Layout, tmp_path: Pa
             start = time.monotonic()
             response = get(f"https://127.0.0.1:{a_port}/chain", "service-a", context)
             elapsed = time.monotonic() - start
-            # More abandoned calls than FD_BOUND, at once: each waits out its 1 s deadline alongside the others.
+            # More abandoned calls than FD_BOUND, at once (each waits out its 1 s deadline alongside the others),
+            # sent to B as A sends them: through A, B's idle connections from A would hold fds for seconds.
+            as_a = attacker_context(layout.ca_cert, Credentials(layout.cert("service-a"), layout.key("service-a")))
             with ThreadPoolExecutor(10) as pool:
-                late = list(
-                    pool.map(lambda _: get(f"https://127.0.0.1:{a_port}/chain", "service-a", context), range(10))
-                )
+                late = list(pool.map(lambda _: get(f"https://127.0.0.1:{b_port}/chain", "service-b", as_a), range(10)))
             # B closes the abandoned connections to the tarpit.
             wait_until(
                 lambda: Usage.of(b_pid).fds - fds_before <= FD_BOUND,
