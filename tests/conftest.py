@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,30 @@ from shared.layout import Layout
 from tests.support import Credentials, Mesh, Service, signing_key, start_services
 
 POLICY = Policy.load()
+
+
+@pytest.fixture(autouse=True)
+def _no_network_for_fast_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked `fast` proves its rule in-process: any socket it opens beyond the event loop's own
+    AF_UNIX socketpair fails it, under `make test` as under `make test-fast` (which adds a network namespace)."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a fast test reached for the network: use httpx.MockTransport/ASGITransport instead")
+
+    def only_unix(method: Any) -> Any:
+        def guarded(self: socket.socket, *args: Any, **kwargs: Any) -> Any:
+            if self.family != socket.AF_UNIX:
+                refuse()
+            return method(self, *args, **kwargs)
+
+        return guarded
+
+    for name in ("connect", "connect_ex", "bind", "sendto"):
+        monkeypatch.setattr(socket.socket, name, only_unix(getattr(socket.socket, name)))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="session", params=["thumbprint", "spiffe-id"])

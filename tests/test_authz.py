@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.authz import AllowList, authorize_all, authorize_any, authorize_client_leaf, authorize_listed
+from shared.authz import AllowList, Authorizers, authorize_all, authorize_client_leaf, authorize_listed
 from shared.layout import Layout
 from shared.x509 import MaterialError, PeerIdentity, load_certificates
+
+pytestmark = pytest.mark.fast  # in-process: part of `make test-fast`
 
 A, B = "a" * 64, "b" * 64
 
@@ -72,12 +74,33 @@ def test_a_certificate_without_client_auth_is_refused_even_when_listed(tmp_path:
     assert not decision.allowed and "clientAuth" in decision.reason
 
 
+def test_an_allow_list_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "allow.txt").write_bytes(b"\xff" + A.encode() + b"\n")
+    with pytest.raises(MaterialError, match=r"allow\.txt: allow-list is not UTF-8 text"):
+        AllowList.load(tmp_path / "allow.txt")
+
+
+def test_a_comment_cannot_hide_an_entry_behind_a_unicode_line_break(tmp_path: Path) -> None:
+    """Editors and `cat` show U+2028 inside the comment: only \\n ends a line, so B is no entry."""
+    assert set(allow_list(tmp_path, f"{A}  # service-a\u2028{B}\n").entries) == {A}
+
+
+def test_a_caller_without_a_spiffe_id_is_told_so_by_a_list_of_names(tmp_path: Path) -> None:
+    decision = authorize_listed(allow_list(tmp_path, "spiffe://mesh.internal/service-a\n"))(identity(B))
+    assert not decision.allowed and decision.code == "no_spiffe_id" and "has no SPIFFE ID" in decision.reason
+
+
+def test_a_reload_replaces_an_authorizer_and_never_adds_one() -> None:
+    authorizers = Authorizers(api=authorize_all())
+    allow_all = authorize_client_leaf()
+    authorizers.replace("api", allow_all)
+    assert authorizers["api"] is allow_all
+    with pytest.raises(KeyError, match="never add one"):
+        authorizers.replace("metrics", allow_all)
+
+
 def test_authorize_all_of_nothing_denies() -> None:
     assert not authorize_all()(identity()).allowed
-
-
-def test_authorize_any_admits_any_verified_certificate() -> None:
-    assert authorize_any()(identity(B)).allowed
 
 
 def test_identity_from_a_real_certificate(layout: Layout) -> None:

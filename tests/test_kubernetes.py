@@ -1,6 +1,7 @@
 """The Kubernetes overlays, rendered by the real kubectl (kustomize) and validated offline: every object against
 the Kubernetes schemas in strict mode, cert-manager's and trust-manager's against their CRD schemas, and the
 rules no schema knows (deploy/kubernetes/checks.py). Each kind of fault is planted once, and must be caught.
+The rules alone are tested without kubectl, in test_kubernetes_rules.py.
 
 No cluster runs here: nothing proves that an API server accepts these objects, that a CNI enforces the
 NetworkPolicies, or that cert-manager issues the Certificates (README: "Running on Kubernetes").
@@ -8,20 +9,18 @@ NetworkPolicies, or that cert-manager issues the Certificates (README: "Running 
 
 from __future__ import annotations
 
-import copy
+import base64
 import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from deploy.kubernetes import checks, k8s
+from deploy.kubernetes import k8s
 from deploy.kubernetes.checks import NAME
-from pki import Policy, init
-from shared.layout import Layout
+from tests.kustomize import render
+from tests.test_kubernetes_rules import DNS_WHY, OUTSIDE_WHY, changed, stage
 
 Obj = dict[str, Any]
 
@@ -32,42 +31,38 @@ def tools_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Obj]]:
+def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stage(tmp_path_factory.mktemp("kubernetes"))
+
+
+@pytest.fixture(scope="module")
+def rendered(request: pytest.FixtureRequest) -> dict[str, list[Obj]]:
     """Both overlays, staged from a PKI of our own into a copy of deploy/kubernetes, then rendered."""
     if reason := tools_missing():
         if os.environ.get("MESH_REQUIRE_K8S_TOOLS") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    tmp = tmp_path_factory.mktemp("kubernetes")
-    layout = Layout(tmp / "pki")
-    init(layout)
-    kube = tmp / "kubernetes"
-    shutil.copytree(k8s.HERE / "base", kube / "base")
-    for overlay in k8s.OVERLAYS:
-        shutil.copytree(
-            k8s.HERE / "overlays" / overlay, kube / "overlays" / overlay, ignore=shutil.ignore_patterns("generated")
-        )
-    k8s.secrets(layout, Policy.load(), kube)
-    return {overlay: k8s.load(path) for overlay, path in k8s.render(kube).items()}
+    staged: Path = request.getfixturevalue("staged")  # only now: a PKI costs seconds, a skip nothing
+    return {overlay: k8s.load(path) for overlay, path in k8s.render(staged).items()}
+
+
+@pytest.mark.skipif(not k8s.KUBECTL.exists(), reason="kubectl is not installed: make k8s-tools")
+def test_the_stand_in_renders_what_kubectl_renders(staged: Path) -> None:
+    """tests/kustomize.py, which the rules' tests render with (test_kubernetes_rules.py), is kubectl's equal here."""
+
+    def by_name(objects: list[Obj]) -> dict[tuple[str, str, str], Obj]:
+        for secret in (o for o in objects if o["kind"] == "Secret"):  # kubectl wraps base64: compare the bytes
+            secret["data"] = {key: base64.b64decode(value) for key, value in secret["data"].items()}
+        return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in objects}
+
+    for overlay, path in k8s.render(staged).items():
+        assert by_name(render(staged / "overlays" / overlay)) == by_name(k8s.load(path)), overlay
 
 
 def problems_with(objects: list[Obj], tmp_path: Path) -> list[str]:
     path = tmp_path / "overlay.yaml"
     path.write_text(yaml.safe_dump_all(objects))
     return k8s.validate(path, "mesh.internal")
-
-
-def rules(objects: list[Obj]) -> list[str]:
-    """checks.py alone, without the schemas: for faults that no schema sees, at a fraction of the cost."""
-    return checks.problems(objects, "mesh.internal")
-
-
-def changed(objects: list[Obj], kind: str, name: str, change: Callable[[Obj], None]) -> list[Obj]:
-    """A copy of `objects` in which `change` was applied to the one `kind` called `name`."""
-    result = copy.deepcopy(objects)
-    [target] = [o for o in result if o["kind"] == kind and o["metadata"]["name"] == name]
-    change(target)
-    return result
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
@@ -79,16 +74,6 @@ def test_both_overlays_render_and_validate(rendered: dict[str, list[Obj]], overl
         assert {"Certificate", "ClusterIssuer", "CertificateRequestPolicy", "Role", "RoleBinding", "Bundle"} <= kinds
         assert "Issuer" not in kinds
     assert problems_with(objects, tmp_path) == []
-
-
-def test_replicas_and_hardening_as_promised(rendered: dict[str, list[Obj]]) -> None:
-    deployments = {o["metadata"]["name"]: o for o in rendered["static"] if o["kind"] == "Deployment"}
-    assert {name: d["spec"]["replicas"] for name, d in deployments.items()} == {
-        "service-a": 2,
-        "service-b": 2,
-        "service-c": 1,
-        "token-service": 1,
-    }
 
 
 def test_a_misspelled_field_fails_the_schema(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
@@ -164,94 +149,7 @@ def test_without_default_deny_more_than_the_chain_is_admitted(rendered: dict[str
     ]
 
 
-DNS_WHY = " (only a pod that calls someone resolves names, and DNS is a way out of the cluster)"
-OUTSIDE_WHY = " (nothing in the mesh calls beyond the cluster)"
-
-
-def test_the_egress_graph_is_the_chain_and_dns_for_the_callers_only(rendered: dict[str, list[Obj]]) -> None:
-    """On today's main, the DNS policy selected every pod: the token service, which calls nobody, could reach
-    kube-dns and through it the outside."""
-    for overlay in k8s.OVERLAYS:
-        graph = checks.edges(rendered[overlay])
-        assert graph == checks.NEEDED
-        assert {target for source, target in graph if source == "token-service"} == set()
-        assert {source for source, target in graph if target == checks.DNS} == {
-            "client",
-            "service-a",
-            "service-b",
-            "service-c",
-        }
-
-
-def test_the_token_service_with_dns_egress_fails(rendered: dict[str, list[Obj]]) -> None:
-    def also_the_token_service(policy: Obj) -> None:
-        policy["spec"]["podSelector"]["matchExpressions"][0]["values"].append("token-service")
-
-    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", also_the_token_service))
-    assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
-
-
-def test_dns_for_every_pod_fails(rendered: dict[str, list[Obj]]) -> None:
-    """The DNS policy as it stood on main: `podSelector: {}`."""
-
-    def every_pod(policy: Obj) -> None:
-        policy["spec"]["podSelector"] = {}
-
-    found = rules(changed(rendered["cert-manager"], "NetworkPolicy", "dns", every_pod))
-    assert found == [f"the NetworkPolicies let token-service reach kube-dns, which the chain does not need{DNS_WHY}"]
-
-
-def test_egress_to_an_address_range_fails(rendered: dict[str, list[Obj]]) -> None:
-    """An ipBlock may hold the outside as well as pods: service-c may then reach both."""
-
-    def also_anywhere_on_443(policy: Obj) -> None:
-        policy["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443}]})
-
-    found = rules(changed(rendered["static"], "NetworkPolicy", "service-c-to-token-service", also_anywhere_on_443))
-    assert found == [f"the NetworkPolicies let service-c reach the outside, which the chain does not need{OUTSIDE_WHY}"]
-
-
-def test_a_caller_without_dns_fails(rendered: dict[str, list[Obj]]) -> None:
-    def not_service_b(policy: Obj) -> None:
-        policy["spec"]["podSelector"]["matchExpressions"][0]["values"].remove("service-b")
-
-    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", not_service_b))
-    assert found == [
-        "the NetworkPolicies keep service-b from reaching kube-dns, which it needs to find the Services it calls"
-    ]
-
-
-def test_a_dns_rule_without_its_namespace_selector_reaches_no_dns(rendered: dict[str, list[Obj]]) -> None:
-    """A podSelector alone selects pods in the policy's own namespace: kube-dns, in kube-system, is not one."""
-
-    def without_namespace(policy: Obj) -> None:
-        del policy["spec"]["egress"][0]["to"][0]["namespaceSelector"]
-
-    found = rules(changed(rendered["static"], "NetworkPolicy", "dns", without_namespace))
-    assert found == [
-        f"the NetworkPolicies keep {caller} from reaching kube-dns, which it needs to find the Services it calls"
-        for caller in ("client", "service-a", "service-b", "service-c")
-    ]
-
-
 # ── the issuer and approver-policy (cert-manager overlay) ─────────────────────────────────────────────────────
-
-
-def test_each_identity_has_a_policy_for_exactly_its_spiffe_id(rendered: dict[str, list[Obj]]) -> None:
-    """On today's main there was no policy at all, and the CA Issuer with its key sat in mtls-mesh."""
-    objects = rendered["cert-manager"]
-    policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "CertificateRequestPolicy"}
-    assert {name: p["allowed"]["uris"]["values"] for name, p in policies.items()} == {
-        f"mtls-mesh-{name}": [f"spiffe://mesh.internal/{name}"] for name in k8s.IDENTITIES
-    }
-    for name in k8s.IDENTITIES:
-        assert checks.policy_users(objects, f"mtls-mesh-{name}", "mtls-mesh") == {
-            f"ServiceAccount mtls-mesh/{name}",
-            checks.CERT_MANAGER,
-        }
-    [ca] = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "mesh-ca"]
-    assert ca["metadata"]["namespace"] == "cert-manager"
-    assert not any(o["kind"] == "Issuer" for o in objects)
 
 
 def test_a_policy_with_a_key_size_that_is_no_number_fails_the_crd_schema(
@@ -267,113 +165,6 @@ def test_a_policy_with_a_key_size_that_is_no_number_fails_the_crd_schema(
         "CRD schema: CertificateRequestPolicy mtls-mesh-service-b: data/spec/constraints/privateKey/minSize must be "
         "integer"
     ]
-
-
-def test_a_policy_allowing_another_spiffe_id_fails(rendered: dict[str, list[Obj]]) -> None:
-    def also_service_c(policy: Obj) -> None:
-        policy["spec"]["allowed"]["uris"]["values"].append("spiffe://mesh.internal/service-c")
-
-    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-b", also_service_c))
-    assert found == [
-        "CertificateRequestPolicy mtls-mesh-service-b allows the URI SANs spiffe://mesh.internal/service-b, "
-        "spiffe://mesh.internal/service-c: a policy for the mesh must allow exactly one workload's SPIFFE ID",
-        "Certificate service-b: no CertificateRequestPolicy allows its SPIFFE ID: approver-policy would never "
-        "approve it (and with cert-manager's default approver, anything would be)",
-    ]
-
-
-def test_a_wildcard_policy_fails(rendered: dict[str, list[Obj]]) -> None:
-    def any_id(policy: Obj) -> None:
-        policy["spec"]["allowed"]["uris"]["values"] = ["spiffe://mesh.internal/*"]
-
-    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-client", any_id))
-    assert found == [
-        "CertificateRequestPolicy mtls-mesh-client allows the URI SANs spiffe://mesh.internal/*: "
-        "a policy for the mesh must allow exactly one workload's SPIFFE ID",
-        "Certificate client: no CertificateRequestPolicy allows its SPIFFE ID: approver-policy would never "
-        "approve it (and with cert-manager's default approver, anything would be)",
-    ]
-
-
-def test_a_service_account_that_may_use_another_identitys_policy_fails(rendered: dict[str, list[Obj]]) -> None:
-    def also_service_b(binding: Obj) -> None:
-        binding["subjects"].append({"kind": "ServiceAccount", "name": "service-b", "namespace": "mtls-mesh"})
-
-    found = rules(changed(rendered["cert-manager"], "RoleBinding", "use-policy-service-c", also_service_b))
-    assert found == [
-        "CertificateRequestPolicy mtls-mesh-service-c (for service-c) may be used by ServiceAccount "
-        "mtls-mesh/service-b: only service-c's ServiceAccount and cert-manager's controller may"
-    ]
-
-
-def test_a_policy_its_own_service_account_may_not_use_fails(rendered: dict[str, list[Obj]]) -> None:
-    objects = [o for o in rendered["cert-manager"] if o["metadata"]["name"] != "use-policy-client"]
-    assert rules(objects) == [
-        "CertificateRequestPolicy mtls-mesh-client (for client) may not be used by ServiceAccount mtls-mesh/client, "
-        "its own ServiceAccount"
-    ]
-
-
-def test_a_policy_that_allows_more_than_its_certificate_needs_fails(rendered: dict[str, list[Obj]]) -> None:
-    def a_ca_for_a_day(policy: Obj) -> None:
-        policy["spec"]["allowed"]["isCA"] = True
-        policy["spec"]["constraints"]["maxDuration"] = "24h"
-        policy["spec"]["selector"]["issuerRef"]["name"] = "*"
-
-    found = rules(changed(rendered["cert-manager"], "CertificateRequestPolicy", "mtls-mesh-service-a", a_ca_for_a_day))
-    assert found == [
-        "CertificateRequestPolicy mtls-mesh-service-a: isCA is True, where Certificate service-a needs False",
-        "CertificateRequestPolicy mtls-mesh-service-a: maxDuration is 24h, where Certificate service-a needs 1h",
-        "CertificateRequestPolicy mtls-mesh-service-a: selector.issuerRef is {'group': 'cert-manager.io', "
-        "'kind': 'ClusterIssuer', 'name': '*'}, where Certificate service-a needs {'group': 'cert-manager.io', "
-        "'kind': 'ClusterIssuer', 'name': 'mesh-ca'}",
-    ]
-
-
-def test_the_ca_secret_back_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
-    def in_mtls_mesh(secret: Obj) -> None:
-        secret["metadata"]["namespace"] = "mtls-mesh"
-
-    found = rules(changed(rendered["cert-manager"], "Secret", "mesh-ca", in_mtls_mesh))
-    assert found == [
-        "ClusterIssuer mesh-ca reads Secret mesh-ca from cert-manager, which the overlay does not provide there",
-        "Secret mesh-ca in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
-        "there can sign any SPIFFE ID — keep it in cert-manager, for a ClusterIssuer",
-    ]
-
-
-def test_a_copy_of_the_ca_key_under_another_name_fails(rendered: dict[str, list[Obj]]) -> None:
-    """Found by what it holds (a CA certificate), not by its name."""
-    [ca] = [o for o in rendered["cert-manager"] if o["kind"] == "Secret" and o["metadata"]["name"] == "mesh-ca"]
-    copy_ = copy.deepcopy(ca)
-    copy_["metadata"] = {"name": "backup", "namespace": "mtls-mesh"}
-    found = rules([*rendered["cert-manager"], copy_])
-    assert found == [
-        "Secret backup in mtls-mesh, the workloads' namespace, holds a CA's key pair: whoever can read Secrets "
-        "there can sign any SPIFFE ID — keep it in cert-manager, for a ClusterIssuer",
-    ]
-
-
-def test_an_issuer_in_the_workloads_namespace_fails(rendered: dict[str, list[Obj]]) -> None:
-    """The cert-manager overlay as it stood on main: a namespaced CA Issuer beside the workloads."""
-
-    def namespaced(issuer: Obj) -> None:
-        issuer["kind"], issuer["metadata"]["namespace"] = "Issuer", "mtls-mesh"
-
-    def to_the_issuer(certificate: Obj) -> None:
-        certificate["spec"]["issuerRef"]["kind"] = "Issuer"
-
-    objects = changed(rendered["cert-manager"], "ClusterIssuer", "mesh-ca", namespaced)
-    objects = changed(objects, "Certificate", "service-a", to_the_issuer)
-    found = rules(objects)
-    assert (
-        "Issuer mesh-ca sits in mtls-mesh, the workloads' namespace, with the CA Secret it signs with: use a "
-        "ClusterIssuer, whose Secret lives in cert-manager"
-    ) in found
-    assert (
-        "Certificate service-a: its issuerRef names Issuer mesh-ca, which is no ClusterIssuer of the overlay (the CA "
-        "must not sit beside the workloads)"
-    ) in found
 
 
 def test_a_secret_nobody_provides_fails(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:

@@ -8,13 +8,25 @@ import stat
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from pki import ROTATION_GRACE, PKIError, Policy, init, issue_identity, retire, revoke, rotate_begin, rotate_finish
+from pki import (
+    ROTATION_GRACE,
+    PKIError,
+    Policy,
+    init,
+    issue_identity,
+    retire,
+    revoke,
+    rotate_begin,
+    rotate_finish,
+    rotation,
+)
 from pki.__main__ import main
 from shared.authz import AllowList
 from shared.layout import Layout
@@ -211,12 +223,35 @@ def test_make_pki_says_when_an_identity_in_use_is_revoked(tmp_path, capsys: pyte
     assert "up to date" not in said.out
 
 
-def test_retire_waits_until_every_service_can_have_switched(tmp_path) -> None:
-    """Retiring right after a rotation would revoke a certificate a service may still present."""
+def test_retire_waits_until_every_service_can_have_switched(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retiring right after a rotation would revoke a certificate a service may still present: it waits out the
+    rest of ROTATION_GRACE (the wait recorded, not slept), then unlists and revokes the old certificate only."""
+    layout = Layout(tmp_path)
+    init(layout, POLICY)
+    old = load_certificates(layout.cert("service-b"))[0]
+    rotate_begin(layout, POLICY, "service-b")
+    rotate_finish(layout, POLICY, "service-b")
+    new = load_certificates(layout.cert("service-b"))[0]
+    assert thumbprint(old) in AllowList.load(layout.allow_list("service-c"))  # the overlap: both listed
+    waits: list[float] = []
+    monkeypatch.setattr(rotation, "time", types.SimpleNamespace(time=time.time, sleep=waits.append))
+    assert retire(layout, POLICY, "service-b") == old.serial_number
+    [wait] = waits
+    assert ROTATION_GRACE.total_seconds() - 1 < wait <= ROTATION_GRACE.total_seconds()
+    listed = AllowList.load(layout.allow_list("service-c"))
+    assert thumbprint(old) not in listed and thumbprint(new) in listed
+    assert [entry.serial_number for entry in load_crl(layout.crl)] == [old.serial_number]
+    assert not layout.previous_cert("service-b").exists()
+    assert retire(layout, POLICY, "service-b") is None  # nothing left to retire
+
+
+def test_retire_after_the_grace_does_not_wait(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = Layout(tmp_path)
     init(layout, POLICY)
     rotate_begin(layout, POLICY, "service-b")
     rotate_finish(layout, POLICY, "service-b")
-    start = time.monotonic()
+    waits: list[float] = []
+    later = time.time() + ROTATION_GRACE.total_seconds()
+    monkeypatch.setattr(rotation, "time", types.SimpleNamespace(time=lambda: later, sleep=waits.append))
     assert retire(layout, POLICY, "service-b") is not None
-    assert time.monotonic() - start >= ROTATION_GRACE.total_seconds() - 0.5
+    assert waits == []

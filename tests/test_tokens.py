@@ -41,6 +41,8 @@ from shared.tokens import (
 from shared.x509 import MaterialError, PeerIdentity, SpiffeId
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
+pytestmark = pytest.mark.fast  # in-process: part of `make test-fast`
+
 ISSUER = "spiffe://mesh.internal/token-service"
 
 
@@ -103,9 +105,11 @@ def test_a_token_the_service_signed_verifies(key: ECKey, holder: PeerIdentity) -
         ("expired", "the token expired"),
         ("not yet valid", "not valid yet"),
         ("no exp", "no valid expiry"),
+        ("infinite exp", "no valid expiry"),
         ("crit header with an unknown extension", "not a valid signed token"),
         ("unbound (a bearer token)", "bound to no certificate"),
         ("no user", "names no user"),
+        ("list-valued scope", "scope is not a space-separated string"),
         ("act loop", "actor chain"),
     ],
 )
@@ -147,6 +151,8 @@ def test_forged_tokens_are_refused_naming_the_rule(key: ECKey, holder: PeerIdent
         raw = forge(key, header(key), {**claims, "exp": now - LEEWAY_SECONDS - 1})
     elif attack == "not yet valid":
         raw = forge(key, header(key), {**claims, "nbf": now + LEEWAY_SECONDS + 60})
+    elif attack == "infinite exp":  # JSON as Python reads it: Infinity is a number, but no moment in time
+        raw = forge(key, header(key), {**claims, "exp": float("inf")})
     elif attack == "no exp":
         raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "exp"})
     elif attack == "crit header with an unknown extension":
@@ -156,6 +162,8 @@ def test_forged_tokens_are_refused_naming_the_rule(key: ECKey, holder: PeerIdent
         raw = forge(key, header(key), {k: v for k, v in claims.items() if k != "cnf"})
     elif attack == "no user":
         raw = forge(key, header(key), {**claims, "sub": ""})
+    elif attack == "list-valued scope":
+        raw = forge(key, header(key), {**claims, "scope": ["service-b"]})
     else:  # act loop
         act: dict[str, Any] = {"sub": holder.spiffe_id}
         for _ in range(20):
@@ -249,6 +257,30 @@ def test_exchanges_outside_the_policy_are_refused(
     with pytest.raises(GrantRefused) as refused:
         policy.grant_exchange(holder, subject, audience, frozenset(scope.split()) if scope else None)
     assert refused.value.error == error and words in refused.value.description
+
+
+@pytest.mark.parametrize(
+    "spiffe_id",
+    [None, "spiffe://other.internal/service-a", "spiffe://mesh.internal/team/service-a", "spiffe://mesh.internal"],
+    ids=["no SPIFFE ID", "another trust domain", "a nested path", "no path"],
+)
+def test_only_a_spiffe_id_of_our_trust_domain_names_a_holder(policy: TokenPolicy, spiffe_id: str | None) -> None:
+    caller = PeerIdentity(
+        sha256="a" * 64,
+        subject="CN=service-a,O=mtls-mesh",
+        spiffe_id=spiffe_id,
+        svid_problem=None if spiffe_id else "no URI SAN",
+        dns_names=(),
+        is_leaf=True,
+        client_auth=True,
+    )
+    with pytest.raises(GrantRefused) as refused:
+        policy.holder(caller)
+    assert (refused.value.error, refused.value.description) == (
+        "unauthorized_client",
+        "CN=service-a,O=mtls-mesh has no SPIFFE ID of mesh.internal",
+    )
+    assert policy.holder(dataclasses.replace(caller, spiffe_id="spiffe://mesh.internal/service-a")) == "service-a"
 
 
 def test_narrowing_the_scope_is_allowed(policy: TokenPolicy) -> None:

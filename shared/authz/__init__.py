@@ -8,12 +8,10 @@ from shared.authz.rules import (
     Authorizer,
     Decision,
     authorize_all,
-    authorize_any,
     authorize_client_leaf,
     authorize_id,
     authorize_ids,
     authorize_listed,
-    authorize_member_of,
 )
 
 __all__ = [
@@ -24,11 +22,9 @@ __all__ = [
     "Decision",
     "Guard",
     "authorize_all",
-    "authorize_any",
     "authorize_client_leaf",
     "authorize_id",
     "authorize_ids",
     "authorize_listed",
-    "authorize_member_of",
     "authz_decisions",
 ]

@@ -24,12 +24,10 @@ __all__ = [
     "Authorizer",
     "Decision",
     "authorize_all",
-    "authorize_any",
     "authorize_client_leaf",
     "authorize_id",
     "authorize_ids",
     "authorize_listed",
-    "authorize_member_of",
 ]
 
 
@@ -41,11 +39,6 @@ class Decision:
 
 
 Authorizer = Callable[[PeerIdentity], Decision]
-
-
-def authorize_any() -> Authorizer:
-    """Admit every caller whose certificate passed TLS verification."""
-    return lambda caller: Decision(True, "any verified certificate is admitted", "any")
 
 
 def authorize_client_leaf() -> Authorizer:
@@ -79,19 +72,6 @@ def authorize_ids(*allowed: SpiffeId) -> Authorizer:
         if SpiffeId.parse(peer.spiffe_id) in allowed:
             return Decision(True, f"SPIFFE ID {peer.spiffe_id} is allowed", "spiffe_id")
         return Decision(False, f"SPIFFE ID {peer.spiffe_id} is not {_either(allowed)}", "other_spiffe_id")
-
-    return authorize
-
-
-def authorize_member_of(trust_domain: str) -> Authorizer:
-    """Admit any peer with a valid X509-SVID in `trust_domain`."""
-
-    def authorize(peer: PeerIdentity) -> Decision:
-        if peer.spiffe_id is None:
-            return Decision(False, f"the certificate has no SPIFFE ID: {peer.svid_problem}", "no_spiffe_id")
-        if SpiffeId.parse(peer.spiffe_id).member_of(trust_domain):
-            return Decision(True, f"{peer.spiffe_id} is in the trust domain {trust_domain}", "member")
-        return Decision(False, f"{peer.spiffe_id} is not in the trust domain {trust_domain}", "other_trust_domain")
 
     return authorize
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,8 +66,10 @@ class LiveTLS:
         require_client_cert: bool = True,
         outgoing: bool = True,
         profile: TLSProfile = "intermediate",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.material = material
+        self.clock = clock  # seconds since the epoch: what `refusal` judges a peer's expiry by
         self.require_client_cert = require_client_cert
         self.outgoing = outgoing
         self.profile = profile
@@ -118,7 +121,7 @@ class LiveTLS:
     def refusal(self, peer: PeerIdentity) -> str | None:
         """Why a peer verified earlier would be refused now, or None. Set lookups only: it runs on every handshake."""
         trust = self.trust
-        if peer.not_after is not None and dt.datetime.now(dt.UTC) > peer.not_after:
+        if peer.not_after is not None and dt.datetime.fromtimestamp(self.clock(), dt.UTC) > peer.not_after:
             return "certificate has expired"
         if peer.anchor is not None and peer.anchor not in trust.anchors:
             return f"its root CA (SHA-256 {peer.anchor[:16]}…) is no longer trusted: it is not in ca.crt"

@@ -67,9 +67,6 @@ class SpiffeId:
                     raise InvalidSpiffeId(f"the path segment {segment!r} may hold only A-Z, a-z, 0-9, '.', '-' and '_'")
         return cls(authority, slash + path)
 
-    def member_of(self, trust_domain: str) -> bool:
-        return self.trust_domain == trust_domain
-
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}{self.path}"
 

@@ -1,0 +1,473 @@
+"""Every guard's rule, in-process: the real app and the real checks, with the network replaced by httpx's seams.
+
+The caller's verified certificate goes where the handshake puts it (`shared.peer.tls_extension` of a fake
+SSLObject, handed to the app with `expose`), the requests go in through `httpx.ASGITransport`, and the next hop
+and the token service answer through `httpx.MockTransport` — so each test shows the request refused *and* that
+nothing went further. The callee check and the handshake's re-check get fake SSLObjects; `LiveTLS` gets a clock.
+The process-level tests (test_e2e, test_crl, test_security, …) prove the same rules over real TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from fastapi import FastAPI, Request
+from joserfc.jwk import ECKey
+from uvicorn.server import ServerState
+
+from pki import Policy, init, revoke, write_crl
+from services.app import mesh_app
+from services.config import ServiceConfig
+from services.wiring import build
+from shared.authz import authorize_id
+from shared.inbound import expose, tls_extension, tls_protocol
+from shared.layout import Layout
+from shared.outbound import CalleeRefused, Downstream, callee_check, refuse_unless
+from shared.problem import Problem
+from shared.tls import LiveTLS
+from shared.tokens import OnBehalfOf, mint
+from shared.x509 import MaterialError, PeerIdentity, SpiffeId, load_certificates, read_protected
+from shared.x509 import files as x509_files
+from tests.support import signing_key
+
+pytestmark = pytest.mark.fast
+
+TOKEN_ISSUER = "spiffe://mesh.internal/token-service"
+
+
+# ── the seams ───────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class FakeSSLObject:
+    """What a completed handshake hands over — the peer's certificate and the chain OpenSSL verified it with —
+    without a handshake. `session_reused` with an empty chain is a resumed session: no chain to name its CA."""
+
+    der: bytes | None
+    chain: list[bytes] = field(default_factory=list)
+    context: Any = None
+    session_reused: bool = False
+    closed: bool = False
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        return self.der
+
+    def get_verified_chain(self) -> list[bytes]:
+        return self.chain
+
+    def cipher(self) -> tuple[str, str, int]:
+        return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def peer(layout: Layout, name: str, *, context: Any = None, resumed: bool = False) -> FakeSSLObject:
+    """`name`'s side of a connection, as OpenSSL verified it: leaf, intermediate, root (none when resumed)."""
+    leaf, *intermediates = load_certificates(layout.cert(name))
+    root = load_certificates(layout.ca_cert)[0]
+    chain = [] if resumed else [der(leaf), *map(der, intermediates), der(root)]
+    return FakeSSLObject(der(leaf), chain, context, session_reused=resumed)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    layout = Layout(tmp_path_factory.mktemp("pki-template") / "out")
+    init(layout, Policy.load())
+    return layout
+
+
+@pytest.fixture
+def layout(template: Layout, tmp_path: Path) -> Layout:
+    """A PKI of the test's own (a copy: revoking in one test must not revoke in the next)."""
+    shutil.copytree(template.out, tmp_path / "out")
+    return Layout(tmp_path / "out")
+
+
+@dataclass
+class Hops:
+    """The next hop and the token service, answered in-process; what each was asked, in order."""
+
+    key: ECKey = field(default_factory=signing_key)
+    seen: list[httpx.Request] = field(default_factory=list)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        if request.url.host == "token-service":
+            if request.url.path == "/jwks":
+                return answer({"keys": [self.key.as_dict(private=False)]})
+            return answer({"access_token": "onward", "expires_in": 300})
+        return answer({"hops": [{"service": "service-c"}]})
+
+    def to(self, host: str) -> list[httpx.Request]:
+        return [r for r in self.seen if r.url.host == host]
+
+
+def answer(body: dict[str, Any]) -> httpx.Response:
+    """A JSON answer as it comes from the network: a stream, read once."""
+    return httpx.Response(200, stream=httpx.ByteStream(json.dumps(body).encode()))
+
+
+@pytest.fixture
+def hops() -> Hops:
+    return Hops()
+
+
+@asynccontextmanager
+async def service_b(
+    layout: Layout, hops: Hops, caller: FakeSSLObject | None, **settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """service-b as `python -m services` builds it (its app, its lifespan), called by `caller` over ASGI."""
+    config = ServiceConfig(
+        name="service-b",
+        pki_dir=layout.out,
+        downstream_url="https://service-c",
+        downstream_name="service-c",
+        token_service_url="https://token-service",
+        reload_interval=3600,
+        **settings,
+    )
+    live = LiveTLS(config.tls, require_client_cert=caller is not None, outgoing=True)
+    # Every connection the service makes answered in-process: the transport's maker is the seam.
+    app = mesh_app(build(config, live, connect=lambda context, limits, check: httpx.MockTransport(hops.handler)))
+    extension = tls_extension(caller) if caller is not None else tls_extension(FakeSSLObject(None))  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=expose(app, extension))
+        async with httpx.AsyncClient(transport=transport, base_url="https://service-b") as client:
+            yield client
+
+
+def call(
+    layout: Layout,
+    hops: Hops,
+    caller: FakeSSLObject | None,
+    path: str = "/chain",
+    token: str | None = None,
+    authorization: str | None = None,
+    **settings: Any,
+) -> httpx.Response:
+    """One request to service-b (built with `settings`) from `caller`, with `token` as its user token."""
+
+    async def go() -> httpx.Response:
+        async with service_b(layout, hops, caller, **settings) as client:
+            said = f"Bearer {token}" if token else authorization
+            return await client.get(path, headers={"Authorization": said} if said else {})
+
+    return asyncio.run(go())
+
+
+def user_token(hops: Hops, layout: Layout, holder: str, scopes: str, audience: str = "service-b") -> str:
+    identity = PeerIdentity.from_certificate(load_certificates(layout.cert(holder))[0])
+    raw, _ = mint(
+        hops.key,
+        issuer=TOKEN_ISSUER,
+        subject="alice",
+        audience=audience,
+        scopes=frozenset(scopes.split()),
+        holder=identity,
+        lifetime=300,
+    )
+    return raw
+
+
+# ── the guard, the allow-list, the user token: through the real app ─────────────────────────────────────────
+
+
+def test_a_listed_caller_gets_the_chain_and_the_next_hop_is_called_once(layout: Layout, hops: Hops) -> None:
+    response = call(layout, hops, peer(layout, "service-a"))
+    assert response.status_code == 200, response.text
+    first, after = response.json()["hops"]
+    assert (first["service"], first["admitted_by"], first["tls"]["version"]) == ("service-b", "thumbprint", "TLSv1.3")
+    assert first["caller"]["spiffe_id"] == "spiffe://mesh.internal/service-a" and after == {"service": "service-c"}
+    assert [r.url.path for r in hops.to("service-c")] == ["/chain"]
+
+
+@pytest.mark.parametrize(
+    ("caller", "status", "words"),
+    [("client", 403, "not on the allow-list"), ("service-c", 403, "not on the allow-list"), (None, 401, "none was")],
+    ids=["the client skipping a hop", "the callee calling back", "no certificate"],
+)
+def test_a_caller_not_allowed_is_refused_and_nothing_goes_further(
+    layout: Layout, hops: Hops, caller: str | None, status: int, words: str
+) -> None:
+    response = call(layout, hops, peer(layout, caller) if caller else None)
+    assert response.status_code == status and words in response.json()["detail"], response.text
+    assert hops.seen == []
+
+
+def test_a_ca_certificate_is_no_caller(layout: Layout, hops: Hops) -> None:
+    intermediate = load_certificates(layout.intermediate_cert)[0]
+    root = load_certificates(layout.ca_cert)[0]
+    response = call(layout, hops, FakeSSLObject(der(intermediate), [der(intermediate), der(root)]))
+    assert response.status_code == 403 and "CA certificate" in response.json()["reason"], response.text
+    assert hops.seen == []
+
+
+def test_metrics_are_for_the_metrics_allow_list_only(layout: Layout, hops: Hops) -> None:
+    response = call(layout, hops, peer(layout, "service-a"), "/metrics")
+    assert response.status_code == 403 and "metrics.txt" in response.json()["reason"], response.text
+
+
+def test_a_user_token_without_this_service_in_its_scope_is_refused(layout: Layout, hops: Hops) -> None:
+    token = user_token(hops, layout, "service-a", "service-a service-c")
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
+    assert response.status_code == 403, response.text
+    assert response.headers["www-authenticate"] == 'Bearer error="insufficient_scope"'
+    assert "may not reach service-b" in response.json()["reason"]
+    assert hops.to("service-c") == [] and [r.url.path for r in hops.to("token-service")] == ["/jwks"]
+
+
+def test_a_user_token_bound_to_another_certificate_is_refused(layout: Layout, hops: Hops) -> None:
+    token = user_token(hops, layout, "client", "service-a service-b service-c")  # the client's, sent by service-a
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
+    assert response.status_code == 401 and "bound to another certificate" in response.json()["reason"], response.text
+    assert hops.to("service-c") == []
+
+
+def test_without_a_required_user_token_nothing_goes_further(layout: Layout, hops: Hops) -> None:
+    response = call(layout, hops, peer(layout, "service-a"), require_user_token=True)
+    assert response.status_code == 401 and "requires a user token" in response.json()["reason"], response.text
+    assert hops.seen == []
+
+
+def test_an_authorization_that_is_not_a_bearer_token_is_refused(layout: Layout, hops: Hops) -> None:
+    response = call(layout, hops, peer(layout, "service-a"), token=None, authorization="Basic YWxpY2U6c2VjcmV0")
+    assert response.status_code == 401 and "not `Bearer <token>`" in response.json()["reason"], response.text
+    assert hops.seen == []
+
+
+def test_a_user_token_without_a_certificate_to_bind_it_to_is_refused() -> None:
+    """Behind the guard no request comes without a certificate; should one come, its token is still refused."""
+    on_behalf = OnBehalfOf("service-b", object(), required=True)  # type: ignore[arg-type]
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer x.y.z")], "extensions": {}}
+    with pytest.raises(Problem) as refused:
+        asyncio.run(on_behalf(Request(scope)))
+    assert refused.value.status == 401 and "needs a client certificate" in refused.value.extra["reason"]
+
+
+def test_a_user_token_in_scope_is_exchanged_for_the_next_hop(layout: Layout, hops: Hops) -> None:
+    token = user_token(hops, layout, "service-a", "service-a service-b service-c")
+    response = call(layout, hops, peer(layout, "service-a"), token=token, require_user_token=True)
+    assert response.status_code == 200, response.text
+    assert response.json()["hops"][0]["on_behalf_of"]["sub"] == "alice"
+    [exchange] = [r for r in hops.to("token-service") if r.url.path == "/token"]
+    assert b"audience=service-c" in exchange.content
+    assert [r.headers["authorization"] for r in hops.to("service-c")] == ["Bearer onward"]
+
+
+# ── the caller's check of its callee ────────────────────────────────────────────────────────────────────────
+
+
+def to_service_b(live: LiveTLS) -> Downstream:
+    return Downstream(
+        "service-a",
+        "service-b",
+        "https://service-b",
+        live.client,  # type: ignore[arg-type]
+        5,
+        SpiffeId("mesh.internal", "/service-b"),
+        recheck=live.recheck,
+    )
+
+
+def test_the_callee_must_be_the_identity_we_meant_to_call(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-a"))
+    check = to_service_b(live).check
+    check(peer(layout, "service-b"))  # type: ignore[arg-type]
+    with pytest.raises(CalleeRefused, match=r"service-c is not spiffe://mesh\.internal/service-b"):
+        check(peer(layout, "service-c"))  # type: ignore[arg-type]
+    with pytest.raises(CalleeRefused, match="presented no certificate"):
+        check(FakeSSLObject(None))  # type: ignore[arg-type]
+
+
+def test_a_callee_revoked_while_the_handshake_was_in_flight_is_refused(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-a"))
+    check = to_service_b(live).check
+    b = peer(layout, "service-b")
+    revoke(layout, "service-b", "key-compromise")
+    live.reload()
+    with pytest.raises(CalleeRefused, match="certificate revoked"):
+        check(b)  # type: ignore[arg-type]
+
+
+def test_a_refused_callee_gets_its_connection_closed_and_no_request() -> None:
+    closed: list[bool] = []
+    check = callee_check(authorize_id(SpiffeId("mesh.internal", "/service-b")))
+    with pytest.raises(httpcore.ConnectError, match="callee refused: the callee presented no certificate"):
+        refuse_unless(check, FakeSSLObject(None), lambda: closed.append(True))  # type: ignore[arg-type]
+    assert closed == [True]
+
+
+# ── the server's re-check of a finished handshake ───────────────────────────────────────────────────────────
+
+
+def protocol(live: LiveTLS) -> Any:
+    """A connection's protocol as uvicorn makes it for the service (`tls_protocol`), before any connection:
+    only its checks of a finished handshake are used."""
+    factory = tls_protocol(lambda: live.server, ServiceConfig(name="service-b").limits, live.recheck)
+
+    async def make() -> Any:
+        config = uvicorn.Config(FastAPI(), http=factory, lifespan="off", log_config=None)
+        config.load()
+        return factory(config=config, server_state=ServerState(), app_state={})
+
+    return asyncio.run(make())
+
+
+def test_a_resumed_session_without_a_certificate_is_refused(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    resumed = FakeSSLObject(None, context=live.server, session_reused=True)
+    assert protocol(live)._no_longer_good(resumed) == "resumed session without a certificate to check"
+
+
+def test_a_session_resumed_from_before_a_trust_change_is_refused(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    before = live.server
+    assert protocol(live)._no_longer_good(peer(layout, "service-a", context=before, resumed=True)) is None
+    live.reload()
+    reason = protocol(live)._no_longer_good(peer(layout, "service-a", context=before, resumed=True))
+    assert reason is not None and "trust that has changed" in reason
+
+
+def test_a_caller_revoked_during_its_handshake_is_refused_when_it_completes(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    a = peer(layout, "service-a", context=live.server)
+    assert protocol(live)._no_longer_good(a) is None
+    revoke(layout, "service-a", "key-compromise")
+    live.reload()
+    assert protocol(live)._no_longer_good(a) == "certificate revoked"
+
+
+# ── what LiveTLS holds a peer to ────────────────────────────────────────────────────────────────────────────
+
+
+def test_a_peer_is_judged_by_the_clock_it_is_given(layout: Layout) -> None:
+    a = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    now = [time.time()]
+    live = LiveTLS(layout.material("service-b"), clock=lambda: now[0])
+    assert live.refusal(a) is None
+    now[0] = a.not_after.timestamp() + 1  # type: ignore[union-attr]
+    assert live.refusal(a) == "certificate has expired"
+
+
+def test_a_peer_of_a_root_or_an_issuer_no_longer_trusted_is_refused(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    sslobj = peer(layout, "service-a", context=live.server)
+    sslobj.chain = [sslobj.chain[0], sslobj.chain[1], b"another root"]
+    assert "root CA" in (live.recheck(sslobj) or "")  # type: ignore[arg-type]
+    other = load_certificates(layout.ca_cert)[0]  # a leaf whose issuer is a CA with no CRL in force: the root
+    sslobj = peer(layout, "service-a", context=live.server)
+    sslobj.chain = [sslobj.chain[0], der(other)]
+    assert "no CRL of it is in force" in (live.recheck(sslobj) or "")  # type: ignore[arg-type]
+
+
+def test_an_older_crl_is_refused_even_with_the_same_revocations(layout: Layout) -> None:
+    revoke(layout, "client", "key-compromise")
+    live = LiveTLS(layout.material("service-b"))
+    older = layout.crl.read_bytes()
+    write_crl(layout)  # the same revocation, numbered higher
+    live.reload()
+    layout.crl.write_bytes(older)
+    with pytest.raises(MaterialError, match=r"un-revoke certificates \(number \d+ with 1 entries; in force: number"):
+        live.reload()
+    layout.crl.write_bytes(b"")  # and a lost crl.pem un-revokes nobody either
+    with pytest.raises(MaterialError, match="not a PEM CRL"):
+        live.reload()
+    assert len(live.trust.revoked) == 1
+
+
+def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    revoke(layout, "client", "key-compromise")
+    live.reload()
+    record = json.loads(layout.revocations.read_text())
+    layout.revocations.write_text(json.dumps({**record, "revoked": []}))
+    write_crl(layout)  # signed by our CA, numbered higher, and empty
+    with pytest.raises(MaterialError, match="drops the revoked serial"):
+        live.reload()
+    assert len(live.trust.revoked) == 1
+
+
+# ── the file rules, for any user (no root needed: the owner is faked where it must be) ──────────────────────
+
+
+@pytest.fixture
+def trust_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.crt"
+    path.write_bytes(b"trust")
+    path.chmod(0o644)
+    return path
+
+
+def owned_by(monkeypatch: pytest.MonkeyPatch, uid: int, gid: int | None = None) -> None:
+    """The next files read look owned by `uid` (and group `gid`): what only root could arrange for real."""
+    real = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        info = list(real(fd))
+        info[stat.ST_UID] = uid
+        info[stat.ST_GID] = info[stat.ST_GID] if gid is None else gid
+        return os.stat_result(info)
+
+    monkeypatch.setattr(x509_files.os, "fstat", fstat)
+
+
+def test_a_trust_file_others_can_write_is_refused(trust_file: Path) -> None:
+    assert read_protected(trust_file, "CA file") == b"trust"
+    for mode in (0o664, 0o646):
+        trust_file.chmod(mode)
+        with pytest.raises(MaterialError, match=r"writable by other users .* run `chmod go-w"):
+            read_protected(trust_file, "CA file")
+
+
+def test_a_key_others_can_read_is_refused(trust_file: Path) -> None:
+    with pytest.raises(MaterialError, match=r"accessible by other users \(mode 0644\) — run `chmod 600"):
+        read_protected(trust_file, "private key", private=True)
+    trust_file.chmod(0o600)
+    assert read_protected(trust_file, "private key", private=True) == b"trust"
+
+
+def test_a_file_of_another_user_is_refused(trust_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    owned_by(monkeypatch, os.geteuid() + 1)
+    with pytest.raises(MaterialError, match=f"belongs to uid {os.geteuid() + 1}, who could change it"):
+        read_protected(trust_file, "CA file")
+    owned_by(monkeypatch, 0)  # root may own it
+    assert read_protected(trust_file, "CA file") == b"trust"
+
+
+@pytest.mark.parametrize(
+    ("mode", "our_group", "allowed"),
+    [(0o640, True, True), (0o440, True, True), (0o640, False, False), (0o660, True, False), (0o644, True, False)],
+)
+def test_a_root_owned_key_may_be_read_by_our_group_only(
+    trust_file: Path, monkeypatch: pytest.MonkeyPatch, mode: int, our_group: bool, allowed: bool
+) -> None:
+    """PostgreSQL's rule, as Kubernetes mounts a Secret for a non-root pod (group fsGroup)."""
+    trust_file.chmod(mode)
+    groups = {os.getegid(), *os.getgroups()}
+    owned_by(monkeypatch, 0, os.getegid() if our_group else max(groups) + 1)
+    if allowed:
+        assert read_protected(trust_file, "private key", private=True) == b"trust"
+    else:
+        with pytest.raises(MaterialError, match="by other users"):
+            read_protected(trust_file, "private key", private=True)
