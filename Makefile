@@ -122,7 +122,7 @@ FAST_TESTS = $(shell grep -l '^pytestmark = pytest.mark.fast' tests/*.py tests/*
 test-fast: $(VENV)/.installed ## the fast suite: every guard's rule in-process, no network at all, under a minute
 	$(NO_NETWORK) $(PY) -m pytest -m fast -p no:cacheprovider -q $(PYTEST_ARGS) $(FAST_TESTS)
 
-test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
+test-full: ## make test with every long proof in every combination (both modes, both rollover depths) and at full size: ~6 min more
 	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
 
 # `make test` runs tests/fuzz too, on a few fixed examples each (about a minute); this runs the same
