@@ -122,7 +122,7 @@ FAST_TESTS = $(shell grep -l '^pytestmark = pytest.mark.fast' tests/*.py tests/*
 test-fast: $(VENV)/.installed ## the fast suite: every guard's rule in-process, no network at all, under a minute
 	$(NO_NETWORK) $(PY) -m pytest -m fast -p no:cacheprovider -q $(PYTEST_ARGS) $(FAST_TESTS)
 
-test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
+test-full: ## make test with every long proof in every combination (both modes, both rollover depths) and at full size: ~6 min more
 	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
 
 # `make test` runs tests/fuzz too, on a few fixed examples each (about a minute); this runs the same
@@ -137,7 +137,7 @@ bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved; w
 	$(PY) -m bench.bench
 
 renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
-	MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
+	MESH_TEST_FULL=1 MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
 
 soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
