@@ -108,8 +108,14 @@ $(SSLYZE):
 
 # The Kubernetes validation's CRD schemas come from npm: with npm, `make test` installs its tools first.
 K8S_TOOLS := $(if $(shell command -v npm 2>/dev/null),k8s-tools)
+# ...and so does mermaid's parser, which checks every diagram of the docs (docs/tools, versions locked).
+MERMAID := docs/tools/node_modules/.package-lock.json
+DOC_TOOLS := $(if $(shell command -v npm 2>/dev/null),$(MERMAID))
 
-test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
+$(MERMAID): docs/tools/package.json docs/tools/package-lock.json
+	npm ci --prefix docs/tools --no-audit --no-fund --loglevel=error
+
+test: lint $(SSLYZE) $(K8S_TOOLS) $(DOC_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Every rule, proved in-process (httpx's ASGITransport and MockTransport, fake SSLObjects): no network at all —
