@@ -15,6 +15,8 @@ COPY pki /src/pki
 COPY shared /src/shared
 COPY services /src/services
 COPY client /src/client
+COPY cockpit /src/cockpit
+COPY view /src/view
 RUN set -eu; \
     cp /etc/ssl/certs/ca-certificates.crt /tmp/bundle.pem; \
     for extra in /tmp/extra-ca/*.pem /tmp/extra-ca/*.crt; do \

@@ -108,8 +108,14 @@ $(SSLYZE):
 
 # The Kubernetes validation's CRD schemas come from npm: with npm, `make test` installs its tools first.
 K8S_TOOLS := $(if $(shell command -v npm 2>/dev/null),k8s-tools)
+# ...and so does mermaid's parser, which checks every diagram of the docs (docs/tools, versions locked).
+MERMAID := docs/tools/node_modules/.package-lock.json
+DOC_TOOLS := $(if $(shell command -v npm 2>/dev/null),$(MERMAID))
 
-test: lint $(SSLYZE) $(K8S_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
+$(MERMAID): docs/tools/package.json docs/tools/package-lock.json
+	npm ci --prefix docs/tools --no-audit --no-fund --loglevel=error
+
+test: lint $(SSLYZE) $(K8S_TOOLS) $(DOC_TOOLS) ## lint, then every test (unit, end-to-end with real processes, TLS scans, Kubernetes manifests, Docker if running)
 	MESH_SSLYZE=$(SSLYZE) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Every rule, proved in-process (httpx's ASGITransport and MockTransport, fake SSLObjects): no network at all â€”
@@ -122,7 +128,7 @@ FAST_TESTS = $(shell grep -l '^pytestmark = pytest.mark.fast' tests/*.py tests/*
 test-fast: $(VENV)/.installed ## the fast suite: every guard's rule in-process, no network at all, under a minute
 	$(NO_NETWORK) $(PY) -m pytest -m fast -p no:cacheprovider -q $(PYTEST_ARGS) $(FAST_TESTS)
 
-test-full: ## make test with every long proof in every combination (both modes, both rollover depths): ~5 min more
+test-full: ## make test with every long proof in every combination (both modes, both rollover depths) and at full size: ~6 min more
 	@$(MAKE) --no-print-directory test MESH_TEST_FULL=1
 
 # `make test` runs tests/fuzz too, on a few fixed examples each (about a minute); this runs the same
@@ -144,7 +150,7 @@ profile: $(VENV)/.installed ## py-spy on A, B and C under the throughput load: Â
 	$(PY) -m bench.profile
 
 renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
-	MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
+	MESH_TEST_FULL=1 MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
 
 soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
 	$(PY) -m bench.soak --requests 10000 --concurrency 32

@@ -14,8 +14,10 @@ It prints what each side saw. Measured here (Python 3.11, OpenSSL 3.0, asyncio a
 the first request is still being handled, the certificate never arrives — OpenSSL queues the
 CertificateRequest, and asyncio's SSL transport only sends it out with the next write, i.e. with the
 response. The handler would have to answer before knowing who asked. The certificate shows up on a
-*later* request of the same connection: too late to authorize the one that needed it, and HTTP/2 forbids
-the whole exchange anyway (RFC 8740). Requiring the certificate in the handshake has none of these issues.
+*later* request of the same connection: too late to authorize the one that needed it. That delay is
+Python's (ssl and asyncio), not TLS 1.3's: the protocol answers in one flight, with no new keys (RFC 8446
+§4.6.2). HTTP/2 forbids post-handshake authentication anyway (RFC 9113 §9.2.3). Requiring the certificate
+in the handshake has none of these issues.
 """
 
 from __future__ import annotations

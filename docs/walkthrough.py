@@ -1,6 +1,10 @@
-"""`make walkthrough`: run every command of docs/walkthrough.md, in order, and compare what it prints.
+"""`make walkthrough`: run every command of the walkthrough, in order, and compare what it prints.
 
-The document is the script. In it:
+The walkthrough is two documents, run one after the other in the same scratch copy, as a reader would:
+docs/walkthrough.md (the first lesson) and docs/operations.md (part two, which starts where the first
+ends). WALKTHROUGH_ONLY=operations.md runs one of them alone (each can start from a fresh clone).
+
+A document is the script. In it:
 
 - a ```console block holds commands (`$ …`), each followed by the output it must print;
 - in expected output, `<sha256>`, `<hex>`, `<n>`, `<date>`, `<port>` and `<any>` stand for values that
@@ -8,12 +12,15 @@ The document is the script. In it:
 - `[exit N]` as the last expected line says the command must fail with status N (otherwise: status 0);
 - `<!-- walkthrough: ACTION -->` comments, invisible when rendered, do what the reader does by hand in
   another terminal: `start-mesh` (optionally followed by `NAME=value` settings for the mesh, as in
-  `start-mesh MESH_REQUIRE_USER_TOKEN=true`), `stop-mesh`, `background: COMMAND`, `stop-background`.
+  `start-mesh MESH_REQUIRE_USER_TOKEN=true`), `stop-mesh`, `background: COMMAND`, `stop-background`;
+  a bare `background` runs the ```sh block just above it (the command the reader types in another terminal),
+  so that the document shows it once.
 
 It runs in a scratch copy of the repository (its own pki/out), against the local mesh on 8443–8446, or
 against the Docker stack with WALKTHROUGH_TARGET=compose. WALKTHROUGH_PORTS=a,b,c,d,e,f moves the document's
 ports 8443, 8444, 8445, 8446, 9445 and 9446 elsewhere (the tests use free ones), in commands and outputs alike.
-A mismatch prints the step, the command, and expected against actual, and exits 1.
+A mismatch prints the step, the command, and expected against actual, and exits 1. At the end it prints,
+per document, its word count and how long its commands ran: the two numbers its time estimate is made of.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "walkthrough.md"
+DOCS = (ROOT / "docs" / "walkthrough.md", ROOT / "docs" / "operations.md")
+READING_WORDS_PER_MINUTE = 200  # technical text, read with care
 TOKENS = re.compile(
-    r"^```console\n(?P<block>.*?)^```$|<!-- walkthrough: (?P<action>.*?) -->|^(?P<heading>## [^\n]*)$", re.S | re.M
+    r"^```console\n(?P<block>.*?)^```$|^```sh\n(?P<shell>.*?)^```$|<!-- walkthrough: (?P<action>.*?) -->"
+    r"|^(?P<heading>## [^\n]*)$",
+    re.S | re.M,
 )
 PLACEHOLDERS = {
     "<sha256>": r"[0-9a-f]{64}",
@@ -84,7 +94,7 @@ def matches(expected: list[str], actual: list[str]) -> bool:
     )
 
 
-DOCUMENT_PORTS = (8443, 8444, 8445, 8446, 9445, 9446)  # A, B, C, the token service, two for chapter 12
+DOCUMENT_PORTS = (8443, 8444, 8445, 8446, 9445, 9446)  # A, B, C, the token service, two for chapters 5 and 8
 
 
 class Walkthrough:
@@ -146,7 +156,7 @@ class Walkthrough:
         elif action == "stop-background":
             stop(self.background)
         else:
-            raise SystemExit(f"walkthrough: unknown action {action!r} in {DOC.name}")
+            raise SystemExit(f"walkthrough: unknown action {action!r}")
 
     def spawn_and_wait(
         self, line: str, wait: bool = True, ports: tuple[int, ...] = ()
@@ -220,53 +230,109 @@ def prepare(workdir: Path) -> None:
             (workdir / shared).symlink_to(ROOT / shared)
 
 
-def check_code_links(text: str) -> list[str]:
-    """Links like [`symbol`](../path#L42) must still point at a line containing `symbol`."""
+def check_code_links(text: str, name: str = "walkthrough.md", base: Path = ROOT / "docs") -> list[str]:
+    """Links like [`symbol`](../path#L42) must still point at a line containing `symbol`; every other relative
+    link must point at a file that exists (relative to `base`, the document's folder), and at a heading of it
+    when it names one (`other.md#a-heading`, as the forge makes anchors)."""
     problems = []
     for symbol, path, line in re.findall(r"\[`([^`]+)`\]\(\.\./([^)#]+)#L(\d+)\)", text):
-        lines = (ROOT / path).read_text().splitlines()
+        source = ROOT / path
+        lines = source.read_text().splitlines() if source.is_file() else []
         if int(line) > len(lines) or symbol not in lines[int(line) - 1]:
-            problems.append(f"{DOC.name}: the link to {path}#L{line} should show `{symbol}`, and no longer does")
+            problems.append(f"{name}: the link to {path}#L{line} should show `{symbol}`, and no longer does")
+    for path, anchor in re.findall(r"\]\((?!https?:|mailto:)([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        target = (base / path).resolve() if path else None
+        if target is not None and not target.exists():
+            problems.append(f"{name}: the link to {path} points at nothing; fix the path")
+        elif anchor and not anchor.startswith("L") and (target is None or target.suffix == ".md"):
+            headings = text if target is None else target.read_text()
+            if anchor not in {_anchor(h) for h in re.findall(r"^#+ (.*)$", headings, re.M)}:
+                problems.append(f"{name}: the link to {path}#{anchor} names no heading there; fix the anchor")
     return problems
+
+
+def _anchor(heading: str) -> str:
+    """The forge's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def words(text: str) -> int:
+    """Every word counts, commands and output included (what `wc -w` says)."""
+    return len(text.split())
 
 
 def main() -> int:
     target = os.environ.get("WALKTHROUGH_TARGET", "local")
-    text = DOC.read_text()
-    if problems := check_code_links(text):
+    only = os.environ.get("WALKTHROUGH_ONLY")
+    documents = [doc for doc in DOCS if not only or doc.name == only]
+    if not documents:
+        print(f"walkthrough: WALKTHROUGH_ONLY={only} names none of {[doc.name for doc in DOCS]}", file=sys.stderr)
+        return 1
+    problems = [p for doc in DOCS for p in check_code_links(doc.read_text(), doc.name)]
+    problems += check_code_links((ROOT / "README.md").read_text(), "README.md", ROOT)
+    if problems:
         print("\n".join(problems), file=sys.stderr)
         return 1
     failures = 0
+    timings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mesh-walkthrough-") as scratch:
         workdir = Path(scratch)
         prepare(workdir)
         ports = tuple(int(p) for p in os.environ.get("WALKTHROUGH_PORTS", "").split(",") if p) or DOCUMENT_PORTS
         walkthrough = Walkthrough(workdir, target, ports)
-        heading = "(start)"
         try:
-            for token in TOKENS.finditer(text):
-                if token["heading"]:
-                    heading = token["heading"][3:]
-                    print(f"— {heading}", flush=True)
-                elif token["action"]:
-                    walkthrough.act(token["action"].strip())
-                else:
-                    for command in parse_block(walkthrough.localise(token["block"])):
-                        code, actual = walkthrough.run(command)
-                        expected = [line for line in command.expected if line.strip()]
-                        if code == command.exit_code and matches(expected, actual):
-                            continue
-                        failures += 1
-                        print(f"\nMISMATCH in “{heading}”\n$ {command.line}", file=sys.stderr)
-                        print(f"exit status {code}, expected {command.exit_code}", file=sys.stderr)
-                        print("expected:\n  " + "\n  ".join(expected), file=sys.stderr)
-                        print("actual:\n  " + "\n  ".join(actual), file=sys.stderr)
-                        if os.environ.get("WALKTHROUGH_KEEP_GOING") != "1":
-                            return 1
+            for doc in documents:
+                started = time.monotonic()
+                failures += run_document(walkthrough, doc)
+                if failures and os.environ.get("WALKTHROUGH_KEEP_GOING") != "1":
+                    return 1
+                seconds = time.monotonic() - started
+                count = words(doc.read_text())
+                timings.append(
+                    f"{doc.name}: {count} words ({count / READING_WORDS_PER_MINUTE:.0f} min of reading at "
+                    f"{READING_WORDS_PER_MINUTE} words a minute), commands ran for {seconds / 60:.1f} min"
+                )
         finally:
             walkthrough.stop_all()
+    print("\n".join(timings))
     print(f"walkthrough: {'all steps printed what the document says' if not failures else f'{failures} mismatches'}")
     return 1 if failures else 0
+
+
+def run_document(walkthrough: Walkthrough, doc: Path) -> int:
+    """Every action and command of one document, in order; returns the number of mismatches."""
+    failures = 0
+    heading, shell = "(start)", ""
+    print(f"— {doc.name}", flush=True)
+    for token in TOKENS.finditer(doc.read_text()):
+        if token["heading"]:
+            heading = token["heading"][3:]
+            print(f"— {heading}", flush=True)
+        elif token["shell"] is not None:
+            shell = token["shell"].strip()
+        elif token["action"]:
+            action = token["action"].strip()
+            if action == "background":
+                if not shell or "\n" in shell:
+                    raise SystemExit(
+                        f"walkthrough: {doc.name}, “{heading}”: a bare `background` needs one ```sh line above"
+                    )
+                action = f"background: {shell}"
+            walkthrough.act(action)
+        else:
+            for command in parse_block(walkthrough.localise(token["block"])):
+                code, actual = walkthrough.run(command)
+                expected = [line for line in command.expected if line.strip()]
+                if code == command.exit_code and matches(expected, actual):
+                    continue
+                failures += 1
+                print(f"\nMISMATCH in {doc.name}, “{heading}”\n$ {command.line}", file=sys.stderr)
+                print(f"exit status {code}, expected {command.exit_code}", file=sys.stderr)
+                print("expected:\n  " + "\n  ".join(expected), file=sys.stderr)
+                print("actual:\n  " + "\n  ".join(actual), file=sys.stderr)
+                if os.environ.get("WALKTHROUGH_KEEP_GOING") != "1":
+                    return failures
+    return failures
 
 
 if __name__ == "__main__":

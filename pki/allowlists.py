@@ -11,18 +11,26 @@ from pki.policy import Policy
 from shared.layout import Layout
 from shared.x509 import load_certificates, thumbprint
 
-__all__ = ["expected_allow_lists", "render_allow_lists", "render_token_policy"]
+__all__ = ["expected_allow_lists", "render_allow_lists", "render_token_policy", "rendered_allow_lists"]
 
 
 def render_allow_lists(layout: Layout, policy: Policy) -> None:
     """Turn the policy's names into allow-lists, one file per service, one caller per line: its thumbprints
     (current, and next or previous during a rotation), or with `authorize_by = "spiffe-id"` its SPIFFE ID."""
+    for path, text in rendered_allow_lists(layout, policy).items():
+        write_file(path, text)
+    render_token_policy(layout, policy)
+
+
+def rendered_allow_lists(layout: Layout, policy: Policy) -> dict[Path, bytes]:
+    """Each allow-list file as `render_allow_lists` writes it now (`pki check` compares them to the files)."""
+    files = {}
     for callee in policy.services:
         header = f"Allow-list of {callee}: the callers whose certificate may call it."
-        _render(layout, policy, layout.allow_list(callee), header, policy.allow.get(callee, ()))
+        files[layout.allow_list(callee)] = _render(layout, policy, header, policy.allow.get(callee, ()))
     header = "Who may read GET /metrics on every service."
-    _render(layout, policy, layout.metrics_allow_list, header, policy.metrics)
-    render_token_policy(layout, policy)
+    files[layout.metrics_allow_list] = _render(layout, policy, header, policy.metrics)
+    return files
 
 
 def render_token_policy(layout: Layout, policy: Policy) -> None:
@@ -62,7 +70,7 @@ def _entries(layout: Layout, policy: Policy, callers: Iterable[str]) -> list[tup
     return entries
 
 
-def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: Iterable[str]) -> None:
+def _render(layout: Layout, policy: Policy, header: str, callers: Iterable[str]) -> bytes:
     lines = [
         f"# {header}",
         "# Rendered from pki/policy.toml by `python -m pki`; edit the policy, then run `make pki`.",
@@ -74,4 +82,4 @@ def _render(layout: Layout, policy: Policy, path: Path, header: str, callers: It
             "# Format: one SPIFFE ID (any valid certificate of ours for that name) or SHA-256 thumbprint per line;"
         )
     lines += [f"{value}  # {comment}" for value, comment in _entries(layout, policy, callers)]
-    write_file(path, ("\n".join(lines) + "\n").encode())
+    return ("\n".join(lines) + "\n").encode()

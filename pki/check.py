@@ -12,7 +12,7 @@ What it reads, in order (a broken CA stops it: nothing below can be judged witho
 - crl.pem: every CRL in it signed by our intermediate (or the other one, during a rollover);
 - every identity of the policy: its files load as a service would load them (shared.tls.LiveTLS: expiry, key,
   a CRL of its CA, none expired), its chain leads to a CA of ca.crt, and it is not revoked;
-- the allow-lists: each file says what the policy renders now (pki.allowlists).
+- the allow-lists: each file is what the policy renders now (pki.allowlists), byte for byte.
 
 Writing commands run `gate` first: it refuses them while the policy, a permission or the CA is broken, which
 no command repairs. The rest each has a command that repairs it, named in its fix; `init` re-signs a CRL it
@@ -30,14 +30,13 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from pki.allowlists import expected_allow_lists
+from pki.allowlists import rendered_allow_lists
 from pki.authority import PKIError, load_issuer
 from pki.identities import no_ca
 from pki.policy import Policy
 from pki.revocation import revoked_in_place
-from shared.authz import AllowList
 from shared.layout import Layout
-from shared.tls import LiveTLS
+from shared.tls import LiveTLS, TLSMaterial
 from shared.x509 import (
     MaterialError,
     authority_key_id,
@@ -48,10 +47,9 @@ from shared.x509 import (
     read_protected,
 )
 
-__all__ = ["BLOCKING", "Finding", "check", "gate"]
+__all__ = ["Finding", "check", "gate"]
 
 Kind = Literal["policy", "permissions", "ca", "crl", "identity", "allow-list"]
-BLOCKING: frozenset[Kind] = frozenset({"policy", "permissions", "ca"})  # no `pki` command repairs these
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,9 @@ class Finding:
     text: str  # what is wrong, naming the file; the fix follows " — " where the rule's own sentence gives it
 
 
-def check(layout: Layout, policy_path: Path) -> list[Finding]:
+def check(layout: Layout, policy_path: Path, *, blocking_only: bool = False) -> list[Finding]:
+    """Everything wrong, in the order of the module's list. `blocking_only`: only what no `pki` command repairs —
+    the policy, permissions, the CA (kinds "policy", "permissions", "ca") — which is also cheap to read."""
     try:
         policy = Policy.load(policy_path)
     except PKIError as e:
@@ -74,14 +74,14 @@ def check(layout: Layout, policy_path: Path) -> list[Finding]:
     if findings:
         return findings  # nothing else is read from files others may have changed
     findings = _authority(layout)
-    if findings:
+    if findings or blocking_only:
         return findings
     return [*_crls(layout), *_identities(layout, policy), *_allow_lists(layout, policy)]
 
 
 def gate(layout: Layout, policy_path: Path) -> None:
     """Before a command writes pki/out: refuse while something is wrong that no command repairs."""
-    if blocking := [f for f in check(layout, policy_path) if f.kind in BLOCKING]:
+    if blocking := check(layout, policy_path, blocking_only=True):
         raise PKIError(
             "nothing was written — fix this first (`python -m pki check` says all that is wrong):\n  "
             + "\n  ".join(f.text for f in blocking)
@@ -162,8 +162,7 @@ def _identities(layout: Layout, policy: Policy) -> list[Finding]:
             findings.append(Finding("identity", f"{layout.cert(name)}: {name} has no certificate — run `make pki`"))
             continue
         try:
-            # The very checks a service makes when it loads these files: one copy of each rule.
-            LiveTLS(layout.material(name), outgoing=False)
+            _load_as_a_service(layout.material(name))
         except MaterialError as e:
             refused.setdefault(str(e), []).append(name)
             continue
@@ -188,21 +187,25 @@ def _identities(layout: Layout, policy: Policy) -> list[Finding]:
     return findings
 
 
+def _load_as_a_service(material: TLSMaterial) -> None:
+    """The very checks a service makes when it loads these files: one copy of each rule."""
+    if os.geteuid() == 0 and any(path.stat().st_uid != 0 for path in material.files() if path.exists()):
+        # The compose pki job, root on your files (see _permissions): the same checks of what the files say,
+        # without shared.files' owner rule, which each container applies to what it is deployed.
+        paths = {"ca": material.ca, "cert": material.cert, "key": material.key, "crl": material.crl}
+        material.verify({field: path.read_bytes() for field, path in paths.items() if path is not None})
+        return
+    LiveTLS(material, outgoing=False)
+
+
 def _allow_lists(layout: Layout, policy: Policy) -> list[Finding]:
     findings = []
-    for file, lines in expected_allow_lists(layout, policy).items():
-        path = layout.out / "allow" / file
-        expected = {value for value, _ in lines}
-        try:
-            allow = AllowList.load(path)
-        except MaterialError as e:
-            findings.append(Finding("allow-list", f"{e} — or re-render it with `python -m pki render`"))
-            continue
-        if set(allow.entries) | {str(i) for i in allow.ids} != expected:
+    for path, text in rendered_allow_lists(layout, policy).items():
+        if not path.exists() or path.read_bytes() != text:
             findings.append(
                 Finding(
                     "allow-list",
-                    f"{path}: not what the policy renders (edited by hand, or the policy changed since) — "
+                    f"{path}: not what the policy renders (missing, edited by hand, or the policy changed since) — "
                     "`python -m pki render` (or `make pki`) renders it again",
                 )
             )

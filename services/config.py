@@ -55,7 +55,7 @@ class ServiceConfig(BaseSettings):
     # Reuse connections to the next hop (one handshake, many requests). `false` makes every call a new
     # connection and a full mutual handshake: only useful to measure what keep-alive saves (make bench).
     downstream_keepalive: bool = True
-    # User tokens (walkthrough chapter 13): where the token service is, and the name it must prove. With it, a
+    # User tokens (walkthrough chapter 7): where the token service is, and the name it must prove. With it, a
     # request that carries a token has it checked and exchanged for the next hop; `require_user_token` refuses
     # every request without one (401), so that a caller's certificate alone no longer suffices.
     token_service_url: str | None = None  # e.g. https://127.0.0.1:8446

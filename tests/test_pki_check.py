@@ -74,6 +74,18 @@ def test_a_policy_mistake_is_named_with_its_line_and_nothing_is_written(
     assert {p: p.read_bytes() for p in layout.out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_root_on_files_it_does_not_own_as_the_compose_pki_job_is(
+    layout: Layout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Docker pki job runs `init` as root on your checkout's pki/out: your files are no fault of the PKI."""
+    for path in [layout.out, *layout.out.rglob("*")]:
+        os.chown(path, 12345, 12345)
+    code, said = pki(layout, capsys, "check")
+    assert code == 0, said
+    assert pki(layout, capsys, "init")[0] == 0
+
+
 def test_a_key_others_can_read_stops_every_writer(layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
     layout.key("service-a").chmod(0o644)
     code, said = pki(layout, capsys, "check")

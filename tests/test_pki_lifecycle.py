@@ -238,7 +238,7 @@ def test_commands_and_the_renewer_wait_for_the_lock(tmp_path: Path) -> None:
 def test_the_renewer_and_commands_hammering_at_once_leave_a_consistent_pki(tmp_path: Path) -> None:
     """A renewer renewing every few seconds, and `pki revoke` and a CA rollover run meanwhile:
     without the lock, one of them finds its successor gone — "no rotation of service-b is under way", as the
-    walkthrough's chapter 11 once failed with `make rotate-ca` and the renewer — or a record loses a write."""
+    walkthrough's CA rollover once failed with `make rotate-ca` and the renewer — or a record loses a write."""
     policy_path = policy_file(tmp_path, lifetime="6s")
     layout, policy = Layout(tmp_path / "pki"), Policy.load(policy_path)
     init(layout, policy)

@@ -1,6 +1,7 @@
 """Revocation and live rotation against a running mesh: nothing is restarted in any of these tests.
 
-Each test gets its own PKI and its own three processes, since each one changes the PKI under them.
+Each test that changes the PKI for good (a revocation, a rotation) gets its own PKI and its own three processes;
+those that put back what they break share one mesh (`restored_mesh`): a start costs seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -40,14 +41,24 @@ RELOAD_INTERVAL = 0.5
 BOUND = RELOAD_INTERVAL + 2.5
 
 
-@pytest.fixture
-def fresh_mesh(tmp_path: Path) -> Iterator[Mesh]:
-    layout = Layout(tmp_path / "pki")
+def own_mesh(directory: Path) -> Iterator[Mesh]:
+    layout = Layout(directory / "pki")
     init(layout)
     envs = chain_environments(free_ports(3), layout.out, MESH_RELOAD_INTERVAL=str(RELOAD_INTERVAL))
-    processes = start_services(envs, tmp_path)
+    processes = start_services(envs, directory)
     with running(processes):
         yield Mesh([Service(p) for p in processes], layout)
+
+
+@pytest.fixture
+def fresh_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    yield from own_mesh(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def restored_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """For the tests that restore every file they break, and wait until the mesh has taken it back."""
+    yield from own_mesh(tmp_path_factory.mktemp("restored"))
 
 
 def client_context(mesh: Mesh, *, check_revocation: bool = False) -> ssl.SSLContext:
@@ -182,8 +193,8 @@ def test_rotating_service_b_under_load_fails_no_request(fresh_mesh: Mesh) -> Non
 
 
 @pytest.mark.parametrize("broken", ["mismatched key", "garbage CRL", "malformed allow-list"])
-def test_broken_material_is_refused_and_the_old_stays(fresh_mesh: Mesh, broken: str) -> None:
-    mesh = fresh_mesh
+def test_broken_material_is_refused_and_the_old_stays(restored_mesh: Mesh, broken: str) -> None:
+    mesh = restored_mesh
     layout = mesh.layout
     target, victim = {
         "mismatched key": (layout.key("service-b"), "service-b"),
@@ -192,13 +203,17 @@ def test_broken_material_is_refused_and_the_old_stays(fresh_mesh: Mesh, broken: 
     }[broken]
     backup = target.with_name(target.name + ".bak")
     shutil.copy2(target, backup)
+    broken_at = mesh[victim].mark()
     if broken == "mismatched key":
         shutil.copy2(layout.key("service-c"), target)
     else:
         target.write_text("this is not what you think it is\n")
 
-    wait_until(lambda: any(str(target) in str(e) for e in events(mesh[victim], "reload_refused")))
-    refusal = next(e for e in events(mesh[victim], "reload_refused") if str(target) in str(e))
+    def refusals() -> list[dict]:
+        return [e for e in mesh[victim].events_since(broken_at, "reload_refused") if str(target) in str(e)]
+
+    wait_until(lambda: bool(refusals()))
+    refusal = refusals()[0]
     assert refusal["level"] == "error"
     assert chain(mesh).status_code == 200, "the last good material should still be in force"
     # Repair: the good material is taken, by the same process, without a restart.
@@ -210,8 +225,8 @@ def test_broken_material_is_refused_and_the_old_stays(fresh_mesh: Mesh, broken: 
     assert mesh[victim].process.process.pid == pid  # type: ignore[union-attr]
 
 
-def test_allow_list_edits_take_effect_without_restart(fresh_mesh: Mesh) -> None:
-    mesh = fresh_mesh
+def test_allow_list_edits_take_effect_without_restart(restored_mesh: Mesh) -> None:
+    mesh = restored_mesh
     allow_list = mesh.layout.allow_list("service-a")
     original = allow_list.read_text()
     allow_list.write_text("# nobody, for now\n")
@@ -221,9 +236,11 @@ def test_allow_list_edits_take_effect_without_restart(fresh_mesh: Mesh) -> None:
     assert wait_until(lambda: chain(mesh).status_code == 200) < BOUND
 
 
-def test_sighup_reloads_at_once(fresh_mesh: Mesh, tmp_path: Path) -> None:
-    """With a long poll interval, SIGHUP is what makes the service look."""
-    layout = fresh_mesh.layout
+def test_sighup_reloads_at_once(tmp_path: Path) -> None:
+    """With a long poll interval, SIGHUP is what makes the service look. (Its own PKI and service-c alone: a
+    whole mesh would only cost its start.)"""
+    layout = Layout(tmp_path / "pki")
+    init(layout)
     env = chain_environments(free_ports(1), layout.out, names=["service-c"], MESH_RELOAD_INTERVAL="3600")[0]
     (process,) = start_services([env], tmp_path)
     service = Service(process)

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.compose
 SECONDS = 30  # the certificates live 20 s: renewed at least twice in this time, more during start-up
 
 
-# Both modes run locally (tests/test_renewal.py, tests/test_rollover.py); here one, unless `make test-full`.
-@pytest.fixture(scope="module", params=matrix(["thumbprint", "spiffe-id"], ["thumbprint"]))
+# `make test` renews by thumbprint locally (tests/test_renewal.py) and by SPIFFE ID here, so both modes run under
+# load in every CI run; `make test-full` runs both in both places.
+@pytest.fixture(scope="module", params=matrix(["thumbprint", "spiffe-id"], ["spiffe-id"]))
 def renewing_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp(f"compose-renewal-{request.param}")
     policy = tmp / "policy.toml"
