@@ -1,6 +1,6 @@
 # mtls-mesh — every target creates and uses .venv itself; a new machine needs only Python 3.11+ and make.
 .DEFAULT_GOAL := help
-.PHONY: help venv pki pki-force run call status view demo walkthrough revoke rotate rotate-ca retire test test-full fuzz test-fast lint fmt bench soak flood renew-soak \
+.PHONY: help venv pki pki-force run call status view demo walkthrough revoke rotate rotate-ca retire test test-full fuzz test-fast lint fmt bench bench-quick profile soak flood renew-soak \
         base-image image up down k8s k8s-tools k8s-secrets k8s-podman \
         logs ps clean deploy-if-up
 
@@ -139,8 +139,15 @@ fuzz: $(VENV)/.installed ## fuzz every parser of untrusted input with fresh exam
 walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
 	$(PY) docs/walkthrough.py
 
-bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved; writes bench/results.{json,md}, latency.png
+bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved, 3 repeats (~5 min); writes bench/results.{json,md}, charts
 	$(PY) -m bench.bench
+
+bench-quick: $(VENV)/.installed ## the same bench, short (~1.5 min): proves the machinery, writes to /tmp/mtls-mesh-bench-quick/
+	$(PY) -m bench.bench --rounds 1 --per-round 40 --throughput-rounds 1 --throughput-seconds 1 \
+		--sizes 10,1000,10000 --handshakes 100 --out /tmp/mtls-mesh-bench-quick
+
+profile: $(VENV)/.installed ## py-spy on A, B and C under the throughput load: µs of CPU per request per hop, by part
+	$(PY) -m bench.profile
 
 renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
 	MESH_TEST_FULL=1 MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py

@@ -1,6 +1,6 @@
 """`make bench`: what mTLS costs on this chain, measured against the same chain in plaintext, in one run.
 
-Eight chains run side by side on loopback, all from the same service code (`bench/serve.py`):
+Nine chains run side by side on loopback, all from the same service code (`bench/serve.py`):
 
     mtls            as shipped: A → B → C, ECDSA P-256, TLS 1.3, keep-alive on every hop
     plaintext       the same, TLS off (benchmark-only mode)
@@ -17,7 +17,10 @@ Then, apart from the chains: the bare mutual handshake (bench/handshake.py), aga
 are set, and how costs grow with the CRL and the allow-list (bench/scaling.py).
 
 Phases are interleaved — round after round, each chain in a shuffled order — so that machine drift
-(CPU frequency, other load) falls on all of them alike; ratios are computed from these same runs.
+(CPU frequency, other load) falls on all of them alike; ratios are computed from these same runs. The whole
+interleaved set is repeated (--repeats, 3 by default): every ratio is computed in each repeat and reported as
+their median, with `"spread": [min, max]` beside it — one run of one set once gave 0.95 and then 0.79.
+`--chains` runs only some chains (the ratios that need the others are left out): a short run proves the machinery.
 Results: bench/results.json, bench/results.md, bench/latency.png and bench/scaling.png; the table is printed.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,15 +40,16 @@ import sys
 import tempfile
 import time
 import timeit
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvloop
 
 from bench.handshake import bare_handshake_ms, bare_resumed_handshake_ms, event_loop_handshake_added_ms
-from bench.scaling import allow_list_scaling, crl_scaling
+from bench.scaling import SIZES, allow_list_scaling, crl_scaling, p99_during_reloads
 from bench.sidecar import SidecarPorts, running_sidecars
 from client.__main__ import user_token
 from pki import Policy, init
@@ -73,6 +78,7 @@ class Variant:
     sidecar_ports: SidecarPorts | None = None
     latencies_ms: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # requests per second, one value per slice
+    repeats: list[tuple[int, int]] = field(default_factory=list)  # where each repeat ends in the two lists above
     errors: int = 0
     token_port: int | None = None
     headers: dict[str, str] = field(default_factory=dict)  # a user token, with `tokens`
@@ -122,6 +128,17 @@ class Variant:
             material = self.layout.material("client")
             token = user_token(f"https://127.0.0.1:{self.token_port}", material, "alice", "service-a")
             self.headers = {"Authorization": f"Bearer {token}"}
+
+    def end_repeat(self) -> None:
+        self.repeats.append((len(self.latencies_ms), len(self.throughput)))
+
+    def repeat(self, index: int) -> Variant:
+        """This chain's samples from one repeat only (a summary's input)."""
+        start = self.repeats[index - 1] if index else (0, 0)
+        end = self.repeats[index]
+        return dataclasses.replace(
+            self, latencies_ms=self.latencies_ms[start[0] : end[0]], throughput=self.throughput[start[1] : end[1]]
+        )
 
     def client(self) -> httpx.AsyncClient:
         context = tls.client_context(self.layout.material("client"))
@@ -190,6 +207,13 @@ async def cold_exchanges(variant: Variant, count: int) -> list[float]:
     return latencies
 
 
+STARTED = time.monotonic()
+
+
+def elapsed() -> str:
+    return f"[{time.monotonic() - STARTED:5.1f} s]"
+
+
 def take(free: Iterator[int], count: int) -> list[int]:
     return [next(free) for _ in range(count)]
 
@@ -199,11 +223,10 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def authz_microseconds(layout: Layout) -> float:
+def authz_microseconds(layout: Layout, runs: int = 200_000) -> float:
     """One authorization decision (leaf + clientAuth + allow-list lookup), as each request pays it."""
     policy = service_policy(AllowList.load(layout.allow_list("service-b")))
     caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
-    runs = 200_000
     best = min(timeit.repeat(lambda: policy(caller), number=runs, repeat=5))
     return best / runs * 1e6
 
@@ -252,13 +275,38 @@ def summarise(variant: Variant) -> dict[str, float]:
     return summary
 
 
+CHAINS = (
+    "mtls",
+    "plaintext",
+    "mtls-rsa",
+    "mtls-tls12",
+    "mtls-cold",
+    "plaintext-cold",
+    "sidecar",
+    "mtls-6hop",
+    "mtls-tokens",
+)
+THROUGHPUT_CHAINS = ("mtls", "plaintext", "sidecar", "mtls-tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (default 6)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats; each ratio is their median, with min and max"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved latency rounds per repeat (default 2)")
     parser.add_argument("--per-round", type=int, default=200, help="sequential requests per chain per round")
-    parser.add_argument("--throughput-rounds", type=int, default=4)
-    parser.add_argument("--throughput-seconds", type=float, default=3.0)
+    parser.add_argument("--throughput-rounds", type=int, default=2, help="throughput slices per chain per repeat")
+    parser.add_argument("--throughput-seconds", type=float, default=2.5)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--chains", default=",".join(CHAINS), help="which chains (default: all; ratios need both)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="CRL and allow-list sizes for scaling")
+    parser.add_argument(
+        "--handshakes", type=int, default=300, help="bare handshakes timed per figure (authorizations: 600× as many)"
+    )
+    parser.add_argument(
+        "--reload-seconds", type=float, default=4.0, help="per phase: p99 with the largest CRL/allow-list reloading"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--chart-only", action="store_true", help="redraw latency.png from results.json, run nothing")
     args = parser.parse_args(argv)
@@ -267,58 +315,81 @@ def main(argv: list[str] | None = None) -> int:
         chart(results["raw_latencies_ms"], args.out / "latency.png")
         scaling_chart(results["scaling"], args.out / "scaling.png")
         return 0
+    chains = args.chains.split(",")
+    if unknown := set(chains) - set(CHAINS):
+        parser.error(f"--chains: no chain called {', '.join(sorted(unknown))}; the chains are {', '.join(CHAINS)}")
+    sizes = tuple(int(size) for size in args.sizes.split(","))
     random.seed(20261126)
 
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as scratch:
         root = Path(scratch)
         ecdsa, rsa, six = Layout(root / "ecdsa"), Layout(root / "rsa"), Layout(root / "six")
         init(ecdsa)
-        init(rsa, key_type="rsa")
-        init(six, six_hop_policy())
-        variants = [
-            Variant("mtls", ecdsa),
-            Variant("plaintext", ecdsa, plaintext=True),
-            Variant("mtls-rsa", rsa),
-            Variant("mtls-tls12", ecdsa, tls12=True),
-            Variant("mtls-cold", ecdsa, cold=True),
-            Variant("plaintext-cold", ecdsa, plaintext=True, cold=True),
-            Variant("sidecar", ecdsa, plaintext=True, sidecar=True),
-            Variant("mtls-6hop", six, names=SIX_HOPS),
-            Variant("mtls-tokens", ecdsa, tokens=True),
-        ]
+        every = {
+            "mtls": lambda: Variant("mtls", ecdsa),
+            "plaintext": lambda: Variant("plaintext", ecdsa, plaintext=True),
+            "mtls-rsa": lambda: Variant("mtls-rsa", rsa),
+            "mtls-tls12": lambda: Variant("mtls-tls12", ecdsa, tls12=True),
+            "mtls-cold": lambda: Variant("mtls-cold", ecdsa, cold=True),
+            "plaintext-cold": lambda: Variant("plaintext-cold", ecdsa, plaintext=True, cold=True),
+            "sidecar": lambda: Variant("sidecar", ecdsa, plaintext=True, sidecar=True),
+            "mtls-6hop": lambda: Variant("mtls-6hop", six, names=SIX_HOPS),
+            "mtls-tokens": lambda: Variant("mtls-tokens", ecdsa, tokens=True),
+        }
+        if "mtls-rsa" in chains:
+            init(rsa, key_type="rsa")
+        if "mtls-6hop" in chains:
+            init(six, six_hop_policy())
+        variants = [every[name]() for name in CHAINS if name in chains]
         # Every port at once: ports picked one chain at a time, before any process binds them, can repeat — and a
         # service whose port another chain's service holds would pass for ready, answering with the wrong PKI.
         free = iter(free_ports(64))
-        processes = [p for v in variants for p in v.start(root, free)]
-        sidecar = next(v for v in variants if v.sidecar)
-        assert sidecar.sidecar_ports is not None
-        with running(processes), running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports):
+        chains = [v.start(root, free) for v in variants]
+        sidecar = next((v for v in variants if v.sidecar), None)
+        with contextlib.ExitStack() as stack:
+            # Chain after chain: thirty processes importing at once on two shared cores can take longer to listen
+            # than a service is given (services.local.running).
+            for processes in chains:
+                stack.enter_context(running(processes))
+            if sidecar is not None and sidecar.sidecar_ports is not None:
+                stack.enter_context(running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports))
+            print(f"{elapsed()} {sum(map(len, chains))} processes listen", file=sys.stderr)
             for v in variants:  # warm-up: imports, pools, first handshakes
                 uvloop.run(sequential(v, 50))
                 v.latencies_ms.clear()
-            for round_number in range(args.rounds):
-                order = random.sample(variants, len(variants))
-                for v in order:
-                    count = args.per_round // 4 if v.cold else args.per_round
-                    uvloop.run(sequential(v, count))
-                print(f"latency round {round_number + 1}/{args.rounds} done", file=sys.stderr)
-            trio = [v for v in variants if v.name in ("mtls", "plaintext", "sidecar", "mtls-tokens")]
-            for _ in range(args.throughput_rounds):
-                for v in random.sample(trio, len(trio)):
-                    uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
-            authz_us = authz_microseconds(ecdsa)
-            tokens = next(v for v in variants if v.tokens)
-            cold_token_ms = uvloop.run(cold_exchanges(tokens, args.per_round // 2))
-        print("bare handshake and scaling …", file=sys.stderr)
+            trio = [v for v in variants if v.name in THROUGHPUT_CHAINS]
+            for repeat in range(args.repeats):
+                for _ in range(args.rounds):
+                    for v in random.sample(variants, len(variants)):
+                        uvloop.run(sequential(v, args.per_round // 4 if v.cold else args.per_round))
+                for _ in range(args.throughput_rounds):
+                    for v in random.sample(trio, len(trio)):
+                        uvloop.run(concurrent(v, args.throughput_seconds, args.concurrency))
+                for v in variants:
+                    v.end_repeat()
+                print(f"{elapsed()} repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+            authz_us = authz_microseconds(ecdsa, runs=args.handshakes * 600)
+            tokens = next((v for v in variants if v.tokens), None)
+            cold_token_ms = uvloop.run(cold_exchanges(tokens, args.per_round // 2)) if tokens else []
+        print(f"{elapsed()} bare handshake and scaling …", file=sys.stderr)
         server = tls.server_context(ecdsa.material("service-b"))
         client = tls.client_context(ecdsa.material("service-a"))
-        bare_ms = bare_handshake_ms(server, client, "service-b")
-        loop_ms = event_loop_handshake_added_ms(server, client, "service-b")
+        bare_ms = bare_handshake_ms(server, client, "service-b", runs=args.handshakes)
+        loop_ms = event_loop_handshake_added_ms(server, client, "service-b", runs=args.handshakes * 5 // 3)
         ticketing = tls.server_context(ecdsa.material("service-b"))  # a copy that may issue tickets
-        resumed_ms = bare_resumed_handshake_ms(ticketing, client, "service-b")
-        scaling = {"crl": crl_scaling(ecdsa, root), "allow_list": allow_list_scaling(ecdsa, root)}
+        resumed_ms = bare_resumed_handshake_ms(ticketing, client, "service-b", runs=args.handshakes)
+        scaling = {
+            "crl": crl_scaling(ecdsa, root, sizes, args.repeats),
+            "allow_list": allow_list_scaling(ecdsa, root, sizes, runs=args.handshakes * 300),
+        }
+        print(f"{elapsed()} p99 during reloads …", file=sys.stderr)
+        reloads = p99_during_reloads(ecdsa, root, max(sizes), args.repeats, args.reload_seconds)
+        for kind, figures in reloads.items():
+            repeated = scaling[kind].pop("repeated", {}) | figures.pop("repeated")
+            scaling[kind] |= figures | {"repeated": repeated}
         results = write_results(variants, authz_us, (bare_ms, loop_ms, resumed_ms), scaling, cold_token_ms, args)
     print(results["table"])
+    print(f"{elapsed()} done", file=sys.stderr)
     return 0 if all(v.errors == 0 for v in variants) else 1
 
 
@@ -331,94 +402,144 @@ def six_hop_policy() -> Policy:
     return dataclasses.replace(Policy.load(), services=SIX_HOPS, allow=allow)
 
 
+Summaries = dict[str, dict[str, float]]  # chain name → summarise()
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One figure computed in every repeat from that repeat's summaries; results keep its median and spread."""
+
+    group: str | None  # the key of results.json holding it (None: the top level)
+    key: str
+    text: str  # what it is, for results.md
+    chains: tuple[str, ...]  # the chains it needs
+    of: Callable[[Summaries], float]
+
+
+def _over(a: str, b: str, stat: str) -> Callable[[Summaries], float]:
+    return lambda s: s[a][stat] / s[b][stat]
+
+
+def ratios(bare_ms: float) -> list[Ratio]:
+    def cold_hop_added_ms(s: Summaries) -> float:
+        return (s["mtls-cold"]["p50_ms"] - s["plaintext-cold"]["p50_ms"]) / len(CHAIN)
+
+    tables = [
+        ("mtls_vs_plaintext", "mtls", "plaintext", "mTLS ÷ plaintext (keep-alive)", ("p50", "p90", "p99", "rps")),
+        ("sidecar", "mtls", "sidecar", "in-process mTLS ÷ nginx sidecars", ("p50", "p99", "rps")),
+        ("user_tokens", "mtls-tokens", "mtls", "user tokens on every hop ÷ mTLS only", ("p50", "p99", "rps")),
+    ]
+    found = [
+        Ratio(group, f"{'throughput' if stat == 'rps' else stat}_ratio",
+              f"{text}, {'throughput' if stat == 'rps' else stat}", (a, b),
+              _over(a, b, "rps" if stat == "rps" else f"{stat}_ms"))
+        for group, a, b, text, stats in tables for stat in stats
+    ]  # fmt: skip
+    return [
+        *found,
+        Ratio(None, "cold_vs_keepalive_p50_ratio", "cold (a handshake at every hop) ÷ keep-alive, p50",
+              ("mtls-cold", "mtls"), _over("mtls-cold", "mtls", "p50_ms")),
+        Ratio(None, "cold_mtls_vs_cold_plaintext_p50_ratio", "cold mTLS ÷ cold plaintext, p50",
+              ("mtls-cold", "plaintext-cold"), _over("mtls-cold", "plaintext-cold", "p50_ms")),
+        Ratio(None, "rsa_vs_ecdsa_p50_ratio", "RSA-2048 ÷ ECDSA P-256, p50", ("mtls-rsa", "mtls"),
+              _over("mtls-rsa", "mtls", "p50_ms")),
+        Ratio(None, "tls12_vs_tls13_p50_ratio", "TLS 1.2 ÷ TLS 1.3, p50", ("mtls-tls12", "mtls"),
+              _over("mtls-tls12", "mtls", "p50_ms")),
+        Ratio("handshake", "ratio", "a new connection's cost per hop ÷ a bare mutual handshake",
+              ("mtls-cold", "plaintext-cold"), lambda s: cold_hop_added_ms(s) / bare_ms),
+    ]  # fmt: skip
+
+
+def spread_of(values: Sequence[float]) -> tuple[float, list[float]]:
+    """The median of the repeats' values, and [min, max]."""
+    return statistics.median(values), [min(values), max(values)]
+
+
+def place(results: dict[str, Any], group: str | None, key: str, values: Sequence[float]) -> None:
+    """Put a repeated figure where today's readers look for it (its median), its spread beside it."""
+    holder = results if group is None else results.setdefault(group, {})
+    holder[key], holder.setdefault("spread", {})[key] = spread_of(values)
+
+
 def write_results(
     variants: list[Variant],
     authz_us: float,
     handshakes: tuple[float, float, float],
-    scaling: dict[str, object],
+    scaling: dict[str, Any],
     cold_token_ms: list[float],
     args: argparse.Namespace,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     by_name = {v.name: summarise(v) for v in variants}
-    mtls, plain, sidecar, tokens = by_name["mtls"], by_name["plaintext"], by_name["sidecar"], by_name["mtls-tokens"]
-    hop_us = mtls["p50_ms"] * 1000 / len(CHAIN)
-    cold_hop_added_ms = (by_name["mtls-cold"]["p50_ms"] - by_name["plaintext-cold"]["p50_ms"]) / len(CHAIN)
+    repeats = [{v.name: summarise(v.repeat(i)) for v in variants} for i in range(args.repeats)]
     bare_ms, loop_ms, resumed_ms = handshakes
-    results: dict[str, object] = {
-        "mtls_vs_plaintext": {
-            "p50_ratio": mtls["p50_ms"] / plain["p50_ms"],
-            "p90_ratio": mtls["p90_ms"] / plain["p90_ms"],
-            "p99_ratio": mtls["p99_ms"] / plain["p99_ms"],
-            "throughput_ratio": mtls["rps"] / plain["rps"],
-        },
-        "cold_vs_keepalive_p50_ratio": by_name["mtls-cold"]["p50_ms"] / mtls["p50_ms"],
-        "cold_mtls_vs_cold_plaintext_p50_ratio": by_name["mtls-cold"]["p50_ms"] / by_name["plaintext-cold"]["p50_ms"],
-        "rsa_vs_ecdsa_p50_ratio": by_name["mtls-rsa"]["p50_ms"] / mtls["p50_ms"],
-        "tls12_vs_tls13_p50_ratio": by_name["mtls-tls12"]["p50_ms"] / mtls["p50_ms"],
-        "authz_us_per_request": authz_us,
-        "authz_share_of_one_hop": authz_us / hop_us,
-        "handshake": {
+    results: dict[str, Any] = {}
+    for ratio in ratios(bare_ms):
+        if set(ratio.chains) <= set(by_name):
+            place(results, ratio.group, ratio.key, [ratio.of(s) for s in repeats])
+    if "mtls" in by_name:
+        results["authz_us_per_request"] = authz_us
+        results["authz_share_of_one_hop"] = authz_us / (by_name["mtls"]["p50_ms"] * 1000 / len(CHAIN))
+    if "handshake" in results:
+        cold_hop_added_ms = (by_name["mtls-cold"]["p50_ms"] - by_name["plaintext-cold"]["p50_ms"]) / len(CHAIN)
+        results["handshake"] |= {
             "cold_hop_added_ms": cold_hop_added_ms,
-            "bare_mutual_handshake_ms": bare_ms,
-            "ratio": cold_hop_added_ms / bare_ms,
             # Where the rest goes: the event loop's TLS transport (same process, no app) adds this over TCP…
             "event_loop_tls_added_ms": loop_ms,
             # …and what is left is crossing processes (one more wake-up per round trip) and our set-up path.
             "cross_process_and_setup_ms": cold_hop_added_ms - loop_ms,
-            # What TLS 1.3 resumption would cost instead of a full handshake (left off: see README).
-            "bare_resumed_handshake_ms": resumed_ms,
-        },
-        "sidecar": {  # in-process mTLS ÷ the same apps behind nginx sidecars
-            "p50_ratio": mtls["p50_ms"] / sidecar["p50_ms"],
-            "p99_ratio": mtls["p99_ms"] / sidecar["p99_ms"],
-            "throughput_ratio": mtls["rps"] / sidecar["rps"],
-        },
-        "user_tokens": {  # the chain with a user token on every hop (warm exchange caches) ÷ the mTLS-only chain
-            "p50_ratio": tokens["p50_ms"] / mtls["p50_ms"],
-            "p99_ratio": tokens["p99_ms"] / mtls["p99_ms"],
-            "throughput_ratio": tokens["rps"] / mtls["rps"],
-            # A fresh user token: A and B each exchange it (one mTLS call to the token service) before calling on.
+        }
+    # A bare handshake and, for comparison, what TLS 1.3 resumption would cost instead (left off: see README).
+    results.setdefault("handshake", {}).update(bare_mutual_handshake_ms=bare_ms, bare_resumed_handshake_ms=resumed_ms)
+    if cold_token_ms:
+        # A fresh user token: A and B each exchange it (one mTLS call to the token service) before calling on.
+        results["user_tokens"] |= {
             "cold_chain_p50_ms": percentile(cold_token_ms, 50),
-            "cold_exchange_ms": (percentile(cold_token_ms, 50) - tokens["p50_ms"]) / 2,
+            "cold_exchange_ms": (percentile(cold_token_ms, 50) - by_name["mtls-tokens"]["p50_ms"]) / 2,
+        }
+    for figures in scaling.values():  # figures measured in every repeat (scaling.crl's handshake_ratio)
+        for key, values in figures.pop("repeated", {}).items():
+            figures[key], figures.setdefault("spread", {})[key] = spread_of(values)
+    results["scaling"] = {
+        **scaling,
+        "chain_p50_ms": {
+            str(len(v.names)): by_name[v.name]["p50_ms"] for v in variants if v.name in ("mtls", "mtls-6hop")
         },
-        "scaling": {
-            **scaling,
-            "chain_p50_ms": {"3": mtls["p50_ms"], "6": by_name["mtls-6hop"]["p50_ms"]},
-        },
-        "variants": by_name,
-        "method": {
-            "latency": f"{args.rounds} interleaved rounds of {args.per_round} sequential chain requests per chain "
-            f"({args.per_round // 4} for the cold chains), keep-alive unless cold; each round's client opens its "
-            "connection with one untimed request, so warm percentiles exclude connection set-up",
-            "throughput": f"{args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
-            f"concurrency {args.concurrency}, mtls, plaintext, sidecar and mtls-tokens; median of slices",
-            "cold exchange": f"{args.per_round // 2} chain requests, each with a new user token (got untimed); "
-            "(their p50 - the warm mtls-tokens p50) / 2 exchanges",
-            "handshake": "bare: one thread, MemoryBIO, the services' contexts, median of 300; cold hop added: "
-            "(cold mTLS chain p50 - cold plaintext chain p50) / 3",
-        },
-        "machine": machine(),
-        "raw_latencies_ms": {v.name: [round(x, 3) for x in v.latencies_ms] for v in variants},
     }
-    table = markdown_table(results)
+    results["variants"] = by_name
+    results["method"] = {
+        "repeats": f"{args.repeats} repeats of the interleaved latency rounds and throughput slices below; every "
+        'ratio is computed in each repeat, and reported as the median of the repeats with "spread": [min, max]',
+        "latency": f"per repeat, {args.rounds} interleaved rounds of {args.per_round} sequential chain requests per "
+        f"chain ({args.per_round // 4} for the cold chains), keep-alive unless cold; each round's client opens its "
+        "connection with one untimed request, so warm percentiles exclude connection set-up",
+        "throughput": f"per repeat, {args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
+        f"concurrency {args.concurrency}, {', '.join(THROUGHPUT_CHAINS)}; median of a repeat's slices",
+        "cold exchange": f"{args.per_round // 2} chain requests, each with a new user token (got untimed); "
+        "(their p50 - the warm mtls-tokens p50) / 2 exchanges",
+        "handshake": f"bare: one thread, MemoryBIO, the services' contexts, median of {args.handshakes}; cold hop "
+        "added: (cold mTLS chain p50 - cold plaintext chain p50) / 3",
+    }
+    results["machine"] = machine()
+    results["raw_latencies_ms"] = {v.name: [round(x, 3) for x in v.latencies_ms] for v in variants}
+    table = markdown_table(results, ratios(bare_ms))
     results["table"] = table
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(table + "\n")
     chart({v.name: v.latencies_ms for v in variants}, args.out / "latency.png")
-    scaling_chart(results["scaling"], args.out / "scaling.png")  # type: ignore[arg-type]
+    scaling_chart(results["scaling"], args.out / "scaling.png")
     return results
 
 
-def markdown_table(results: dict[str, object]) -> str:
-    variants: dict[str, dict[str, float]] = results["variants"]  # type: ignore[assignment]
-    ratios: dict[str, float] = results["mtls_vs_plaintext"]  # type: ignore[assignment]
-    info: dict[str, object] = results["machine"]  # type: ignore[assignment]
-    side: dict[str, float] = results["sidecar"]  # type: ignore[assignment]
-    hand: dict[str, float] = results["handshake"]  # type: ignore[assignment]
-    tok: dict[str, float] = results["user_tokens"]  # type: ignore[assignment]
-    scale: dict[str, dict] = results["scaling"]  # type: ignore[assignment]
-    crl, allow, chain = scale["crl"], scale["allow_list"], scale["chain_p50_ms"]
+def figure(holder: dict[str, Any], key: str) -> str:
+    """`1.02× [0.98–1.05]`: the median of the repeats and their spread."""
+    low, high = holder["spread"][key]
+    return f"**{holder[key]:.2f}×** [{low:.2f}–{high:.2f}]"
+
+
+def markdown_table(results: dict[str, Any], every: list[Ratio]) -> str:
+    variants: Summaries = results["variants"]
+    info = results["machine"]
     lines = [
         "| chain | requests | p50 ms | p90 ms | p99 ms | req/s (c=16) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -428,35 +549,60 @@ def markdown_table(results: dict[str, object]) -> str:
         lines.append(
             f"| {name} | {s['requests']} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {rps} |"
         )
+    lines += ["", "| ratio (median of the repeats [min–max]) | |", "|---|---:|"]
+    for ratio in every:
+        holder = results if ratio.group is None else results.get(ratio.group, {})
+        if ratio.key in holder:
+            lines.append(f"| {ratio.text} | {figure(holder, ratio.key)} |")
+    lines.append("")
+    if "authz_us_per_request" in results:
+        lines.append(
+            f"authorization check: {results['authz_us_per_request']:.2f} µs per request = "
+            f"{100 * results['authz_share_of_one_hop']:.2f} % of one hop's time"
+        )
+    hand = results["handshake"]
+    if "cold_hop_added_ms" in hand:
+        lines.append(
+            f"a new connection adds {hand['cold_hop_added_ms']:.2f} ms per hop; a bare mutual handshake costs "
+            f"{hand['bare_mutual_handshake_ms']:.2f} ms (on uvloop's TLS transport, same process, no app: "
+            f"{hand['event_loop_tls_added_ms']:.2f} ms; the rest, {hand['cross_process_and_setup_ms']:.2f} ms, is "
+            f"crossing processes and our set-up path); a resumed one would cost "
+            f"{hand['bare_resumed_handshake_ms']:.2f} ms (left off)"
+        )
+    if "cold_exchange_ms" in results.get("user_tokens", {}):
+        tok = results["user_tokens"]
+        lines.append(
+            f"a cold token exchange costs **{tok['cold_exchange_ms']:.2f} ms** "
+            f"(chain p50 with a fresh token: {tok['cold_chain_p50_ms']:.2f} ms)"
+        )
+    scale = results["scaling"]
+    crl, allow, chain = scale["crl"], scale["allow_list"], scale["chain_p50_ms"]
+    sizes = [key for key in crl if key.isdigit()]
     lines += [
         "",
-        f"**mTLS ÷ plaintext** (keep-alive): p50 **{ratios['p50_ratio']:.2f}×**, p90 {ratios['p90_ratio']:.2f}×, "
-        f"p99 **{ratios['p99_ratio']:.2f}×**, throughput **{ratios['throughput_ratio']:.2f}×**",
-        f"cold (handshake at every hop) ÷ keep-alive, p50: {results['cold_vs_keepalive_p50_ratio']:.2f}×; "
-        f"cold mTLS ÷ cold plaintext: {results['cold_mtls_vs_cold_plaintext_p50_ratio']:.2f}×",
-        f"RSA-2048 ÷ ECDSA P-256, p50: {results['rsa_vs_ecdsa_p50_ratio']:.2f}×; "
-        f"TLS 1.2 ÷ TLS 1.3, p50: {results['tls12_vs_tls13_p50_ratio']:.2f}×",
-        f"authorization check: {results['authz_us_per_request']:.2f} µs per request = "
-        f"{100 * results['authz_share_of_one_hop']:.2f} % of one hop's time",  # type: ignore[operator]
-        f"in-process mTLS ÷ nginx sidecars: p50 **{side['p50_ratio']:.2f}×**, p99 {side['p99_ratio']:.2f}×, "
-        f"throughput **{side['throughput_ratio']:.2f}×**",
-        f"a new connection adds {hand['cold_hop_added_ms']:.2f} ms per hop; a bare mutual handshake costs "
-        f"{hand['bare_mutual_handshake_ms']:.2f} ms: ratio **{hand['ratio']:.2f}** (on uvloop's TLS transport, "
-        f"same process, no app: {hand['event_loop_tls_added_ms']:.2f} ms; the rest, "
-        f"{hand['cross_process_and_setup_ms']:.2f} ms, is crossing processes and our set-up path); "
-        f"a resumed one would cost {hand['bare_resumed_handshake_ms']:.2f} ms (left off)",
-        f"user tokens on every hop ÷ mTLS only (exchange caches warm): p50 **{tok['p50_ratio']:.2f}×**, "
-        f"p99 {tok['p99_ratio']:.2f}×, throughput **{tok['throughput_ratio']:.2f}×**; a cold exchange costs "
-        f"**{tok['cold_exchange_ms']:.2f} ms** (chain p50 with a fresh token: {tok['cold_chain_p50_ms']:.2f} ms)",
-        "",
-        "| size | handshake with CRL ms | CRL reload ms | authorization µs | allow-list reload ms |",
-        "|---:|---:|---:|---:|---:|",
+        "| size | handshake with CRL ms | …with the CRL in OpenSSL ms | CRL reload ms | authorization µs "
+        "| allow-list reload ms |",
+        "|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {size} | {crl[size]['handshake_ms']:.2f} | {crl[size]['reload_ms']:.1f} | "
+            f"| {size} | {crl[size]['handshake_ms']:.2f} | {crl[size]['openssl_crl_handshake_ms']:.2f} | "
+            f"{crl[size]['reload_ms']:.1f} | "
             f"{allow[size]['authz_us']:.2f} | {allow[size]['reload_ms']:.1f} |"
-            for size in crl
+            for size in sizes
         ),
-        f"chain p50, 3 hops: {chain['3']:.2f} ms; 6 hops: {chain['6']:.2f} ms",
+    ]
+    if "handshake_ratio" in crl:
+        lines.append(f"handshake with the largest CRL ÷ with the smallest: {figure(crl, 'handshake_ratio')}")
+    for name, figures in (("CRL", crl), ("allow-list", allow)):
+        if "p99_during_reload_ratio" in figures:
+            lines.append(
+                f"p99 while the largest {name} is replaced every second ÷ p99 without: "
+                f"{figure(figures, 'p99_during_reload_ratio')} ({figures['p99_during_reload_ms']:.2f} / "
+                f"{figures['p99_quiet_ms']:.2f} ms; {figures['reloads_taken']} reloads taken, "
+                f"{figures['reloads_refused']} refused)"
+            )
+    if chain:
+        lines.append("chain p50: " + "; ".join(f"{hops} hops: {ms:.2f} ms" for hops, ms in chain.items()))
+    lines += [
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores; Python {info['python']}; {info['openssl']}; "
         f"uvicorn {info['uvicorn']} (httptools, uvloop {info['uvloop']}); httpx {info['httpx']}.",
@@ -499,7 +645,7 @@ def scaling_chart(scaling: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [int(s) for s in scaling["crl"]]
+    sizes = [int(s) for s in scaling["crl"] if s.isdigit()]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.plot(sizes, [scaling["crl"][str(s)]["handshake_ms"] for s in sizes], "o-", label="handshake with the CRL")
     left.plot(sizes, [scaling["crl"][str(s)]["reload_ms"] for s in sizes], "o-", label="CRL reload")

@@ -57,19 +57,22 @@ class Reloader:
         self.live, self.reloads, self.callees = live, reloads, callees
         self.tls_files = set(live.material.files())
 
-    def __call__(self, changed: set[Path]) -> None:
+    async def __call__(self, changed: set[Path]) -> None:
+        # Parsing and checking run on a worker thread: a CRL or an allow-list of 100,000 entries takes hundreds of
+        # milliseconds, which on the event loop would stall every request in flight. What they build is swapped in
+        # whole: a part of the registry by one assignment, the TLS material on the loop (below).
         for path in sorted(changed & set(self.reloads)):
             try:
-                self.reloads[path](path)
+                await asyncio.to_thread(self.reloads[path], path)
                 log.info("reloaded", extra={"files": [str(path)]})
             except MaterialError as e:
                 log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
         if tls_files := sorted(map(str, changed & self.tls_files)):
-            self._reload_tls(tls_files)
+            await self._reload_tls(tls_files)
 
-    def _reload_tls(self, files: list[str]) -> None:
+    async def _reload_tls(self, files: list[str]) -> None:
         try:
-            self.live.reload()
+            self.live.install(await asyncio.to_thread(self.live.prepare))
         except MaterialError as e:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
@@ -84,7 +87,7 @@ class Reloader:
 
 class CrlFreshness:
     """How long each CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its
-    lifetime, an error once it has expired: from then on OpenSSL refuses every leaf of that CA.
+    lifetime, an error once it has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
 
     freshness = CrlFreshness(live)
     Gauge("mesh_crl_next_update_seconds", "…", freshness.seconds_left, label="issuer")

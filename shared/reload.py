@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 
 class Watcher:
-    """Calls `on_change(changed_paths)` from the event loop whenever any watched file's content changes.
+    """Calls `on_change(changed_paths)` from the event loop whenever any watched file's content changes (and
+    awaits it, if it is a coroutine function: the next look waits until it is done).
 
     Polling content rather than waiting for inotify events works the same on a laptop, in a container on a
     read-only volume, and with files replaced by rename (which is how `pki` writes them).
     """
 
-    def __init__(self, files: Iterable[Path], on_change: Callable[[set[Path]], None], interval: float) -> None:
+    def __init__(
+        self, files: Iterable[Path], on_change: Callable[[set[Path]], Awaitable[None] | None], interval: float
+    ) -> None:
         self.files = list(files)
         self.on_change = on_change
         self.interval = interval
@@ -37,13 +41,14 @@ class Watcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            now = {path: _digest(path) for path in self.files}
+            # Off the loop: a CRL of 100,000 entries is megabytes to read and hash every interval.
+            now = await asyncio.to_thread(lambda: {path: _digest(path) for path in self.files})
             changed = {path for path in self.files if now[path] != self._seen[path]}
             # Remember what we saw even if it turns out to be unusable: broken material is reported once,
             # and tried again as soon as it changes (for instance when the matching certificate arrives).
             self._seen = now
-            if changed:
-                self.on_change(changed)
+            if changed and inspect.isawaitable(result := self.on_change(changed)):
+                await result
 
 
 def _digest(path: Path) -> bytes | None:

@@ -8,6 +8,7 @@ shortest the policy allows.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import re
@@ -15,16 +16,21 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from bench.handshake import handshake_once
 from pki import CertificateAuthority, Policy, init, load_issuer
 from pki.revocation import crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
 from pki.rollover import RollOver
 from services.local import chain_environments, running
 from shared.layout import Layout
+from shared.tls import LiveTLS, TLSMaterial, client_context
 from shared.x509 import crl_blocks, crl_number
 from tests.compose.stack import ROOT
 from tests.support import (
@@ -105,6 +111,51 @@ def test_mid_rollover_a_revocation_lands_on_the_crl_of_the_ca_that_issued_the_ce
     assert old_serial in listed[old_ca.cert.subject.rfc4514_string()]
     assert new_serial not in listed[old_ca.cert.subject.rfc4514_string()]
     assert new_serial in listed[load_issuer(layout).cert.subject.rfc4514_string()]
+
+
+def forged_crl(genuine: x509.CertificateRevocationList) -> bytes:
+    """A CRL that claims `genuine`'s issuer, name and key id alike, one number later — signed with another key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(genuine.issuer)
+        .last_update(genuine.last_update_utc)
+        .next_update(genuine.next_update_utc or genuine.last_update_utc + dt.timedelta(days=1))
+        .add_extension(x509.CRLNumber(crl_number(genuine) + 1), critical=False)
+        .add_extension(genuine.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value, critical=False)
+    )
+    for entry in genuine:
+        forged = forged.add_revoked_certificate(entry)
+    return forged.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_crl_of_an_intermediate_a_service_has_no_certificate_of_is_verified_before_its_leaves_get_in(
+    tmp_path: Path,
+) -> None:
+    """A service verifies each CRL once (not OpenSSL, on every handshake). Mid-rollover, the old intermediate's
+    CRL cannot be verified at reload — the service's own chain is the new one's — so the first handshake with
+    one of its leaves verifies it with the intermediate OpenSSL has just verified up to ca.crt. A forged CRL
+    there (the old intermediate's name and key id, another key's signature) lets none of its leaves in."""
+    layout = Layout(tmp_path / "pki")
+    init(layout, BY_NAME)
+    old = Credentials(tmp_path / "client-old.crt", tmp_path / "client-old.key")
+    shutil.copy(layout.cert("client"), old.cert)
+    shutil.copy(layout.key("client"), old.key)
+    stall(layout, "issue", BY_NAME)
+    caller = client_context(TLSMaterial(layout.ca_cert, old.cert, old.key))
+
+    def recheck_of_a_handshake() -> str | None:
+        live, seen = LiveTLS(layout.material("service-a")), []
+        handshake_once(live.server, caller, "service-a", check=lambda _, server: seen.append(live.recheck(server)))
+        return seen[0]
+
+    assert recheck_of_a_handshake() is None
+    pem = layout.crl.read_bytes()
+    old_subject = x509.load_pem_x509_certificate((layout.rollover / "intermediate.crt").read_bytes()).subject
+    genuine = next(crl for crl in crls(layout).values() if crl.issuer == old_subject)
+    block = next(b for b in crl_blocks(pem) if x509.load_pem_x509_crl(b).issuer == old_subject)
+    layout.crl.write_bytes(pem.replace(block, forged_crl(genuine)))
+    assert recheck_of_a_handshake() == "CRL signature failure"
 
 
 def test_an_expiring_crl_of_the_other_intermediate_is_due_for_re_signing(tmp_path: Path) -> None:
@@ -224,6 +275,14 @@ def test_a_stalled_rollover_keeps_revocation_working(tmp_path: Path, stage: str)
                     ),
                     describe=lambda: str(a.events_since(marks[a.name])),
                 )
+                # Refused by the service's own revoked set once the handshake completed (OpenSSL no longer reads
+                # the CRL: its cost grew with every entry), before a byte of the request was read; counted as before.
+                refusal = next(e for e in a.events_since(marks[a.name], "tls_refused") if "revoked" in e["reason"])
+                assert (
+                    refusal["reason"] == "certificate revoked" and refusal["error"] == "refused by the trust in force"
+                )
+                metrics = get(f"{a.url}/metrics", a.name, attacker_context(layout.ca_cert, operator)).text
+                assert re.search(r'mesh_tls_refusals_total\{[^}]*reason="certificate revoked"[^}]*\} [1-9]', metrics)
                 print(f"the revocation took effect at service-a within {took:.2f} s")
                 b_mark = b.mark()
                 assert refused(f"{a.url}/chain", a.name, attacker_context(layout.ca_cert, stolen))
@@ -246,3 +305,41 @@ def test_a_stalled_rollover_keeps_revocation_working(tmp_path: Path, stage: str)
         assert all(crl.next_update_utc > fresh for crl in crls(layout).values())
         wait_until(lambda: any("crl.pem" in str(e.get("files")) for e in a.events_since(mark, "reloaded")))
         assert not a.events_since(mark, "reload_refused")
+
+
+def test_a_large_crl_is_reloaded_without_stalling_the_event_loop(tmp_path: Path) -> None:
+    """A service reloading a CRL of 30,000 entries keeps serving: the parsing and checking run on a worker thread
+    (LiveTLS.prepare) and only the swap runs on the loop. Before, the whole reload ran on the loop: every request
+    in flight waited for it."""
+    from bench.scaling import crl_with
+    from services.reloader import Reloader
+
+    layout = Layout(tmp_path / "pki")
+    init(layout)
+    live = LiveTLS(layout.material("service-a"))
+    crl_with(layout, 30_000, layout.crl)
+    reloader = Reloader(live, {})
+
+    async def scenario() -> tuple[float, float]:
+        gaps, done = [0.0], asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.002)
+                gaps.append(time.perf_counter() - last)
+                last = time.perf_counter()
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)  # the ticker runs before the reload begins
+        start = time.perf_counter()
+        await reloader({layout.crl})
+        took = time.perf_counter() - start
+        done.set()
+        await ticking
+        return took, max(gaps)
+
+    generation = live.generation
+    took, longest_stall = asyncio.run(scenario())
+    assert live.generation == generation + 1 and len(live.trust.revoked) >= 30_000  # it was taken, whole
+    assert longest_stall < took / 3, f"the loop stalled {longest_stall * 1000:.0f} ms of a {took * 1000:.0f} ms reload"

@@ -28,6 +28,7 @@ from shared.layout import Layout
 from shared.outbound import Downstream
 from shared.problem import Problem
 from shared.tokens import (
+    KEYS_MAX_AGE,
     LEEWAY_SECONDS,
     REFETCH_AFTER,
     TokenClient,
@@ -38,6 +39,7 @@ from shared.tokens import (
     verify,
     x5t_s256,
 )
+from shared.tokens import client as client_module
 from shared.x509 import MaterialError, PeerIdentity, SpiffeId
 from tests.support import Credentials, forge, identity_of, signing_key, token_claims
 
@@ -418,3 +420,51 @@ def test_a_token_service_that_is_down_gets_one_attempt_not_one_per_request(holde
     assert attempts == ["/jwks"]
     assert all(isinstance(r, Problem) and r.status == 502 for r in results), results
     assert {r.extra["hop"] for r in results if isinstance(r, Problem)} == {"service-a → token-service"}
+
+
+def test_a_verified_token_is_not_verified_again_but_still_refused_when_it_no_longer_holds(
+    key: ECKey, holder: PeerIdentity, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second time a token arrives it comes from the cache (no ES256 verification) — and is still refused
+    on a connection with another certificate (cnf, checked on every request), once its key is no longer
+    published, and after its expiry."""
+    published = [key]
+    verified: list[str] = []
+    real_verify = client_module.verify
+
+    def counting(raw: str, keys: KeySet, **kwargs: Any) -> UserToken:
+        verified.append(raw)
+        return real_verify(raw, keys, **kwargs)
+
+    monkeypatch.setattr(client_module, "verify", counting)
+
+    async def jwks(request: httpx.Request) -> httpx.Response:
+        body = json.dumps({"keys": [k.as_dict(private=False) for k in published]}).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    async def scenario() -> None:
+        tokens = token_client(jwks)
+        raw = forge(key, header(key), token_claims(holder, "service-b"))
+        first = await tokens.verify(raw, "service-b")
+        assert await tokens.verify(raw, "service-b") == first and verified == [raw]  # the second: from the cache
+        # cnf: the same cached token, on a connection made with service-b's certificate instead of service-a's.
+        other = identity_of(Credentials(layout.cert("service-b"), layout.key("service-b")))
+        with pytest.raises(TokenRefused, match="bound to another certificate"):
+            check_holder(await tokens.verify(raw, "service-b"), other)
+        check_holder(await tokens.verify(raw, "service-b"), holder)
+        # Expiry: a token within the leeway of its exp, cached, then past it.
+        ending = forge(key, header(key), token_claims(holder, "service-b", exp=int(time.time()) - LEEWAY_SECONDS + 1))
+        await tokens.verify(ending, "service-b")
+        await tokens.verify(ending, "service-b")
+        assert verified.count(ending) == 1
+        await asyncio.sleep(1.1 + time.time() % 1)  # past exp + leeway, counted in whole seconds
+        with pytest.raises(TokenRefused, match="expired"):
+            await tokens.verify(ending, "service-b")
+        # The signing key withdrawn: the next key set (due after KEYS_MAX_AGE) lacks it, and the cache follows.
+        published[:] = [signing_key()]
+        tokens._fetched -= KEYS_MAX_AGE + 1
+        tokens._attempted -= KEYS_MAX_AGE + 1
+        with pytest.raises(TokenRefused, match="does not publish"):
+            await tokens.verify(raw, "service-b")
+
+    asyncio.run(scenario())

@@ -278,6 +278,20 @@ def test_revocation_expiry_and_anchors_are_rechecked_by_key(layout: Layout) -> N
     assert "no CRL of it is in force" in (live.refusal(dataclasses.replace(service_b, issuer_key_id="ab" * 20)) or "")
 
 
+def test_outside_its_crl_s_validity_no_peer_of_that_ca_gets_in(layout: Layout) -> None:
+    """OpenSSL refused every leaf of a CA whose CRL had expired (or was not valid yet); the services no longer give
+    OpenSSL the CRL, so they refuse the same, with OpenSSL's words."""
+    live, client = live_tls(layout), peer(layout, "client")
+    now = dt.datetime.now(dt.UTC)
+    [issuer] = live.trust.windows
+    for window, reason in (((now - dt.timedelta(days=2), now - dt.timedelta(seconds=1)), "CRL has expired"),
+                           ((now + dt.timedelta(minutes=1), None), "CRL is not yet valid")):  # fmt: skip
+        live.trust = dataclasses.replace(live.trust, windows={issuer: window})
+        assert live.refusal(client) == reason
+    live.reload()
+    assert live.refusal(client) is None
+
+
 def test_a_new_ca_with_the_old_names_is_a_new_issuer(layout: Layout) -> None:
     """`pki init --force`: its first CRL (number 1) is not an "older CRL from the same issuer" than the old CA's
     number 3 — the keys differ — so it is taken, and the old CA's certificates are refused."""

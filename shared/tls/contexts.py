@@ -51,13 +51,18 @@ MINIMUM_VERSION: dict[str, ssl.TLSVersion] = {
 
 
 def server_context(
-    material: TLSMaterial, *, require_client_cert: bool = True, profile: TLSProfile = "intermediate"
+    material: TLSMaterial,
+    *,
+    require_client_cert: bool = True,
+    profile: TLSProfile = "intermediate",
+    openssl_crl: bool = True,
 ) -> ssl.SSLContext:
     """For uvicorn: present our certificate, and demand one from every client, signed by our CA.
 
     `require_client_cert=False` gives CERT_OPTIONAL (Kestrel's AllowCertificate): the handshake succeeds
     without a certificate and the application must then refuse. CERT_REQUIRED (RequireCertificate) is the
     default because it refuses at the door: a caller without a valid certificate never reaches Python code.
+    `openssl_crl=False`: see `_load` — only for LiveTLS, which checks revocation itself.
     """
     material.check()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -69,11 +74,13 @@ def server_context(
     # session resumed that way (LiveTLS.recheck, shared.handshake).
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
-    _load(context, material)
+    _load(context, material, openssl_crl)
     return context
 
 
-def client_context(material: TLSMaterial, *, profile: TLSProfile = "intermediate") -> ssl.SSLContext:
+def client_context(
+    material: TLSMaterial, *, profile: TLSProfile = "intermediate", openssl_crl: bool = True
+) -> ssl.SSLContext:
     """For httpx: trust only our CA, check the callee's name and revocation, present our own certificate.
 
     Hostname checking is what makes "the callee is service-b" true rather than "the callee has some
@@ -87,7 +94,7 @@ def client_context(material: TLSMaterial, *, profile: TLSProfile = "intermediate
     # OpenSSL falls back to the Common Name when a certificate has no DNS SAN (a URI or IP SAN does not stop
     # it), so a certificate with CN=service-b and only a SPIFFE ID would pass as service-b. Names are SANs.
     context.hostname_checks_common_name = False
-    _load(context, material)
+    _load(context, material, openssl_crl)
     return context
 
 
@@ -101,10 +108,15 @@ def _apply_profile(context: ssl.SSLContext, profile: TLSProfile) -> None:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
 
-def _load(context: ssl.SSLContext, material: TLSMaterial) -> None:
+def _load(context: ssl.SSLContext, material: TLSMaterial, openssl_crl: bool = True) -> None:
     # Only our CA: not the system bundle, or any public CA's customer could present a "valid" certificate.
     context.load_verify_locations(cafile=material.ca)
-    if material.crl is not None:
+    # OpenSSL checks the CRL's signature again on every handshake, hashing the whole list: 100,000 entries made a
+    # handshake 4–5× dearer. A running service (LiveTLS) verifies each CRL once, when it loads it, and checks every
+    # completed handshake against a set of revoked serials before a byte of the request is read (LiveTLS.recheck)
+    # on either side: it asks for contexts without the CRL. Everyone else (the CLI client, pki's gates) keeps
+    # OpenSSL's check.
+    if material.crl is not None and openssl_crl:
         # The leaf only: our CRL is the intermediate's, and CHAIN would also demand one from the root.
         # Loading a newer CRL into a live context takes effect for the next handshake: OpenSSL keeps every
         # CRL it was given and uses the one with the latest lastUpdate (pki makes each one strictly later).

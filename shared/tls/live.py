@@ -6,16 +6,16 @@ import datetime as dt
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 
 from shared.tls.contexts import TLSProfile, client_context, server_context
 from shared.tls.material import TLSMaterial
-from shared.tls.peer import connection_peer
+from shared.tls.peer import connection_peer, verified_chain
 from shared.x509.certs import authority_key_id, crl_number, key_id, parse_certificates, thumbprint
 from shared.x509.files import MaterialError
 from shared.x509.identity import PeerIdentity
@@ -34,6 +34,24 @@ class Trust:
     anchors: frozenset[str]  # SHA-256 of every CA certificate in ca.crt
     issuers: frozenset[str] | None  # key ids (hex) of the CAs whose leaves count: one CRL each; None: no CRL
     revoked: frozenset[tuple[str, int]]  # (issuer key id, serial) of every certificate the CRLs revoke
+    # Per issuer key: when its CRL in force was issued and when it expires (lastUpdate, nextUpdate). Outside
+    # that window OpenSSL would refuse every peer of that CA, and so do we.
+    windows: Mapping[str, tuple[dt.datetime, dt.datetime | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything one reload swaps in (LiveTLS.prepare builds it, LiveTLS.install swaps it in)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext | None
+    crls: list[x509.CertificateRevocationList]
+    keyed: dict[str, x509.CertificateRevocationList]
+    trust: Trust
+    unverified: dict[str, x509.CertificateRevocationList]
+    anchors: list[str]
+    certificate: x509.Certificate | None
+    replaces: dict[str, x509.CertificateRevocationList]  # the CRLs in force it was checked against
 
 
 class LiveTLS:
@@ -49,6 +67,13 @@ class LiveTLS:
     A handshake verifies the peer with the context it began with, and it may end after a reload: so every
     handshake, on either side, is checked again against `trust` as it is when it completes (`recheck`), and
     every open connection when it changes (`refusal`, services.reloader). One rule for the three.
+
+    That check is also where revocation happens: the contexts carry no CRL (OpenSSL would verify the CRL's
+    signature again on every handshake, hashing all of it), and `recheck` looks the peer's (issuer key, serial)
+    up in a set built once per reload — the same cost at 10 entries or 100,000. Each CRL's signature is verified
+    once: at reload when its CA's certificate is at hand (ca.crt, our own chain), or else — another intermediate
+    of ours, during a CA rollover — on the first handshake whose peer's chain, verified by OpenSSL up to ca.crt,
+    brings that CA's certificate. Until then no peer of that CA gets in.
 
     Revocations only grow: a CRL older than the one in force for its issuer, or one that drops a revoked
     certificate, is refused — a lost crl.pem must never quietly un-revoke anyone. "Its issuer" is a key: a
@@ -75,11 +100,18 @@ class LiveTLS:
         self.profile = profile
         self.crls: list[x509.CertificateRevocationList] = []
         self._crls_by_key: dict[str, x509.CertificateRevocationList] = {}
+        self._unverified: dict[str, x509.CertificateRevocationList] = {}  # by issuer key: signature not checked yet
         self.generation = 0
         self.reload()
 
     def reload(self) -> None:
         """Build new contexts from the files as they are now and swap them in, or raise and change nothing."""
+        self.install(self.prepare())
+
+    def prepare(self) -> Prepared:
+        """Read, check and build everything a reload swaps in — the slow part (a CRL of 100,000 entries takes
+        hundreds of milliseconds) — changing nothing, so that it can run on a worker thread while the event loop
+        serves requests (services.reloader). Raises MaterialError naming the file, as `reload` does."""
         data = self.material.read()
         crls = self.material.verify(data)
         anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
@@ -87,21 +119,36 @@ class LiveTLS:
         if len(chain) > 1 and self.material.crl is not None:
             _require_crl_of(chain[1], crls, self.material.crl, self.material.cert)  # type: ignore[arg-type]
         keyed = {_crl_key(crl, [*anchors, *chain[1:]], self.material.crl): crl for crl in crls}  # type: ignore[arg-type]
+        in_force = self._crls_by_key
         for key, crl in keyed.items():
-            if key in self._crls_by_key:
-                _check_successor(self._crls_by_key[key], crl, self.material.crl)  # type: ignore[arg-type]
+            if key in in_force:
+                _check_successor(in_force[key], crl, self.material.crl)  # type: ignore[arg-type]
+        unverified = _verify_signatures(keyed, anchors, chain[1:], self.material.crl)  # type: ignore[arg-type]
         with _scratch() as directory:
-            files = self.material.written_to(directory, data)
-            server = server_context(files, require_client_cert=self.require_client_cert, profile=self.profile)
-            client = client_context(files, profile=self.profile) if self.outgoing else None
-        self.server, self.client, self.crls, self._crls_by_key = server, client, crls, keyed
-        self.anchors = [thumbprint(anchor) for anchor in anchors]  # what we trust, for /healthz and the gates
-        self.trust = Trust(
-            anchors=frozenset(self.anchors),
+            # Checked above, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.
+            files = self.material.written_to(directory, {k: v for k, v in data.items() if k != "crl"})
+            server = server_context(
+                files, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
+            )
+            client = client_context(files, profile=self.profile, openssl_crl=False) if self.outgoing else None
+        trust = Trust(
+            anchors=frozenset(thumbprint(anchor) for anchor in anchors),
             issuers=frozenset(keyed) if self.material.crl is not None else None,
             revoked=frozenset((key, entry.serial_number) for key, crl in keyed.items() for entry in crl),
+            windows={key: (crl.last_update_utc, crl.next_update_utc) for key, crl in keyed.items()},
         )
-        self.certificate = chain[0] if chain else None
+        anchor_list = [thumbprint(anchor) for anchor in anchors]
+        certificate = chain[0] if chain else None
+        return Prepared(server, client, crls, keyed, trust, unverified, anchor_list, certificate, in_force)
+
+    def install(self, new: Prepared) -> None:
+        """Swap in what `prepare` built, all of it at once (on the event loop: between two handshakes)."""
+        if new.replaces is not self._crls_by_key:  # another reload came first: its CRLs were not checked against
+            raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
+        self.server, self.client, self.crls, self._crls_by_key = new.server, new.client, new.crls, new.keyed
+        self.trust, self._unverified = new.trust, dict(new.unverified)
+        self.anchors = new.anchors  # what we trust, in ca.crt's order, for /healthz and the gates
+        self.certificate = new.certificate
         self.generation += 1
 
     def recheck(self, ssl_object: ssl.SSLObject) -> str | None:
@@ -116,12 +163,26 @@ class LiveTLS:
             return None  # no certificate: CERT_REQUIRED refused it already, CERT_OPTIONAL leaves it to the app
         if peer.anchor is None and ssl_object.context not in (self.server, self.client):
             return "resumed a session made under trust that has changed since (a full handshake is needed)"
-        return self.refusal(peer)
+        return self.refusal(peer) or self._crl_signature(peer.issuer_key_id, ssl_object)
+
+    def _crl_signature(self, issuer_key: str, ssl_object: ssl.SSLObject) -> str | None:
+        """Verify, once, the CRL of a CA whose certificate reload did not have, with the one in the peer's chain."""
+        crl = self._unverified.get(issuer_key)
+        if crl is None:
+            return None
+        chain = verified_chain(ssl_object)
+        if len(chain) < 2:  # a resumed session shows no chain; the full handshake it resumes verified the CRL
+            return "the CRL of its issuing CA is not verified yet: a full handshake is needed"
+        issuer = x509.load_der_x509_certificate(chain[1])
+        if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+            return "CRL signature failure"
+        self._unverified.pop(issuer_key, None)
+        return None
 
     def refusal(self, peer: PeerIdentity) -> str | None:
         """Why a peer verified earlier would be refused now, or None. Set lookups only: it runs on every handshake."""
-        trust = self.trust
-        if peer.not_after is not None and dt.datetime.fromtimestamp(self.clock(), dt.UTC) > peer.not_after:
+        trust, now = self.trust, dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        if peer.not_after is not None and now > peer.not_after:
             return "certificate has expired"
         if peer.anchor is not None and peer.anchor not in trust.anchors:
             return f"its root CA (SHA-256 {peer.anchor[:16]}…) is no longer trusted: it is not in ca.crt"
@@ -129,7 +190,13 @@ class LiveTLS:
             issuer = peer.issuer_key_id[:16] or "none"
             return f"its issuing CA (key id {issuer}…) is no longer trusted: no CRL of it is in force"
         if (peer.issuer_key_id, peer.serial) in trust.revoked:
-            return "certificate revoked"
+            return "certificate revoked"  # OpenSSL's words: what callers and the logs said before
+        if (window := trust.windows.get(peer.issuer_key_id)) is not None:
+            issued, expires = window
+            if now < issued:
+                return "CRL is not yet valid"
+            if expires is not None and now > expires:
+                return "CRL has expired"
         return None
 
 
@@ -152,6 +219,28 @@ def _crl_key(crl: x509.CertificateRevocationList, cas: list[x509.Certificate], p
         f"{path}: a CRL of {crl.issuer.rfc4514_string()} names no issuer key (AuthorityKeyIdentifier) and no CA "
         "certificate of ours bears that name — regenerate it with `make pki`"
     )
+
+
+def _verify_signatures(
+    keyed: dict[str, x509.CertificateRevocationList],
+    anchors: list[x509.Certificate],
+    intermediates: list[x509.Certificate],
+    path: Path,
+) -> dict[str, x509.CertificateRevocationList]:
+    """Verify each CRL whose CA certificate we hold (TLSMaterial.verify did those of our own intermediates that
+    name it); return the others, by issuer key, for `LiveTLS.recheck` to verify with a peer's verified chain."""
+    ours = {key.hex(): ca for ca in [*anchors, *intermediates] if (key := key_id(ca)) is not None}
+    checked = {key.hex() for ca in intermediates if (key := key_id(ca)) is not None}
+    unverified = {}
+    for key, crl in keyed.items():
+        ca = ours.get(key)
+        if ca is None:
+            unverified[key] = crl
+        elif not (key in checked and authority_key_id(crl) is not None) and (
+            crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        ):
+            raise MaterialError(f"{path}: CRL signature does not verify with {ca.subject.rfc4514_string()}")
+    return unverified
 
 
 def _check_successor(current: x509.CertificateRevocationList, new: x509.CertificateRevocationList, path: Path) -> None:

@@ -26,14 +26,19 @@ def connection_peer(ssl_object: ssl.SSLObject) -> PeerIdentity | None:
     if not der:
         return None
     peer = PeerIdentity.from_der(der)
-    get_chain = getattr(ssl_object, "get_verified_chain", None) or getattr(
-        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
-    )
-    chain = [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in (get_chain() or [])]
+    chain = verified_chain(ssl_object)
     if not chain:
         return peer
     issuer = chain[1] if len(chain) > 1 else chain[0]  # a chain of one: a self-signed certificate we trust as such
     return replace(peer, anchor=hashlib.sha256(chain[-1]).hexdigest(), issuer_key_id=_key_id(issuer))
+
+
+def verified_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The peer's chain as OpenSSL verified it, leaf first, up to the CA in ca.crt (DER); empty when resumed."""
+    get_chain = getattr(ssl_object, "get_verified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
+    )
+    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in (get_chain() or [])]
 
 
 @functools.lru_cache(maxsize=64)

@@ -22,7 +22,7 @@ from joserfc.jwk import KeySet
 
 from shared.outbound.downstream import Downstream
 from shared.problem import Problem
-from shared.tokens.token import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, UserToken, verify
+from shared.tokens.token import ACCESS_TOKEN_TYPE, EXCHANGE_GRANT, LEEWAY_SECONDS, UserToken, verify
 
 __all__ = ["TokenClient"]
 
@@ -34,7 +34,7 @@ REFETCH_AFTER = 5.0
 KEYS_MAX_AGE = 60.0  # keys the token service stopped publishing are dropped within this
 RETRY_AFTER = 1.0  # a fetch that failed is not tried again sooner: a token service that is down is not flooded
 CACHE_MARGIN = 10.0  # an exchanged token is reused until this many seconds before it expires
-CACHE_SIZE = 1024
+CACHE_SIZE = 1024  # exchanged tokens, and verified ones, each
 
 
 class TokenClient:
@@ -48,9 +48,19 @@ class TokenClient:
         self._failure: str | None = None  # why the last fetch failed, if it did
         self._fetching = asyncio.Lock()
         self._exchanged: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
+        # Tokens verified already, by (token, audience): with the key that verified them (kid, RFC 7638 thumbprint).
+        self._verified: OrderedDict[tuple[str, str], tuple[UserToken, str, str]] = OrderedDict()
+        self._thumbprints: dict[str, str] = {}  # kid → thumbprint of the key published under it now
 
     async def verify(self, raw: str, audience: str) -> UserToken:
-        """`shared.tokens.verify` against the token service's published keys (fetched when a kid is new)."""
+        """`shared.tokens.verify` against the token service's published keys (fetched when a kid is new).
+
+        A token verified before (the same bytes, for the same audience) is not verified again — three ES256
+        verifications and the claim rules were most of what user tokens added to the chain — as long as the key
+        that verified it is still published, unchanged, in a key set fetched within KEYS_MAX_AGE, and it has not
+        expired. Whatever depends on the connection (cnf, the current actor: check_holder) and the scope is still
+        checked on every request, by OnBehalfOf, whether the token came from here or from `verify`.
+        """
         kid = _kid(raw)
         if self._stale() or (kid is not None and kid not in self._kids):
             async with self._fetching:  # a fetch under way: wait for it rather than start another
@@ -59,7 +69,18 @@ class TokenClient:
             if self._stale():  # the fetch failed, just now or less than RETRY_AFTER ago
                 reason = self._failure or "no key set fetched yet"
                 raise self.connection.failure(f"no current key set to check the token with: {reason}")
-        return verify(raw, self._keys, issuer=self.issuer, audience=audience)
+        if (cached := self._verified.get((raw, audience))) is not None:
+            token, signed_by, thumbprint = cached
+            if self._thumbprints.get(signed_by) == thumbprint and time.time() <= token.expires_at + LEEWAY_SECONDS:
+                self._verified.move_to_end((raw, audience))
+                return token
+            del self._verified[(raw, audience)]  # and verified afresh: refused, naming the rule it now breaks
+        token = verify(raw, self._keys, issuer=self.issuer, audience=audience)
+        if kid is not None and kid in self._thumbprints:  # verify checked the token names the key that signed it
+            self._verified[(raw, audience)] = (token, kid, self._thumbprints[kid])
+            while len(self._verified) > CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return token
 
     def _stale(self) -> bool:
         return time.monotonic() - self._fetched > KEYS_MAX_AGE
@@ -111,6 +132,7 @@ class TokenClient:
             self._failure = str(problem.extra.get("reason", problem.detail))
             raise
         self._keys, self._kids, self._fetched, self._failure = keys, _kids(keys), time.monotonic(), None
+        self._thumbprints = {key.kid: key.thumbprint() for key in keys.keys if key.kid}
 
 
 def _kids(keys: KeySet) -> frozenset[str]:
