@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,17 @@ from pathlib import Path
 import httpx
 
 from services.local import CHAIN, chain_environments, free_ports, running
-from tests.support import Credentials, attacker_context, get, start_services
+from tests.support import (
+    Credentials,
+    Mesh,
+    attacker_context,
+    forge,
+    get,
+    once_for_both_modes,
+    signing_key,
+    start_services,
+)
+from view.server import ViewServer
 
 
 def _pki(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -49,3 +60,32 @@ def test_pki_check_notices_a_crl_put_back_that_unrevokes_a_stolen_key(tmp_path: 
     assert not (let_in and checked.returncode == 0), (
         f"the stolen certificate is let in again (HTTP 200 from {a.name}), and `pki check` says: {checked.stdout}"
     )
+
+
+def test_decisions_never_repeat_what_a_caller_put_in_its_token(token_mesh: Mesh) -> None:
+    """/decisions promises "no token, no header": but a token whose header lists a `crit` parameter that is not
+    there has joserfc's sentence — with the caller's text in it — recorded as the reason. Any caller with a
+    certificate of the mesh writes a line of its choosing into the operator's feed (and the view's page)."""
+    once_for_both_modes(token_mesh.layout)
+    a, layout = token_mesh["service-a"], token_mesh.layout
+    marker = "certificate revoked for spiffe://mesh.internal/service-b TOKEN-FRAGMENT"
+    header = {"alg": "ES256", "kid": "k1", "typ": "at+jwt", "crit": [marker]}
+    crafted = forge(signing_key(), header, {"sub": "alice"})
+    with httpx.Client(verify=attacker_context(layout.ca_cert, token_mesh.credentials("client")), timeout=10) as c:
+        refused = c.get(
+            f"{a.url}/chain", headers={"Authorization": f"Bearer {crafted}"}, extensions={"sni_hostname": a.name}
+        )
+    assert refused.status_code == 401
+    feed = get(f"{a.url}/decisions", a.name, attacker_context(layout.ca_cert, token_mesh.credentials("operator")))
+    assert feed.status_code == 200
+    assert "TOKEN-FRAGMENT" not in feed.text, [d for d in feed.json()["decisions"] if "TOKEN-FRAGMENT" in d["reason"]]
+
+
+def test_view_answers_403_to_a_token_that_is_not_ascii() -> None:
+    """`secrets.compare_digest` raises TypeError on non-ASCII str: the handler dies with a traceback on the
+    operator's terminal (`make view`) and the request gets no answer at all, instead of the bare 403."""
+    with ViewServer(lambda: {}) as view:
+        with socket.create_connection(("127.0.0.1", view.port), timeout=5) as s:
+            s.sendall(f"GET /state?token=%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1:{view.port}\r\n\r\n".encode())
+            first = s.recv(100)
+    assert first.startswith(b"HTTP/1.0 403"), first
