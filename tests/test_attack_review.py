@@ -84,8 +84,7 @@ def test_decisions_never_repeat_what_a_caller_put_in_its_token(token_mesh: Mesh)
 def test_view_answers_403_to_a_token_that_is_not_ascii() -> None:
     """`secrets.compare_digest` raises TypeError on non-ASCII str: the handler dies with a traceback on the
     operator's terminal (`make view`) and the request gets no answer at all, instead of the bare 403."""
-    with ViewServer(lambda: {}) as view:
-        with socket.create_connection(("127.0.0.1", view.port), timeout=5) as s:
-            s.sendall(f"GET /state?token=%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1:{view.port}\r\n\r\n".encode())
-            first = s.recv(100)
+    with ViewServer(lambda: {}) as view, socket.create_connection(("127.0.0.1", view.port), timeout=5) as s:
+        s.sendall(f"GET /state?token=%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1:{view.port}\r\n\r\n".encode())
+        first = s.recv(100)
     assert first.startswith(b"HTTP/1.0 403"), first
