@@ -4,15 +4,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.local import CHAIN, chain_environments, free_ports, running
+from shared.layout import Layout
 from tests.support import (
     Credentials,
     Mesh,
@@ -88,3 +94,60 @@ def test_view_answers_403_to_a_token_that_is_not_ascii() -> None:
         s.sendall(f"GET /state?token=%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1:{view.port}\r\n\r\n".encode())
         first = s.recv(100)
     assert first.startswith(b"HTTP/1.0 403"), first
+
+
+def _forged_like(real: x509.CertificateRevocationList, extra_serial: int) -> bytes:
+    """A CRL with the real one's issuer name, AKI, number and dates — signed by a key that is not the CA's."""
+    stray = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(real.issuer)
+        .last_update(real.last_update_utc)
+        .next_update(real.next_update_utc)  # type: ignore[arg-type]
+    )
+    for extension in real.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    for entry in real:
+        builder = builder.add_revoked_certificate(entry)
+    extra = x509.RevokedCertificateBuilder().serial_number(extra_serial).revocation_date(real.last_update_utc)
+    builder = builder.add_revoked_certificate(extra.build())
+    return builder.sign(stray, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_cockpit_status_notices_a_crl_from_another_key(tmp_path: Path) -> None:
+    """`make status` compares a service's CRLs with crl.pem by (AKI, number) — both claims of the file. A CRL with
+    the same AKI and number signed by a stray key: every service refuses it (reload_refused; a restart fails),
+    yet status exits 0 with "holds the CRLs of crl.pem" and lists as revoked (the client) a serial no service
+    refuses."""
+    out = tmp_path / "out"
+    assert _pki(out, "init").returncode == 0
+    layout = Layout(out)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = start_services(chain_environments(free_ports(len(CHAIN)), out), logs)
+    with running(processes):
+        real = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+        victim = x509.load_pem_x509_certificate(layout.cert("client").read_bytes()).serial_number
+        forged = out / "crl.new"
+        forged.write_bytes(_forged_like(real, victim))
+        forged.chmod(0o644)
+        forged.replace(out / "crl.pem")
+        time.sleep(3)  # the services re-read pki/out every second, and refuse it
+        targets = [arg for p in processes for arg in ("--service", f"{p.name}=https://127.0.0.1:{p.port}")]
+        status = subprocess.run(
+            [sys.executable, "-m", "cockpit", "status", *targets, "--pki-dir", str(out), "--json"],
+            capture_output=True,
+            text=True,
+        )
+        refused = [p.name for p in processes if "reload_refused" in p.output()]
+        a = processes[0]
+        client = Credentials(layout.cert("client"), layout.key("client"))
+        client_let_in = get(f"https://127.0.0.1:{a.port}/healthz", a.name, attacker_context(out / "ca.crt", client))
+    assert client_let_in.status_code == 200  # "revoked: client", says status; no service refuses it
+    assert refused, "the services took the forged CRL?"
+    assert status.returncode != 0, (
+        f"{refused} refused crl.pem (from a stray key), and `cockpit status` says all is well: "
+        + "; ".join(
+            c["text"] for c in json.loads(status.stdout)["checks"] if "CRL" in c["text"] or "revoked" in c["text"]
+        )
+    )
