@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.local import CHAIN, chain_environments, free_ports, running
 from shared.layout import Layout
+from shared.x509 import load_certificates, thumbprint
 from tests.support import (
     Credentials,
     Mesh,
@@ -151,3 +152,34 @@ def test_cockpit_status_notices_a_crl_from_another_key(tmp_path: Path) -> None:
             c["text"] for c in json.loads(status.stdout)["checks"] if "CRL" in c["text"] or "revoked" in c["text"]
         )
     )
+
+
+def test_cockpit_status_judges_an_api_allow_list_read_from_another_file(tmp_path: Path) -> None:
+    """A service whose API allow-list is read from a file of another name (MESH_ALLOW_LIST, or a planted
+    allow/<other>.txt it was pointed at) is not compared with the policy at all: `make status` exits 0 with no
+    line about that list, while the list lets in a caller the policy never gave (service-c calls service-a)."""
+    out = tmp_path / "out"
+    assert _pki(out, "init").returncode == 0
+    layout = Layout(out)
+    custom = out / "allow" / "service-a-extra.txt"
+    extra = thumbprint(load_certificates(layout.cert("service-c"))[0])
+    custom.write_text(layout.allow_list("service-a").read_text() + f"{extra}  # service-c\n")
+    custom.chmod(0o644)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    envs = chain_environments(free_ports(len(CHAIN)), out)
+    envs[0]["MESH_ALLOW_LIST"] = str(custom)
+    processes = start_services(envs, logs)
+    with running(processes):
+        a = processes[0]
+        sneaked = get(
+            f"https://127.0.0.1:{a.port}/chain",
+            a.name,
+            attacker_context(out / "ca.crt", Credentials(layout.cert("service-c"), layout.key("service-c"))),
+        )
+        targets = [arg for p in processes for arg in ("--service", f"{p.name}=https://127.0.0.1:{p.port}")]
+        status = subprocess.run(
+            [sys.executable, "-m", "cockpit", "status", *targets, "--pki-dir", str(out)], capture_output=True, text=True
+        )
+    assert sneaked.status_code != 403, "the custom list was not in force"
+    assert status.returncode != 0, f"service-c is let into service-a, and `cockpit status` says:\n{status.stdout}"
