@@ -25,22 +25,24 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from pki.allowlists import rendered_allow_lists
 from pki.authority import PKIError, load_issuer
 from pki.identities import no_ca
 from pki.policy import Policy
-from pki.revocation import revoked_in_place
+from pki.revocation import revocation_record, revoked_in_place
 from shared.layout import Layout
 from shared.tls import LiveTLS, TLSMaterial
 from shared.x509 import (
     MaterialError,
     authority_key_id,
     crl_blocks,
+    crl_number,
     key_id,
     load_certificates,
     parse_crl,
@@ -136,10 +138,30 @@ def _crls(layout: Layout) -> list[Finding]:
     ours = [load_certificates(layout.intermediate_cert)[0]]
     ours += [load_certificates(p)[0] for p in sorted(layout.rollover.glob("*.crt")) if layout.rollover.is_dir()]
     findings = []
+    record = revocation_record(layout)
+    signers: set[bytes] = set()
     for block in crl_blocks(layout.crl.read_bytes()):
         crl = parse_crl(block, layout.crl)
         signer = next((ca for ca in ours if _signed(crl, ca)), None)
         name = crl.issuer.rfc4514_string()
+        if signer is not None and signer.public_key().public_bytes(*_SPKI) in signers:
+            findings.append(
+                Finding(
+                    "crl",
+                    f"{layout.crl}: two CRLs of {name}, and services refuse the whole file — `make pki` re-signs it "
+                    "from the revocation record",
+                )
+            )
+        elif signer is not None:
+            signers.add(signer.public_key().public_bytes(*_SPKI))
+        if signer is not None and signer is ours[0] and (behind := _behind_the_record(crl, record)):
+            findings.append(
+                Finding(
+                    "crl",
+                    f"{layout.crl}: the CRL of {name} is older than the revocation record ({behind}): a service "
+                    "started on it would let those certificates in — `make pki` re-signs it from the record",
+                )
+            )
         if signer is None:
             aki = (authority_key_id(crl) or b"").hex()[:16]
             findings.append(
@@ -150,6 +172,22 @@ def _crls(layout: Layout) -> list[Finding]:
                 )
             )
     return findings
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _behind_the_record(crl: x509.CertificateRevocationList, record: dict[str, Any]) -> str:
+    """What the revocation record (revocations.json) has that this CRL of our intermediate lacks, or "" if none:
+    a crl.pem put back from before a revocation is genuine, signed and unexpired — and un-revokes."""
+    listed = {entry.serial_number for entry in crl}
+    missing = sorted(serial for entry in record["revoked"] if (serial := int(entry["serial"], 16)) not in listed)
+    behind = []
+    if crl_number(crl) < record["crl_number"]:
+        behind.append(f"number {crl_number(crl)}, the record's {record['crl_number']}")
+    if missing:
+        behind.append(f"it lacks the revoked serial(s) {', '.join(f'{s:x}' for s in missing)}")
+    return "; ".join(behind)
 
 
 def _identities(layout: Layout, policy: Policy) -> list[Finding]:

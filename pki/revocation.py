@@ -279,6 +279,11 @@ def _add(layout: Layout, issued: list[ledger.Issued], reason: str) -> None:
     write_crl(layout)
 
 
+def revocation_record(layout: Layout) -> dict[str, Any]:
+    """The revocation record, read-only: what every CRL of our intermediate must at least say (pki.check)."""
+    return _read_record(layout)
+
+
 def revoked(layout: Layout) -> dict[str, dict[str, Any]]:
     """Serial (hex) → its entry in the revocation record (date, reason, name)."""
     return {entry["serial"]: entry for entry in _read_record(layout)["revoked"]}

@@ -118,7 +118,7 @@ class LiveTLS:
         chain = parse_certificates(data["cert"], self.material.cert, "certificate") if "cert" in data else []  # type: ignore[arg-type]
         if len(chain) > 1 and self.material.crl is not None:
             _require_crl_of(chain[1], crls, self.material.crl, self.material.cert)  # type: ignore[arg-type]
-        keyed = {_crl_key(crl, [*anchors, *chain[1:]], self.material.crl): crl for crl in crls}  # type: ignore[arg-type]
+        keyed = _one_per_key(crls, [*anchors, *chain[1:]], self.material.crl)  # type: ignore[arg-type]
         in_force = self._crls_by_key
         for key, crl in keyed.items():
             if key in in_force:
@@ -205,6 +205,24 @@ def _scratch() -> Iterator[Path]:
     """A directory only we can enter (0700), removed with everything in it as soon as OpenSSL has read it."""
     with tempfile.TemporaryDirectory(prefix="mesh-tls-") as directory:
         yield Path(directory)
+
+
+def _one_per_key(
+    crls: list[x509.CertificateRevocationList], cas: list[x509.Certificate], path: Path
+) -> dict[str, x509.CertificateRevocationList]:
+    """Each CRL by the key of the CA that signed it — one per key. Two of one CA would leave the choice to the
+    order of the file, and an older one placed last (genuine, signed, unexpired) would un-revoke certificates."""
+    keyed: dict[str, x509.CertificateRevocationList] = {}
+    for crl in crls:
+        key = _crl_key(crl, cas, path)
+        if key in keyed:
+            raise MaterialError(
+                f"{path}: two CRLs of {crl.issuer.rfc4514_string()} (numbers {crl_number(keyed[key])} and "
+                f"{crl_number(crl)}), so the whole file is refused and the revocations in force stay as they were — "
+                "one CRL per CA: run `make pki` to re-sign it"
+            )
+        keyed[key] = crl
+    return keyed
 
 
 def _crl_key(crl: x509.CertificateRevocationList, cas: list[x509.Certificate], path: Path) -> str:
