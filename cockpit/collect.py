@@ -26,6 +26,7 @@ import httpx
 
 from pki import ledger
 from pki.allowlists import expected_allow_lists
+from pki.check import check
 from pki.policy import POLICY_FILE, Policy
 from pki.renewal import renewal_due
 from services.local import CHAIN
@@ -137,6 +138,9 @@ class Reference:
     allow_lists: dict[str, AllowListState]  # as the policy renders them, by file name
     identities: dict[str, str]  # serial (hex) → identity name, from the ledger (issued.json)
     error: str | None = None  # why pki/out could not be read as a reference
+    # What `pki check` finds wrong with pki/out (a CRL from a stray key, one behind the revocation record, …): a
+    # reference that is itself wrong makes every "equal to pki/out" line worthless, so each is a ✖ of its own.
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,8 @@ def read_reference(layout: Layout, policy_path: Path = POLICY_FILE) -> Reference
     except (MaterialError, ValueError, OSError) as e:
         return Reference(layout.out, (), (), {}, {}, str(e))
     allow_lists = {name: _allow_state(name, [value for value, _ in lines]) for name, lines in expected.items()}
-    return Reference(layout.out, anchors, crls, allow_lists, identities)
+    problems = tuple(finding.text for finding in check(layout, policy_path))
+    return Reference(layout.out, anchors, crls, allow_lists, identities, problems=problems)
 
 
 def _read_service(target: Target, context: Any, domain: str, timeout: float) -> ServiceStatus:

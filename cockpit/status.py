@@ -57,6 +57,9 @@ def _judge(mesh: MeshStatus) -> Iterator[Check]:
     ref, at = mesh.reference, mesh.at
     if ref.error:
         yield Check(False, f"{ref.pki_dir} cannot be read as the reference: {ref.error}", "run `make pki`")
+    for problem in ref.problems:
+        text, _, fix = problem.partition(" — ")
+        yield Check(False, f"pki check: {text}", fix or "`python -m pki check` says what to do")
     revoked = mesh.revoked()
     for service in mesh.services:
         yield from _service(service, mesh, revoked)
@@ -129,8 +132,14 @@ def _service(service: ServiceStatus, mesh: MeshStatus, revoked: dict[str, str]) 
         yield Check(True, f"{name} holds the CRLs of {ref.pki_dir}/crl.pem ({_crl_numbers(ref.crls)})")
     for file, in_force in sorted(service.allow_lists.items()):
         policy = ref.allow_lists.get(file)
-        if policy is None:
-            continue  # not a list the policy renders (set by MESH_ALLOW_LIST): nothing to compare with
+        if policy is None:  # MESH_ALLOW_LIST pointed elsewhere: what it admits is nowhere in the policy
+            yield Check(
+                False,
+                f"{name} takes its allow-list from {file}, a file the policy does not render: who it admits is "
+                "not what pki/policy.toml says, and cannot be compared",
+                "point the service at pki/out/allow/ (unset MESH_ALLOW_LIST) and let `make pki` render the list",
+            )
+            continue
         if in_force.entries != policy.entries:
             more, fewer = len(in_force.entries - policy.entries), len(policy.entries - in_force.entries)
             yield Check(

@@ -50,7 +50,7 @@ class ViewServer:
                 url = urlsplit(self.path)
                 given = parse_qs(url.query).get("token", [""])[0]
                 host = self.headers.get("Host", "")
-                if not secrets.compare_digest(given, view.token) or host not in view.hosts:
+                if not secrets.compare_digest(given.encode(), view.token.encode()) or host not in view.hosts:
                     self._send(403, b"forbidden\n", "text/plain")
                 elif url.path == "/":
                     self._send(200, PAGE, "text/html; charset=utf-8")

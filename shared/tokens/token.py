@@ -191,8 +191,10 @@ def _signed(raw: str, keys: KeySet) -> jwt.Token:
         raise TokenRefused("the token names a signing key (kid) the token service does not publish") from None
     except BadSignatureError:
         raise TokenRefused("the signature does not match: the token was altered or signed by someone else") from None
-    except (JoseError, ValueError, TypeError) as e:  # malformed base64, JSON, crit, …: joserfc says what
-        raise TokenRefused(f"not a valid signed token ({echo(str(e), quote=False)})") from None
+    except JoseError as e:  # malformed header, crit, …: joserfc's fixed error code says which, never the token's text
+        raise TokenRefused(f"not a valid signed token ({e.error})") from None
+    except (ValueError, TypeError):  # malformed base64 or JSON
+        raise TokenRefused("not a valid signed token (its base64 or JSON is malformed)") from None
     except RecursionError:  # JSON nested deeper than Python's stack: garbage, whoever signed it
         raise TokenRefused("not a valid signed token (its JSON is nested too deep)") from None
     if "kid" not in token.header:
