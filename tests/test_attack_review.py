@@ -162,7 +162,7 @@ def test_cockpit_status_judges_an_api_allow_list_read_from_another_file(tmp_path
     out = tmp_path / "out"
     assert _pki(out, "init").returncode == 0
     layout = Layout(out)
-    custom = out / "allow" / "service-a-extra.txt"
+    custom = tmp_path / "service-a-elsewhere.txt"  # outside pki/out: only the status line can see it
     extra = thumbprint(load_certificates(layout.cert("service-c"))[0])
     custom.write_text(layout.allow_list("service-a").read_text() + f"{extra}  # service-c\n")
     custom.chmod(0o644)
@@ -184,6 +184,7 @@ def test_cockpit_status_judges_an_api_allow_list_read_from_another_file(tmp_path
         )
     assert sneaked.status_code != 403, "the custom list was not in force"
     assert status.returncode != 0, f"service-c is let into service-a, and `cockpit status` says:\n{status.stdout}"
+    assert "a file the policy does not render" in status.stdout
 
 
 def test_a_crl_pem_with_two_crls_of_one_ca_is_refused(tmp_path: Path) -> None:
