@@ -27,7 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from joserfc import jwt
-from joserfc.errors import BadSignatureError, InvalidKeyIdError, JoseError, UnsupportedAlgorithmError
+from joserfc.errors import (
+    BadSignatureError,
+    InvalidHeaderValueError,
+    InvalidKeyIdError,
+    JoseError,
+    UnsupportedAlgorithmError,
+)
 from joserfc.jwk import ECKey, KeySet
 
 from shared.problem import echo
@@ -191,7 +197,9 @@ def _signed(raw: str, keys: KeySet) -> jwt.Token:
         raise TokenRefused("the token names a signing key (kid) the token service does not publish") from None
     except BadSignatureError:
         raise TokenRefused("the signature does not match: the token was altered or signed by someone else") from None
-    except JoseError as e:  # malformed header, crit, …: joserfc's fixed error code says which, never the token's text
+    except InvalidHeaderValueError as e:  # "'kid' in header must be a str": a registered name, none of the token's text
+        raise TokenRefused(f"not a valid signed token ({e.description})") from None
+    except JoseError as e:  # crit, unsupported headers, …: joserfc's fixed code, never the text the token carried
         raise TokenRefused(f"not a valid signed token ({e.error})") from None
     except (ValueError, TypeError):  # malformed base64 or JSON
         raise TokenRefused("not a valid signed token (its base64 or JSON is malformed)") from None
