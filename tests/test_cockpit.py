@@ -125,10 +125,11 @@ def test_a_service_on_an_older_trust_anchor(mesh: Mesh) -> None:
 def test_an_expired_crl(mesh: Mesh) -> None:
     write_crl(mesh.layout, dt.timedelta(seconds=3))
     try:
-        code, text = mesh.until("expired", timeout=20)
+        # pki check says so of crl.pem the moment it expires; the line of the CRL itself, a moment later.
+        code, text = mesh.until("✖ CRL #2 of CN=mtls-mesh Intermediate CA,O=mtls-mesh expired", timeout=20)
         assert code == 1
-        assert "✖ CRL #2 of CN=mtls-mesh Intermediate CA,O=mtls-mesh expired" in text
         assert "fix: the renewer" in text
+        assert "✖ pki check: " in text and "crl.pem: the CRL of CN=mtls-mesh Intermediate CA" in text
     finally:
         write_crl(mesh.layout)
     mesh.until("all is well", timeout=20)
