@@ -183,17 +183,22 @@ def collect(
     policy_path: Path = POLICY_FILE,
     operator: str = OPERATOR,
     timeout: float = 5.0,
+    pki_check: bool = True,
 ) -> MeshStatus:
-    """Read every target as `operator` (its certificate and key in `layout`) and the reference from `layout`."""
+    """Read every target as `operator` (its certificate and key in `layout`) and the reference from `layout`.
+
+    `pki_check=False` leaves out `pki check`'s findings (`Reference.problems`): the whole doctor loads every
+    identity (~0.2 s), which a one-off status pays and a view polling every few seconds, showing no findings, need not.
+    """
     material = layout.material(operator, with_crl=False)  # our own CRL must not stop us reading a service
     material.check()
     context = tls.client_context(material)
     domain = _trust_domain(layout.cert(operator))
     services = tuple(_read_service(t, context, domain, timeout) for t in targets)
-    return MeshStatus(dt.datetime.now(dt.UTC), services, read_reference(layout, policy_path))
+    return MeshStatus(dt.datetime.now(dt.UTC), services, read_reference(layout, policy_path, pki_check=pki_check))
 
 
-def read_reference(layout: Layout, policy_path: Path = POLICY_FILE) -> Reference:
+def read_reference(layout: Layout, policy_path: Path = POLICY_FILE, *, pki_check: bool = True) -> Reference:
     """pki/out as the reference: its trust anchors, its CRLs, the allow-lists its policy renders, its ledger."""
     try:
         policy = Policy.load(policy_path)
@@ -205,7 +210,7 @@ def read_reference(layout: Layout, policy_path: Path = POLICY_FILE) -> Reference
     except (MaterialError, ValueError, OSError) as e:
         return Reference(layout.out, (), (), {}, {}, str(e))
     allow_lists = {name: _allow_state(name, [value for value, _ in lines]) for name, lines in expected.items()}
-    problems = tuple(finding.text for finding in check(layout, policy_path))
+    problems = tuple(finding.text for finding in check(layout, policy_path)) if pki_check else ()
     return Reference(layout.out, anchors, crls, allow_lists, identities, problems=problems)
 
 
