@@ -40,7 +40,7 @@ __all__ = [
 # Peers refuse a CRL past its nextUpdate, and with CRL checking on, that means refusing every leaf of its CA.
 # So every CRL we can sign is re-signed once half its lifetime (the policy's crl_lifetime) has passed: by the
 # renewer (`python -m pki renew --watch`) on schedule, or by `make pki`. The services warn at a quarter left.
-CRL_VALIDITY = dt.timedelta(days=30)  # the policy's default crl_lifetime, and what `pki revoke` signs for
+CRL_VALIDITY = dt.timedelta(days=30)  # the policy's default crl_lifetime; `pki revoke` signs for the policy's own
 RESIGN_AT = 0.5  # of crl_lifetime left
 # RFC 5280 §5.3.1: rather than the reason code `unspecified`, no reason code at all.
 REVOCATION_REASONS = {
@@ -201,13 +201,15 @@ def _write_record(layout: Layout, record: dict[str, Any]) -> None:
     write_file(layout.revocations, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def revoke(layout: Layout, name: str, reason: str = "unspecified") -> list[int]:
+def revoke(
+    layout: Layout, name: str, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
+) -> list[int]:
     """Revoke every unexpired certificate ever issued to `name`; return their serials.
 
     Not just the one in pki/out/<name>.crt: after a renewal that is the new certificate, and the stolen copy of
     the old one would keep working for the rest of its life. The ledger (pki.ledger) knows them all. The
     revocations go into the record first, then into a new CRL: whatever happens to crl.pem later, `make pki`
-    renders it again with them in it. Revoking twice changes nothing.
+    renders it again with them in it, signed for `crl_lifetime` (the policy's). Revoking twice changes nothing.
 
         revoke(layout, "client", "key-compromise")   # then give it a fresh certificate: `pki revoke` does
     """
@@ -217,11 +219,13 @@ def revoke(layout: Layout, name: str, reason: str = "unspecified") -> list[int]:
             f"the ledger ({layout.ledger}) has no unexpired certificate issued to {name!r}: nothing to revoke "
             "(`python -m pki list` shows every identity and its certificates)"
         )
-    _add(layout, issued, reason)
+    _add(layout, issued, reason, crl_lifetime)
     return [int(entry.serial, 16) for entry in issued]
 
 
-def revoke_serial(layout: Layout, serial: int, reason: str = "unspecified") -> ledger.Issued:
+def revoke_serial(
+    layout: Layout, serial: int, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
+) -> ledger.Issued:
     """Revoke the one certificate with this serial number, which the ledger must know; return its entry."""
     entry = ledger.find(layout, serial)
     if entry is None:
@@ -229,11 +233,13 @@ def revoke_serial(layout: Layout, serial: int, reason: str = "unspecified") -> l
             f"serial {serial:x} is not in the ledger ({layout.ledger}): this CA did not issue it, or issued it "
             "before it kept a ledger — give the certificate itself with `--cert FILE`"
         )
-    _add(layout, [entry], reason)
+    _add(layout, [entry], reason, crl_lifetime)
     return entry
 
 
-def revoke_certificate(layout: Layout, path: Path, reason: str = "unspecified") -> ledger.Issued:
+def revoke_certificate(
+    layout: Layout, path: Path, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
+) -> ledger.Issued:
     """Revoke the (first) certificate in `path` — a copy found somewhere, an old one kept in previous/.
 
     It must be one of ours: in the ledger, or signed by our intermediate's key. A CRL of ours means nothing for
@@ -250,7 +256,7 @@ def revoke_certificate(layout: Layout, path: Path, reason: str = "unspecified") 
                 f"{layout.intermediate_cert.name}'s key): our CRL cannot revoke it"
             )
         entry = ledger.Issued.of(path.stem, cert)
-    _add(layout, [entry], reason)
+    _add(layout, [entry], reason, crl_lifetime)
     return entry
 
 
@@ -262,7 +268,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _add(layout: Layout, issued: list[ledger.Issued], reason: str) -> None:
+def _add(layout: Layout, issued: list[ledger.Issued], reason: str, crl_lifetime: dt.timedelta) -> None:
     if reason not in REVOCATION_REASONS:
         raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
     record = _read_record(layout)
@@ -276,7 +282,7 @@ def _add(layout: Layout, issued: list[ledger.Issued], reason: str) -> None:
         for e in fresh
     ]
     _write_record(layout, record)
-    write_crl(layout)
+    write_crl(layout, crl_lifetime)
 
 
 def revocation_record(layout: Layout) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import shutil
 import stat
@@ -38,6 +39,7 @@ from shared.x509 import (
     subject_alt_names,
     thumbprint,
 )
+from tests.compose.stack import ROOT
 
 POLICY = Policy.load()
 
@@ -221,6 +223,24 @@ def test_make_pki_says_when_an_identity_in_use_is_revoked(tmp_path, capsys: pyte
     said = capsys.readouterr()
     assert "service-b's certificate is revoked" in said.err and "make rotate NAME=service-b" in said.err
     assert "up to date" not in said.out
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("which", [["client"], ["--serial", "SERIAL"], ["--cert", "CERT"]], ids=lambda w: w[0])
+def test_a_revocation_signs_its_crl_for_the_policys_lifetime(tmp_path, which: list[str]) -> None:
+    """`pki revoke` once signed for 30 days whatever the policy said: a mesh set to short-lived CRLs got a long one
+    from every revocation (found by a test that waited for the services' "CRL expiring" warning)."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text((ROOT / "pki" / "policy.toml").read_text().replace('crl_lifetime = "30d"', 'crl_lifetime = "1h"'))
+    out = tmp_path / "pki"
+    pki = ["--out", str(out), "--policy", str(policy)]
+    assert main([*pki, "init"]) == 0
+    copy = shutil.copy(Layout(out).cert("client"), tmp_path / "copy.crt")
+    serial = f"{load_certificates(copy)[0].serial_number:x}"
+    assert main([*pki, "revoke", *[{"SERIAL": serial, "CERT": str(copy)}.get(w, w) for w in which]]) == 0
+    crl = load_crl(Layout(out).crl)
+    assert len(list(crl)) == 1
+    assert crl.next_update_utc - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=1)
 
 
 def test_retire_waits_until_every_service_can_have_switched(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
