@@ -92,6 +92,7 @@ def base_app(service: Service) -> FastAPI:
         yield
         watching.cancel()
         checking.cancel()
+        reloader.close()
         loop.remove_signal_handler(signal.SIGHUP)
         for callee in service.callees:
             await callee.aclose()
@@ -119,7 +120,7 @@ def base_app(service: Service) -> FastAPI:
             "status": "ok",
             "service": config.name,
             "trust_anchors": live.anchors,
-            "issuers": sorted(crl.issuer.rfc4514_string() for crl in live.crls),  # the CAs whose leaves count
+            "issuers": sorted(crl.issuer for crl in live.crls),  # the CAs whose leaves count
             "certificate": {
                 "serial": f"{own.serial_number:x}",
                 "issuer": own.issuer.rfc4514_string(),

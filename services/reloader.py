@@ -21,17 +21,30 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
+from services.offload import Offload
 from shared.inbound import close_where
 from shared.outbound import Downstream
-from shared.tls import LiveTLS
+from shared.tls import LiveTLS, read
 from shared.x509 import MaterialError
 
 __all__ = ["WARN_AT", "CrlFreshness", "Reload", "Reloader"]
 
-# How a changed file is taken in: load it, check it, swap the part it feeds — or raise MaterialError, changing nothing.
-Reload = Callable[[Path], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Reload(Generic[T]):
+    """How a changed file is taken in: `read` it — load and check it, or raise MaterialError naming it — and
+    `take` what it read, swapping in whole the part it feeds. `read` runs off the event loop, maybe in another
+    process (services.offload): a module-level function, returning something picklable. `take` runs on the loop."""
+
+    read: Callable[[Path], T]
+    take: Callable[[T], None]
+
 
 log = logging.getLogger("mesh.reload")
 
@@ -51,28 +64,36 @@ class Reloader:
 
     reloader = Reloader(live, service.reloads, service.callees)
     Watcher([*live.material.files(), *service.reloads], reloader, interval=1.0)
+    reloader.close()  # at the end: stops the process that reads large files, if one was started
     """
 
-    def __init__(self, live: LiveTLS, reloads: Mapping[Path, Reload], callees: Sequence[Downstream] = ()) -> None:
+    def __init__(self, live: LiveTLS, reloads: Mapping[Path, Reload[Any]], callees: Sequence[Downstream] = ()) -> None:
         self.live, self.reloads, self.callees = live, reloads, callees
         self.tls_files = set(live.material.files())
+        self.offload = Offload()
 
     async def __call__(self, changed: set[Path]) -> None:
-        # Parsing and checking run on a worker thread: a CRL or an allow-list of 100,000 entries takes hundreds of
-        # milliseconds, which on the event loop would stall every request in flight. What they build is swapped in
-        # whole: a part of the registry by one assignment, the TLS material on the loop (below).
+        # Reading runs off the event loop (services.offload): a CRL or an allow-list of 100,000 entries takes
+        # hundreds of milliseconds, which on the loop would stall every request in flight. What it read is taken
+        # in whole, on the loop: a part of the registry by one assignment, the TLS material below.
         for path in sorted(changed & set(self.reloads)):
+            reload = self.reloads[path]
             try:
-                await asyncio.to_thread(self.reloads[path], path)
+                reload.take(await self.offload(reload.read, path, size=_size(path)))
                 log.info("reloaded", extra={"files": [str(path)]})
             except MaterialError as e:
                 log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
         if tls_files := sorted(map(str, changed & self.tls_files)):
             await self._reload_tls(tls_files)
 
+    def close(self) -> None:
+        self.offload.close()
+
     async def _reload_tls(self, files: list[str]) -> None:
+        material = self.live.material
         try:
-            self.live.install(await asyncio.to_thread(self.live.prepare))
+            files_read = await self.offload(read, material, self.live.crls, size=sum(map(_size, material.files())))
+            self.live.install(self.live.prepare(files_read))
         except MaterialError as e:
             log.error("reload_refused", extra={"files": files, "reason": str(e)})
             return
@@ -101,36 +122,34 @@ class CrlFreshness:
     def seconds_left(self) -> dict[str, float]:
         now = dt.datetime.now(dt.UTC)
         return {
-            crl.issuer.rfc4514_string(): (crl.next_update_utc - now).total_seconds()
-            for crl in self.live.crls
-            if crl.next_update_utc is not None
+            crl.issuer: (crl.next_update - now).total_seconds() for crl in self.live.crls if crl.next_update is not None
         }
 
     def check(self) -> None:
         now = dt.datetime.now(dt.UTC)
         for crl in self.live.crls:
-            if crl.next_update_utc is None:
+            if crl.next_update is None:
                 continue
-            left, lifetime = crl.next_update_utc - now, crl.next_update_utc - crl.last_update_utc
+            left, lifetime = crl.next_update - now, crl.next_update - crl.last_update
             if left.total_seconds() <= 0:
                 level, event, when = logging.ERROR, "crl_expired", "expired"
             elif left < lifetime * WARN_AT:
                 level, event, when = logging.WARNING, "crl_expiring", "expires"
             else:
                 continue
-            issuer = crl.issuer.rfc4514_string()
-            if (event, issuer, crl.last_update_utc) in self._said:
+            issuer = crl.issuer
+            if (event, issuer, crl.last_update) in self._said:
                 continue
-            self._said.add((event, issuer, crl.last_update_utc))
+            self._said.add((event, issuer, crl.last_update))
             log.log(
                 level,
                 event,
                 extra={
                     "file": str(self.live.material.crl),
                     "issuer": issuer,
-                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "next_update": f"{crl.next_update:%Y-%m-%dT%H:%M:%SZ}",
                     "seconds_left": round(left.total_seconds(), 1),
-                    "reason": f"the CRL of {issuer} {when} at {crl.next_update_utc:%Y-%m-%d %H:%M:%S}Z: from then "
+                    "reason": f"the CRL of {issuer} {when} at {crl.next_update:%Y-%m-%d %H:%M:%S}Z: from then "
                     "on every certificate of that CA is refused",
                     "fix": FIX,
                 },
@@ -140,3 +159,10 @@ class CrlFreshness:
         while True:
             self.check()
             await asyncio.sleep(interval)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # gone: reading it says so, in a thread

@@ -13,11 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from shared.authz import AllowList
-from shared.tls import LiveTLS
-from shared.x509 import PeerIdentity, authority_key_id, crl_number
+from shared.tls import LiveTLS, Revocations
+from shared.x509 import PeerIdentity
 
 __all__ = ["allow_list_status", "service_status"]
 
@@ -54,14 +52,14 @@ def allow_list_status(allow: AllowList) -> dict[str, Any]:
     return {"mode": mode, "thumbprints": thumbprints, "spiffe_ids": ids}
 
 
-def _crl(crl: x509.CertificateRevocationList) -> dict[str, Any]:
+def _crl(crl: Revocations) -> dict[str, Any]:
     return {
-        "issuer": crl.issuer.rfc4514_string(),
-        "issuer_key_id": (authority_key_id(crl) or b"").hex(),
-        "number": crl_number(crl),
-        "last_update": _time(crl.last_update_utc),
-        "next_update": _time(crl.next_update_utc) if crl.next_update_utc else None,
-        "revoked": sorted(f"{entry.serial_number:x}" for entry in crl),
+        "issuer": crl.issuer,
+        "issuer_key_id": crl.key,
+        "number": crl.number,
+        "last_update": _time(crl.last_update),
+        "next_update": _time(crl.next_update) if crl.next_update else None,
+        "revoked": sorted(f"{serial:x}" for serial in crl.serials),
     }
 
 

@@ -20,7 +20,6 @@ import logging
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse
 from services.__main__ import main as serve
 from services.app import base_app
 from services.config import ServiceConfig
+from services.reloader import Reload
 from services.signing import SigningKeys
 from services.token_policy import GrantRefused, TokenPolicy
 from services.wiring import build
@@ -55,8 +55,7 @@ class LivePolicy:
     def __init__(self, policy: TokenPolicy, keys: SigningKeys) -> None:
         self.policy, self.keys = policy, keys
 
-    def reload(self, path: Path) -> None:
-        policy = TokenPolicy.load(path)
+    def take(self, policy: TokenPolicy) -> None:
         self.keys.token_lifetime = max(self.keys.token_lifetime, policy.lifetime)
         self.policy = policy
 
@@ -69,7 +68,11 @@ def create_token_app(config: ServiceConfig, live: tls.LiveTLS) -> FastAPI:
     live_policy = LivePolicy(policy, SigningKeys(config.signing_key_lifetime, policy.lifetime))
     keys = live_policy.keys
     app = base_app(
-        replace(service, reloads={**service.reloads, files.tokens_policy: live_policy.reload}, status=keys.status)
+        replace(
+            service,
+            reloads={**service.reloads, files.tokens_policy: Reload(TokenPolicy.load, live_policy.take)},
+            status=keys.status,
+        )
     )
     Caller = Annotated[Admitted, Depends(service.guard)]
 

@@ -56,7 +56,7 @@ class Service:
     callees: tuple[
         Downstream, ...
     ]  # every connection the service makes: renewed with the TLS material, closed at the end
-    reloads: dict[Path, Reload]  # the registry: every file besides the TLS material whose change is taken in
+    reloads: dict[Path, Reload[Any]]  # the registry: every file besides the TLS material whose change is taken in
     # The allow-list each authorizer was made from, by file: what GET /status reports (services.status).
     allow_lists: dict[Path, AllowList]
     status: Callable[[], dict[str, Any]] | None = None  # what the service adds to GET /status of its own
@@ -71,13 +71,12 @@ def build(config: ServiceConfig, live: LiveTLS, *, connect: Connect = nativetls.
         metrics=service_policy(allow_lists[files.metrics_allow_list]),
     )
 
-    def allow_list(resource: str) -> Reload:
-        def reload(path: Path) -> None:
-            allow = AllowList.load(path)
+    def allow_list(resource: str) -> Reload[AllowList]:
+        def take(allow: AllowList) -> None:
             authorizers.replace(resource, service_policy(allow))
-            allow_lists[path] = allow
+            allow_lists[allow.source] = allow
 
-        return reload
+        return Reload(AllowList.load, take)
 
     def to(name: str, url: str, expected: SpiffeId, keepalive: bool = True) -> Downstream:
         assert live.client is not None

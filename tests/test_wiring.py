@@ -34,8 +34,9 @@ from uvicorn.server import ServerState
 from pki import Policy, init, revoke, write_crl
 from services.app import mesh_app
 from services.config import ServiceConfig
+from services.offload import LARGE, Offload
 from services.wiring import build
-from shared.authz import authorize_id
+from shared.authz import AllowList, authorize_id
 from shared.inbound import expose, tls_extension, tls_protocol
 from shared.layout import Layout
 from shared.outbound import CalleeRefused, Downstream, callee_check, refuse_unless
@@ -393,7 +394,7 @@ def test_an_older_crl_is_refused_even_with_the_same_revocations(layout: Layout) 
     layout.crl.write_bytes(b"")  # and a lost crl.pem un-revokes nobody either
     with pytest.raises(MaterialError, match="not a PEM CRL"):
         live.reload()
-    assert len(live.trust.revoked) == 1
+    assert sum(map(len, live.trust.revoked.values())) == 1
 
 
 def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> None:
@@ -405,7 +406,31 @@ def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> Non
     write_crl(layout)  # signed by our CA, numbered higher, and empty
     with pytest.raises(MaterialError, match="drops the revoked serial"):
         live.reload()
-    assert len(live.trust.revoked) == 1
+    assert sum(map(len, live.trust.revoked.values())) == 1
+
+
+def test_a_large_file_is_read_in_a_child_process_and_a_refusal_comes_back_whole(tmp_path: Path) -> None:
+    """A reload reads a small file on a worker thread and a large one in a child process (services.offload), whose
+    MaterialError reaches the reloader with its sentence; a child that dies is a refused reload, and the next
+    read starts another. Reading in-process, a CRL of 100,000 entries held the event loop for hundreds of ms."""
+    broken = tmp_path / "allow.txt"
+    broken.write_text("".join(f"{i:064x}  # filler {i}\n" for i in range(LARGE // 80)) + "not-a-thumbprint\n")
+    offload = Offload()
+
+    async def read(function: Any, *args: Any, size: int) -> Any:
+        return await offload(function, *args, size=size)
+
+    try:
+        assert asyncio.run(read(os.getpid, size=LARGE - 1)) == os.getpid()
+        child = asyncio.run(read(os.getpid, size=LARGE))
+        assert child != os.getpid() and asyncio.run(read(os.getpid, size=LARGE)) == child  # started once, kept
+        with pytest.raises(MaterialError, match=rf"allow.txt:{LARGE // 80 + 1}: .* fix or delete the line"):
+            asyncio.run(read(AllowList.load, broken, size=broken.stat().st_size))
+        with pytest.raises(MaterialError, match="the process reading a large file died"):
+            asyncio.run(read(os._exit, 1, size=LARGE))
+        assert asyncio.run(read(os.getpid, size=LARGE)) not in (os.getpid(), child)
+    finally:
+        offload.close()
 
 
 # ── the file rules, for any user (no root needed: the owner is faked where it must be) ──────────────────────

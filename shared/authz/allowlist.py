@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.packed import Pins
 from shared.x509.certs import normalise_thumbprint
 from shared.x509.files import MaterialError, read_protected
 from shared.x509.spiffe import InvalidSpiffeId, SpiffeId
@@ -25,7 +26,7 @@ __all__ = ["AllowList"]
 
 # A comment starts at a '#' that begins the line or follows white space: `spiffe://x/y#z` stays one
 # (invalid) value instead of quietly becoming `spiffe://x/y`.
-_COMMENT = re.compile(r"(?:^|\s)#")
+_COMMENT = re.compile(r"(?<!\S)#")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class AllowList:
     """
 
     source: Path
-    entries: Mapping[str, str]  # thumbprint → label
+    entries: Mapping[str, str]  # thumbprint → label (packed: an allow-list may be 100,000 lines long)
     ids: Mapping[SpiffeId, str] = field(default_factory=dict)  # SPIFFE ID → label
 
     @classmethod
@@ -69,7 +70,7 @@ class AllowList:
                 raise MaterialError(
                     f"{path}:{number}: {what + ': ' if what else ''}{e} — fix or delete the line"
                 ) from None
-        return cls(path, thumbprints, ids)
+        return cls(path, Pins(thumbprints), ids)
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self.entries

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from cryptography import x509
 
+from shared.packed import Serials
 from shared.tls.contexts import TLSProfile, client_context, server_context
 from shared.tls.material import TLSMaterial
 from shared.tls.peer import connection_peer, verified_chain
-from shared.x509.certs import authority_key_id, crl_number, key_id, parse_certificates, thumbprint
+from shared.tls.reading import Read, Revocations, read, verify_later
+from shared.x509.certs import parse_certificates
 from shared.x509.files import MaterialError
 from shared.x509.identity import PeerIdentity
 
@@ -33,7 +35,7 @@ class Trust:
 
     anchors: frozenset[str]  # SHA-256 of every CA certificate in ca.crt
     issuers: frozenset[str] | None  # key ids (hex) of the CAs whose leaves count: one CRL each; None: no CRL
-    revoked: frozenset[tuple[str, int]]  # (issuer key id, serial) of every certificate the CRLs revoke
+    revoked: Mapping[str, Serials]  # issuer key id → the serials its CRL revokes
     # Per issuer key: when its CRL in force was issued and when it expires (lastUpdate, nextUpdate). Outside
     # that window OpenSSL would refuse every peer of that CA, and so do we.
     windows: Mapping[str, tuple[dt.datetime, dt.datetime | None]] = field(default_factory=dict)
@@ -45,13 +47,10 @@ class Prepared:
 
     server: ssl.SSLContext
     client: ssl.SSLContext | None
-    crls: list[x509.CertificateRevocationList]
-    keyed: dict[str, x509.CertificateRevocationList]
+    revocations: dict[str, Revocations]  # by issuer key
     trust: Trust
-    unverified: dict[str, x509.CertificateRevocationList]
     anchors: list[str]
     certificate: x509.Certificate | None
-    replaces: dict[str, x509.CertificateRevocationList]  # the CRLs in force it was checked against
 
 
 class LiveTLS:
@@ -69,11 +68,11 @@ class LiveTLS:
     every open connection when it changes (`refusal`, services.reloader). One rule for the three.
 
     That check is also where revocation happens: the contexts carry no CRL (OpenSSL would verify the CRL's
-    signature again on every handshake, hashing all of it), and `recheck` looks the peer's (issuer key, serial)
-    up in a set built once per reload — the same cost at 10 entries or 100,000. Each CRL's signature is verified
-    once: at reload when its CA's certificate is at hand (ca.crt, our own chain), or else — another intermediate
-    of ours, during a CA rollover — on the first handshake whose peer's chain, verified by OpenSSL up to ca.crt,
-    brings that CA's certificate. Until then no peer of that CA gets in.
+    signature again on every handshake, hashing all of it), and `recheck` looks the peer's serial up in the set
+    of its issuer's key, built once per reload (shared.tls.reading) — the same cost at 10 entries or 100,000.
+    Each CRL's signature is verified once: at reload when its CA's certificate is at hand (ca.crt, our own
+    chain), or else — another intermediate of ours, during a CA rollover — on the first handshake whose peer's
+    chain, verified by OpenSSL up to ca.crt, brings that CA's certificate. Until then no peer of that CA gets in.
 
     Revocations only grow: a CRL older than the one in force for its issuer, or one that drops a revoked
     certificate, is refused — a lost crl.pem must never quietly un-revoke anyone. "Its issuer" is a key: a
@@ -98,55 +97,46 @@ class LiveTLS:
         self.require_client_cert = require_client_cert
         self.outgoing = outgoing
         self.profile = profile
-        self.crls: list[x509.CertificateRevocationList] = []
-        self._crls_by_key: dict[str, x509.CertificateRevocationList] = {}
-        self._unverified: dict[str, x509.CertificateRevocationList] = {}  # by issuer key: signature not checked yet
+        self.crls: list[Revocations] = []  # in crl.pem's order, one per CA
+        self._crls_by_key: dict[str, Revocations] = {}
+        self._unverified: dict[str, Revocations] = {}  # by issuer key: signature not checked yet
         self.generation = 0
         self.reload()
 
     def reload(self) -> None:
         """Build new contexts from the files as they are now and swap them in, or raise and change nothing."""
-        self.install(self.prepare())
+        self.install(self.prepare(read(self.material, self.crls)))
 
-    def prepare(self) -> Prepared:
-        """Read, check and build everything a reload swaps in — the slow part (a CRL of 100,000 entries takes
-        hundreds of milliseconds) — changing nothing, so that it can run on a worker thread while the event loop
-        serves requests (services.reloader). Raises MaterialError naming the file, as `reload` does."""
-        data = self.material.read()
-        crls = self.material.verify(data)
-        anchors = parse_certificates(data["ca"], self.material.ca, "CA file")
-        chain = parse_certificates(data["cert"], self.material.cert, "certificate") if "cert" in data else []  # type: ignore[arg-type]
-        if len(chain) > 1 and self.material.crl is not None:
-            _require_crl_of(chain[1], crls, self.material.crl, self.material.cert)  # type: ignore[arg-type]
-        keyed = _one_per_key(crls, [*anchors, *chain[1:]], self.material.crl)  # type: ignore[arg-type]
-        in_force = self._crls_by_key
-        for key, crl in keyed.items():
-            if key in in_force:
-                _check_successor(in_force[key], crl, self.material.crl)  # type: ignore[arg-type]
-        unverified = _verify_signatures(keyed, anchors, chain[1:], self.material.crl)  # type: ignore[arg-type]
+    def prepare(self, files: Read) -> Prepared:
+        """Everything a reload swaps in, from the files as `shared.tls.reading.read` found them — changing nothing.
+        The slow part, reading and checking (a CRL of 100,000 entries takes hundreds of milliseconds), is done by
+        then, off the event loop (services.reloader); what is left takes a millisecond: the contexts. Raises
+        MaterialError naming the file, as `reload` does."""
+        if files.checked_against != {key: crl.number for key, crl in self._crls_by_key.items()}:
+            raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
         with _scratch() as directory:
-            # Checked above, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.
-            files = self.material.written_to(directory, {k: v for k, v in data.items() if k != "crl"})
+            # Checked by `read`, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.
+            written = self.material.written_to(directory, files.files)
             server = server_context(
-                files, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
+                written, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
             )
-            client = client_context(files, profile=self.profile, openssl_crl=False) if self.outgoing else None
+            client = client_context(written, profile=self.profile, openssl_crl=False) if self.outgoing else None
+        revocations = files.revocations
         trust = Trust(
-            anchors=frozenset(thumbprint(anchor) for anchor in anchors),
-            issuers=frozenset(keyed) if self.material.crl is not None else None,
-            revoked=frozenset((key, entry.serial_number) for key, crl in keyed.items() for entry in crl),
-            windows={key: (crl.last_update_utc, crl.next_update_utc) for key, crl in keyed.items()},
+            anchors=frozenset(files.anchors),
+            issuers=frozenset(revocations) if self.material.crl is not None else None,
+            revoked={key: crl.serials for key, crl in revocations.items()},
+            windows={key: (crl.last_update, crl.next_update) for key, crl in revocations.items()},
         )
-        anchor_list = [thumbprint(anchor) for anchor in anchors]
-        certificate = chain[0] if chain else None
-        return Prepared(server, client, crls, keyed, trust, unverified, anchor_list, certificate, in_force)
+        own = files.files.get("cert")
+        certificate = parse_certificates(own, self.material.cert, "certificate")[0] if own else None  # type: ignore[arg-type]
+        return Prepared(server, client, revocations, trust, files.anchors, certificate)
 
     def install(self, new: Prepared) -> None:
         """Swap in what `prepare` built, all of it at once (on the event loop: between two handshakes)."""
-        if new.replaces is not self._crls_by_key:  # another reload came first: its CRLs were not checked against
-            raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
-        self.server, self.client, self.crls, self._crls_by_key = new.server, new.client, new.crls, new.keyed
-        self.trust, self._unverified = new.trust, dict(new.unverified)
+        self.server, self.client, self.trust = new.server, new.client, new.trust
+        self.crls, self._crls_by_key = list(new.revocations.values()), new.revocations
+        self._unverified = {key: crl for key, crl in new.revocations.items() if crl.der is not None}
         self.anchors = new.anchors  # what we trust, in ca.crt's order, for /healthz and the gates
         self.certificate = new.certificate
         self.generation += 1
@@ -173,8 +163,7 @@ class LiveTLS:
         chain = verified_chain(ssl_object)
         if len(chain) < 2:  # a resumed session shows no chain; the full handshake it resumes verified the CRL
             return "the CRL of its issuing CA is not verified yet: a full handshake is needed"
-        issuer = x509.load_der_x509_certificate(chain[1])
-        if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        if not verify_later(crl, x509.load_der_x509_certificate(chain[1])):
             return "CRL signature failure"
         self._unverified.pop(issuer_key, None)
         return None
@@ -189,7 +178,7 @@ class LiveTLS:
         if trust.issuers is not None and peer.issuer_key_id not in trust.issuers:
             issuer = peer.issuer_key_id[:16] or "none"
             return f"its issuing CA (key id {issuer}…) is no longer trusted: no CRL of it is in force"
-        if (peer.issuer_key_id, peer.serial) in trust.revoked:
+        if peer.serial in trust.revoked.get(peer.issuer_key_id, ()):
             return "certificate revoked"  # OpenSSL's words: what callers and the logs said before
         if (window := trust.windows.get(peer.issuer_key_id)) is not None:
             issued, expires = window
@@ -205,94 +194,3 @@ def _scratch() -> Iterator[Path]:
     """A directory only we can enter (0700), removed with everything in it as soon as OpenSSL has read it."""
     with tempfile.TemporaryDirectory(prefix="mesh-tls-") as directory:
         yield Path(directory)
-
-
-def _one_per_key(
-    crls: list[x509.CertificateRevocationList], cas: list[x509.Certificate], path: Path
-) -> dict[str, x509.CertificateRevocationList]:
-    """Each CRL by the key of the CA that signed it — one per key. Two of one CA would leave the choice to the
-    order of the file, and an older one placed last (genuine, signed, unexpired) would un-revoke certificates."""
-    keyed: dict[str, x509.CertificateRevocationList] = {}
-    for crl in crls:
-        key = _crl_key(crl, cas, path)
-        if key in keyed:
-            raise MaterialError(
-                f"{path}: two CRLs of {crl.issuer.rfc4514_string()} (numbers {crl_number(keyed[key])} and "
-                f"{crl_number(crl)}), so the whole file is refused and the revocations in force stay as they were — "
-                "one CRL per CA: run `make pki` to re-sign it"
-            )
-        keyed[key] = crl
-    return keyed
-
-
-def _crl_key(crl: x509.CertificateRevocationList, cas: list[x509.Certificate], path: Path) -> str:
-    """The key id (hex) of the CA that signed `crl`: its AKI, or for a CRL that omits it (RFC 5280 says it
-    must not), the key of the CA certificate of ours that bears its issuer's name."""
-    if (signer := authority_key_id(crl)) is not None:
-        return signer.hex()
-    for ca in cas:
-        if ca.subject == crl.issuer and (key := key_id(ca)) is not None:
-            return key.hex()
-    raise MaterialError(
-        f"{path}: a CRL of {crl.issuer.rfc4514_string()} names no issuer key (AuthorityKeyIdentifier) and no CA "
-        "certificate of ours bears that name — regenerate it with `make pki`"
-    )
-
-
-def _verify_signatures(
-    keyed: dict[str, x509.CertificateRevocationList],
-    anchors: list[x509.Certificate],
-    intermediates: list[x509.Certificate],
-    path: Path,
-) -> dict[str, x509.CertificateRevocationList]:
-    """Verify each CRL whose CA certificate we hold (TLSMaterial.verify did those of our own intermediates that
-    name it); return the others, by issuer key, for `LiveTLS.recheck` to verify with a peer's verified chain."""
-    ours = {key.hex(): ca for ca in [*anchors, *intermediates] if (key := key_id(ca)) is not None}
-    checked = {key.hex() for ca in intermediates if (key := key_id(ca)) is not None}
-    unverified = {}
-    for key, crl in keyed.items():
-        ca = ours.get(key)
-        if ca is None:
-            unverified[key] = crl
-        elif not (key in checked and authority_key_id(crl) is not None) and (
-            crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-        ):
-            raise MaterialError(f"{path}: CRL signature does not verify with {ca.subject.rfc4514_string()}")
-    return unverified
-
-
-def _check_successor(current: x509.CertificateRevocationList, new: x509.CertificateRevocationList, path: Path) -> None:
-    """Refuse a CRL from the same issuer key that is older than the one in force, or that forgets a revocation."""
-    dropped = {entry.serial_number for entry in current} - {entry.serial_number for entry in new}
-    if crl_number(new) < crl_number(current) or dropped:
-        what = f"number {crl_number(new)} with {len(list(new))} entries; in force: number {crl_number(current)}"
-        if dropped:
-            what += f", and it drops the revoked serial(s) {', '.join(f'{s:x}' for s in sorted(dropped))}"
-        raise MaterialError(
-            f"{path}: refusing a CRL of {new.issuer.rfc4514_string()} (the same key as the one in force) that would "
-            f"un-revoke certificates ({what}) — the CA's revocation record (pki/out/revocations.json) re-creates "
-            "the full list: run `make pki`"
-        )
-
-
-def _require_crl_of(
-    issuer: x509.Certificate, crls: list[x509.CertificateRevocationList], path: Path, cert: Path
-) -> None:
-    """Refuse a crl.pem without a CRL that the CA which signed a service's own certificate signed with its key.
-
-    Its peers are the service's: without its CRL OpenSSL refuses every one of them, and the revocations in force
-    for it would be forgotten (a CRL signed by a stray key — a CA key restored from the wrong backup — once took its
-    place: the mesh went down, and an older crl.pem put back after it un-revoked a stolen key).
-    """
-    ours = key_id(issuer)
-
-    def signed_by_it(crl: x509.CertificateRevocationList) -> bool:  # a matching AKI was verified in _usable_crl
-        signer = authority_key_id(crl)
-        return signer == ours if signer is not None else crl.is_signature_valid(issuer.public_key())
-
-    if not any(crl.issuer == issuer.subject and signed_by_it(crl) for crl in crls):
-        raise MaterialError(
-            f"{path}: no CRL signed by {issuer.subject.rfc4514_string()}, the CA that signed {cert}, so the whole file "
-            "is refused and the revocations in force stay as they were — run `make pki` to re-sign it (it stops, "
-            "naming the files, if the CA's key does not belong to its certificate)"
-        )

@@ -14,6 +14,7 @@ through `shared.x509.read_protected` first, and parses the bytes with the `parse
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -125,10 +126,13 @@ def thumbprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # ASCII digits only: str.isdigit would take "٣" too
+
+
 def normalise_thumbprint(text: str) -> str:
     """Accept `AB:CD:…` or `abcd…` as people paste them; return the canonical lowercase form or raise ValueError."""
     candidate = text.strip().replace(":", "").lower()
-    if len(candidate) != 64 or any(c not in "0123456789abcdef" for c in candidate):
+    if not _SHA256_HEX.fullmatch(candidate):
         raise ValueError(f"{text.strip()!r} is not a SHA-256 thumbprint (64 hex digits, colons allowed)")
     return candidate
 

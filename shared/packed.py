@@ -1,0 +1,136 @@
+"""Large sets and tables of fixed-width keys, packed into one sorted bytes object and looked up by bisection.
+
+A reload reads a CRL or an allow-list of 100,000 entries in a child process (services.offload) and hands the
+result to the service, which unpickles it holding the interpreter lock: every request in flight waits. A
+frozenset of 100,000 ints took ~10 ms of that, a dict of 100,000 thumbprints ~30 ms; one bytes object takes a
+quarter of a millisecond. Bisection finds a key in ~4 µs, 17 steps at 100,000 entries. Hand-written (sorted
+bytes and `bisect`, forty lines) rather than a trie library: nothing to add to the trust path for it.
+
+    Serials.of([0x1f, 0x2a])                       # 0x2a in …  → True
+    Pins({"3b0f…9a1c": "service-a"})                # "3b0f…9a1c" in …, ….get("3b0f…9a1c") → "service-a"
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
+from typing import overload
+
+__all__ = ["PackedKeys", "Pins", "Serials"]
+
+
+@dataclass(frozen=True)
+class PackedKeys(Sequence[bytes]):
+    """Distinct byte strings of one width, sorted, as one bytes object."""
+
+    width: int
+    blob: bytes
+
+    @classmethod
+    def of(cls, keys: Iterable[bytes], width: int) -> PackedKeys:
+        unique = sorted(set(keys))
+        if any(len(key) != width for key in unique):
+            raise ValueError(f"every key must be {width} bytes long")
+        return cls(width, b"".join(unique))
+
+    def find(self, key: bytes) -> int | None:
+        """The index of `key`, or None."""
+        at = bisect.bisect_left(self, key)
+        return at if at < len(self) and self[at] == key else None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.find(key) is not None
+
+    def __len__(self) -> int:
+        return len(self.blob) // self.width
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.blob[index * self.width : (index + 1) * self.width]
+
+
+# RFC 5280 §4.1.2.2: a serial is at most 20 octets of a signed DER INTEGER, which 21 signed bytes always hold.
+_SERIAL = 21
+
+
+@dataclass(frozen=True)
+class Serials(Set[int]):
+    """Certificate serial numbers, as one CRL revokes them."""
+
+    keys: PackedKeys
+
+    @classmethod
+    def of(cls, serials: Iterable[int]) -> Serials:
+        """Raises ValueError for a serial longer than RFC 5280 allows (no CRL of ours has one)."""
+        try:
+            return cls(PackedKeys.of((serial.to_bytes(_SERIAL, "big", signed=True) for serial in serials), _SERIAL))
+        except OverflowError:
+            raise ValueError("a serial number longer than 20 octets (RFC 5280 §4.1.2.2)") from None
+
+    def __contains__(self, serial: object) -> bool:
+        if not isinstance(serial, int):
+            return False
+        try:
+            return self.keys.find(serial.to_bytes(_SERIAL, "big", signed=True)) is not None
+        except OverflowError:  # longer than any serial `of` accepts
+            return False
+
+    def __iter__(self) -> Iterator[int]:
+        return (int.from_bytes(key, "big", signed=True) for key in self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __sub__(self, other: object) -> frozenset[int]:  # type: ignore[override]
+        """The serials not in `other`, as a plain set: both unpacked once, not bisected one by one."""
+        return frozenset(self) - frozenset(other)  # type: ignore[arg-type]
+
+    @classmethod
+    def _from_iterable(cls, values: Iterable[int]) -> frozenset[int]:  # what Set's other operators return
+        return frozenset(values)
+
+
+class Pins(Mapping[str, str]):
+    """SHA-256 thumbprints (64 hex digits, lower case) → a label each: an allow-list's pins."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        order = sorted(labels, key=bytes.fromhex)
+        self.keys = PackedKeys.of(map(bytes.fromhex, order), 32)
+        if len(self.keys) != len(order):
+            raise ValueError("a thumbprint listed twice under different spellings")
+        self._labels = "".join(labels[key] for key in order)
+        self._ends = array("L", _running_total(len(labels[key]) for key in order))
+
+    def __getitem__(self, thumbprint: str) -> str:
+        try:
+            at = self.keys.find(bytes.fromhex(thumbprint))
+        except (ValueError, TypeError):
+            at = None
+        if at is None:
+            raise KeyError(thumbprint)
+        return self._labels[self._ends[at - 1] if at else 0 : self._ends[at]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.hex() for key in self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"Pins({len(self)} thumbprints)"
+
+
+def _running_total(lengths: Iterable[int]) -> Iterator[int]:
+    total = 0
+    for length in lengths:
+        total += length
+        yield total
