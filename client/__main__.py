@@ -117,7 +117,8 @@ def own_revocation(material: tls.TLSMaterial) -> str | None:
     ours = live.certificate
     if ours is None or live.refusal(us := PeerIdentity.from_certificate(ours)) != "certificate revoked":
         return None
-    entry = next(e for crl in live.crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number)))
+    crls = material.verify(material.read())  # the CRLs themselves: a running service keeps only their serials
+    entry = next(e for crl in crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number)))
     try:
         flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
     except x509.ExtensionNotFound:

@@ -7,8 +7,9 @@ milliseconds at a time in cryptography's Rust, and in a Python loop it takes it 
 few milliseconds for half a second — and every request in flight waited (p99 ×7 to ×10 while they were
 reloaded every second, bench.scaling). So a file over LARGE bytes is read in a child process, started on first
 need and kept: lowest priority, ignoring Ctrl-C (the service stops it), killed with the service. What comes back
-is a set or a dict, unpickled in milliseconds. Why not always the child: starting it costs ~0.3 s of CPU, and
-a mesh of small files would pay it in every service for nothing.
+is packed (shared.packed): unpickled in a millisecond. Why not always the child: starting it costs about a second
+of CPU (it imports the service's modules again), which a mesh of small files would pay in every service for
+nothing. Where no child can start (its queue needs /dev/shm), or it dies or hangs, the file is read on the thread.
 
     offload = Offload()
     allow = await offload(AllowList.load, path, size=path.stat().st_size)
@@ -18,61 +19,67 @@ a mesh of small files would pay it in every service for nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any, TypeVar
 
 from services.local import die_with_parent
-from shared.x509 import MaterialError
 
-__all__ = ["LARGE", "Offload"]
+__all__ = ["LARGE", "PATIENCE", "Offload"]
 
 T = TypeVar("T")
 
 LARGE = 256 * 1024  # bytes: a CRL of ~6,000 entries, an allow-list of ~3,000 lines (~15 ms to read in a thread)
+PATIENCE = 30.0  # seconds: a 100,000-entry CRL takes ~0.3 s; a child this late is stuck (or starved), and goes
+
+log = logging.getLogger("mesh.reload")
 
 
 class Offload:
     """Runs `read(*args)` off the event loop: on a worker thread, or in the child process when `size` ≥ LARGE."""
 
-    def __init__(self, large: int = LARGE) -> None:
-        self.large = large
+    def __init__(self, large: int = LARGE, patience: float = PATIENCE) -> None:
+        self.large, self.patience = large, patience
         self._child: ProcessPoolExecutor | None = None
 
     async def __call__(self, read: Callable[..., T], *args: Any, size: int) -> T:
-        if size < self.large:
-            return await asyncio.to_thread(read, *args)
-        try:
-            if self._child is None:
-                self._child = ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_in_the_background,
-                    initargs=(os.getpid(),),
-                )
-            reading = asyncio.get_running_loop().run_in_executor(self._child, read, *args)
-        except OSError:  # no child process here (its queue needs /dev/shm): a thread is still off the loop
-            return await asyncio.to_thread(read, *args)
-        try:
-            return await reading
-        except BrokenProcessPool:  # it was killed (out of memory?): the next read starts another
-            self._child = None
-            raise MaterialError(
-                "the process reading a large file died: it is tried again when the file changes"
-            ) from None
+        if size >= self.large:
+            try:
+                return await asyncio.wait_for(self._in_child(read, *args), self.patience)
+            except (OSError, NotImplementedError, BrokenExecutor, TimeoutError) as e:
+                # No child here (its queue needs /dev/shm), or it died (killed, out of memory) or hangs: it goes
+                # (the next large read starts another), and this file is read on the thread. That may stall requests
+                # for a moment; leaving a new CRL untaken would leave a revoked certificate in.
+                self.close()
+                log.warning("reload_in_thread", extra={"reason": f"the reading process failed: {e!r}"})
+        return await asyncio.to_thread(read, *args)
+
+    async def _in_child(self, read: Callable[..., T], *args: Any) -> T:
+        if self._child is None:
+            self._child = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_in_the_background,
+                initargs=(os.getpid(),),
+            )
+        return await asyncio.get_running_loop().run_in_executor(self._child, read, *args)
 
     def close(self) -> None:
+        """Stop the child, if one was started — killed: a hung one would not stop by itself."""
         if self._child is not None:
+            for process in list((getattr(self._child, "_processes", None) or {}).values()):
+                process.kill()
             self._child.shutdown(wait=False, cancel_futures=True)
             self._child = None
 
 
 def _in_the_background(service: int) -> None:
-    """In the child, first: yield the CPU to the service, leave Ctrl-C to it, and end with it."""
+    """In the child, first: yield the CPU to the service, leave Ctrl-C to it, and end with it. (services.local ties
+    its children the same way, in a closure: a spawned child needs a module-level function.)"""
     os.nice(19)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()

@@ -81,8 +81,8 @@ class Reloader:
             try:
                 reload.take(await self.offload(reload.read, path, size=_size(path)))
                 log.info("reloaded", extra={"files": [str(path)]})
-            except MaterialError as e:
-                log.error("reload_refused", extra={"file": str(path), "reason": str(e)})
+            except Exception as e:  # a bad file (MaterialError) or a bug: either way, reloading goes on
+                log.error("reload_refused", extra={"file": str(path), "reason": _why(e)})
         if tls_files := sorted(map(str, changed & self.tls_files)):
             await self._reload_tls(tls_files)
 
@@ -94,8 +94,8 @@ class Reloader:
         try:
             files_read = await self.offload(read, material, self.live.crls, size=sum(map(_size, material.files())))
             self.live.install(self.live.prepare(files_read))
-        except MaterialError as e:
-            log.error("reload_refused", extra={"files": files, "reason": str(e)})
+        except Exception as e:
+            log.error("reload_refused", extra={"files": files, "reason": _why(e)})
             return
         # The same rule a handshake completing from now on meets (LiveTLS.recheck): revoked, expired, or from a CA
         # — by key — no longer trusted, which is how a CA replaced under a running service loses its peers.
@@ -166,3 +166,10 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0  # gone: reading it says so, in a thread
+
+
+def _why(error: Exception) -> str:
+    """A bad file's MaterialError names it and the fix; anything else is a bug, named by its class."""
+    return (
+        str(error) if isinstance(error, MaterialError) else f"{type(error).__name__}: {error} (a bug: please report it)"
+    )

@@ -74,7 +74,7 @@ class Serials(Set[int]):
         try:
             return cls(PackedKeys.of((serial.to_bytes(_SERIAL, "big", signed=True) for serial in serials), _SERIAL))
         except OverflowError:
-            raise ValueError("a serial number longer than 20 octets (RFC 5280 §4.1.2.2)") from None
+            raise ValueError("a serial number longer than RFC 5280 allows (20 octets, §4.1.2.2)") from None
 
     def __contains__(self, serial: object) -> bool:
         if not isinstance(serial, int):
@@ -104,26 +104,27 @@ class Pins(Mapping[str, str]):
 
     def __init__(self, labels: Mapping[str, str]) -> None:
         order = sorted(labels, key=bytes.fromhex)
-        self.keys = PackedKeys.of(map(bytes.fromhex, order), 32)
-        if len(self.keys) != len(order):
+        self._keys = PackedKeys.of(map(bytes.fromhex, order), 32)
+        if len(self._keys) != len(order):
             raise ValueError("a thumbprint listed twice under different spellings")
         self._labels = "".join(labels[key] for key in order)
         self._ends = array("L", _running_total(len(labels[key]) for key in order))
 
     def __getitem__(self, thumbprint: str) -> str:
         try:
-            at = self.keys.find(bytes.fromhex(thumbprint))
+            key = bytes.fromhex(thumbprint)
         except (ValueError, TypeError):
-            at = None
-        if at is None:
+            raise KeyError(thumbprint) from None
+        at = self._keys.find(key)
+        if at is None or key.hex() != thumbprint:  # only as a dict of canonical keys would: no "AB", no spaces
             raise KeyError(thumbprint)
         return self._labels[self._ends[at - 1] if at else 0 : self._ends[at]]
 
     def __iter__(self) -> Iterator[str]:
-        return (key.hex() for key in self.keys)
+        return (key.hex() for key in self._keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     def __repr__(self) -> str:
         return f"Pins({len(self)} thumbprints)"

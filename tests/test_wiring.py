@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -409,26 +410,39 @@ def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> Non
     assert sum(map(len, live.trust.revoked.values())) == 1
 
 
+def die_in_a_child(parent: int) -> str:
+    """Read in the child, it dies as a process killed mid-read would; read in `parent`, it survives."""
+    if os.getpid() != parent:
+        os._exit(1)
+    return "read in the service's own process"
+
+
 def test_a_large_file_is_read_in_a_child_process_and_a_refusal_comes_back_whole(tmp_path: Path) -> None:
     """A reload reads a small file on a worker thread and a large one in a child process (services.offload), whose
-    MaterialError reaches the reloader with its sentence; a child that dies is a refused reload, and the next
-    read starts another. Reading in-process, a CRL of 100,000 entries held the event loop for hundreds of ms."""
+    MaterialError reaches the reloader with its sentence. A child that dies (mid-read or idle) or hangs is
+    replaced, and the file read on the thread: reloading never stops (an idle child killed once ended it)."""
     broken = tmp_path / "allow.txt"
     broken.write_text("".join(f"{i:064x}  # filler {i}\n" for i in range(LARGE // 80)) + "not-a-thumbprint\n")
-    offload = Offload()
+    offload = Offload(patience=2)
 
-    async def read(function: Any, *args: Any, size: int) -> Any:
-        return await offload(function, *args, size=size)
+    def read(function: Any, *args: Any, size: int = LARGE) -> Any:
+        return asyncio.run(offload(function, *args, size=size))
 
     try:
-        assert asyncio.run(read(os.getpid, size=LARGE - 1)) == os.getpid()
-        child = asyncio.run(read(os.getpid, size=LARGE))
-        assert child != os.getpid() and asyncio.run(read(os.getpid, size=LARGE)) == child  # started once, kept
+        assert read(os.getpid, size=LARGE - 1) == os.getpid()
+        child = read(os.getpid)
+        assert child != os.getpid() and read(os.getpid) == child  # started once, kept
         with pytest.raises(MaterialError, match=rf"allow.txt:{LARGE // 80 + 1}: .* fix or delete the line"):
-            asyncio.run(read(AllowList.load, broken, size=broken.stat().st_size))
-        with pytest.raises(MaterialError, match="the process reading a large file died"):
-            asyncio.run(read(os._exit, 1, size=LARGE))
-        assert asyncio.run(read(os.getpid, size=LARGE)) not in (os.getpid(), child)
+            read(AllowList.load, broken, size=broken.stat().st_size)
+        assert read(die_in_a_child, os.getpid()) == "read in the service's own process"  # died mid-read
+        idle = read(os.getpid)
+        os.kill(idle, signal.SIGKILL)
+        assert read(os.getpid) == os.getpid()  # died idle: this read on the thread, the next in a new child
+        hung = read(os.getpid)
+        assert hung not in (os.getpid(), child, idle)
+        os.kill(hung, signal.SIGSTOP)
+        assert read(os.getpid) == os.getpid()  # no answer within `patience`: killed, read on the thread
+        assert read(os.getpid) not in (os.getpid(), hung)
     finally:
         offload.close()
 

@@ -112,7 +112,7 @@ class LiveTLS:
         The slow part, reading and checking (a CRL of 100,000 entries takes hundreds of milliseconds), is done by
         then, off the event loop (services.reloader); what is left takes a millisecond: the contexts. Raises
         MaterialError naming the file, as `reload` does."""
-        if files.checked_against != {key: crl.number for key, crl in self._crls_by_key.items()}:
+        if files.checked_against != self.crls:  # another reload came first: equal in content, serials and all
             raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
         with _scratch() as directory:
             # Checked by `read`, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.

@@ -24,6 +24,8 @@ from shared.tls.material import TLSMaterial
 from shared.x509.certs import authority_key_id, crl_number, key_id, parse_certificates, thumbprint
 from shared.x509.files import MaterialError
 
+__all__ = ["Read", "Revocations", "read", "verify_later"]
+
 
 @dataclass(frozen=True)
 class Revocations:
@@ -47,7 +49,7 @@ class Read:
     files: dict[str, bytes]  # "ca", and "cert" and "key" if given: exactly what was checked (the CRL aside)
     anchors: list[str]  # SHA-256 of every CA certificate in ca.crt, in its order
     revocations: dict[str, Revocations]  # one CRL per CA, by its key id, in crl.pem's order
-    checked_against: dict[str, int]  # the CRLs in force (key id → number) that no CRL here may un-revoke from
+    checked_against: list[Revocations]  # the CRLs in force when it was read: none here un-revokes any of them
 
 
 def read(material: TLSMaterial, in_force: Iterable[Revocations] = ()) -> Read:
@@ -64,15 +66,15 @@ def read(material: TLSMaterial, in_force: Iterable[Revocations] = ()) -> Read:
         keyed = _one_per_key(crls, [*anchors, *chain[1:]], material.crl)
     unverified = _verify_signatures(keyed, anchors, chain[1:], material.crl)  # type: ignore[arg-type]
     revocations = {key: _reduced(key, crl, material.crl, keep_der=key in unverified) for key, crl in keyed.items()}
-    held = {crl.key: crl for crl in in_force}
-    for key, crl in revocations.items():
-        if key in held:
-            _check_successor(held[key], crl, material.crl)  # type: ignore[arg-type]
+    held = list(in_force)
+    for current in held:
+        if current.key in revocations:
+            _check_successor(current, revocations[current.key], material.crl)  # type: ignore[arg-type]
     return Read(
         files={field: content for field, content in data.items() if field != "crl"},
         anchors=[thumbprint(anchor) for anchor in anchors],
         revocations=revocations,
-        checked_against={key: crl.number for key, crl in held.items()},
+        checked_against=held,
     )
 
 

@@ -126,7 +126,7 @@ def thumbprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # ASCII digits only: str.isdigit would take "٣" too
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # 64 hex digits, ASCII only
 
 
 def normalise_thumbprint(text: str) -> str:
