@@ -36,6 +36,7 @@ from pki import Policy, init, revoke, write_crl
 from services.app import mesh_app
 from services.config import ServiceConfig
 from services.offload import LARGE, Offload
+from services.reloader import Reload, Reloader
 from services.wiring import build
 from shared.authz import AllowList, authorize_id
 from shared.inbound import expose, tls_extension, tls_protocol
@@ -408,6 +409,29 @@ def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> Non
     with pytest.raises(MaterialError, match="drops the revoked serial"):
         live.reload()
     assert sum(map(len, live.trust.revoked.values())) == 1
+
+
+def test_a_reload_that_fails_unexpectedly_is_refused_and_reloading_goes_on(
+    layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only MaterialError: any error reading a file is a refused reload, logged, and never the end of the
+    watcher that calls the reloader (an exception escaping it ended all reloading, silently)."""
+    taken: list[str] = []
+
+    def broken(path: Path) -> str:
+        raise ValueError("not a file problem")
+
+    path = layout.allow_list("service-a")
+    reloader = Reloader(LiveTLS(layout.material("service-a")), {path: Reload(broken, taken.append)})
+    try:
+        asyncio.run(reloader({path}))
+        [refused] = [r for r in caplog.records if r.getMessage() == "reload_refused"]
+        assert not taken and refused.reason == "ValueError: not a file problem (a bug: please report it)"  # type: ignore[attr-defined]
+        reloader.reloads = {path: Reload(str, taken.append)}
+        asyncio.run(reloader({path}))
+        assert taken == [str(path)]
+    finally:
+        reloader.close()
 
 
 def die_in_a_child(parent: int) -> str:
