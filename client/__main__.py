@@ -117,8 +117,13 @@ def own_revocation(material: tls.TLSMaterial) -> str | None:
     ours = live.certificate
     if ours is None or live.refusal(us := PeerIdentity.from_certificate(ours)) != "certificate revoked":
         return None
-    crls = material.verify(material.read())  # the CRLs themselves: a running service keeps only their serials
-    entry = next(e for crl in crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number)))
+    try:  # the CRLs themselves, read again: a running service keeps only their serials
+        crls = material.verify(material.read())
+    except MaterialError:  # changed meanwhile, and broken: no verdict
+        return None
+    entry = next((e for crl in crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number))), None)
+    if entry is None:  # changed meanwhile, and no longer says so
+        return None
     try:
         flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
     except x509.ExtensionNotFound:

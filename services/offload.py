@@ -29,12 +29,13 @@ from typing import Any, TypeVar
 
 from services.local import die_with_parent
 
-__all__ = ["LARGE", "PATIENCE", "Offload"]
+__all__ = ["LARGE", "PATIENCE", "STARTING", "Offload"]
 
 T = TypeVar("T")
 
 LARGE = 256 * 1024  # bytes: a CRL of ~6,000 entries, an allow-list of ~3,000 lines (~15 ms to read in a thread)
-PATIENCE = 30.0  # seconds: a 100,000-entry CRL takes ~0.3 s; a child this late is stuck (or starved), and goes
+PATIENCE = 30.0  # seconds: a 100,000-entry CRL takes ~0.4 s; a child this late is stuck (or starved), and goes
+STARTING = 60.0  # seconds more for the read that starts a child: ~1 s of CPU at a low priority, on a busy host longer
 
 log = logging.getLogger("mesh.reload")
 
@@ -45,42 +46,60 @@ class Offload:
     def __init__(self, large: int = LARGE, patience: float = PATIENCE) -> None:
         self.large, self.patience = large, patience
         self._child: ProcessPoolExecutor | None = None
+        self._closed = False
 
     async def __call__(self, read: Callable[..., T], *args: Any, size: int) -> T:
-        if size >= self.large:
+        if size >= self.large and not self._closed:
             try:
-                return await asyncio.wait_for(self._in_child(read, *args), self.patience)
-            except (OSError, NotImplementedError, BrokenExecutor, TimeoutError) as e:
+                return await self._in_child(read, *args)
+            except _NoChild as e:
                 # No child here (its queue needs /dev/shm), or it died (killed, out of memory) or hangs: it goes
                 # (the next large read starts another), and this file is read on the thread. That may stall requests
                 # for a moment; leaving a new CRL untaken would leave a revoked certificate in.
-                self.close()
-                log.warning("reload_in_thread", extra={"reason": f"the reading process failed: {e!r}"})
+                self._stop()
+                log.warning("reload_in_thread", extra={"reason": f"the reading process failed: {e.__cause__!r}"})
         return await asyncio.to_thread(read, *args)
 
     async def _in_child(self, read: Callable[..., T], *args: Any) -> T:
-        if self._child is None:
-            self._child = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_in_the_background,
-                initargs=(os.getpid(),),
-            )
-        return await asyncio.get_running_loop().run_in_executor(self._child, read, *args)
+        """The read's own errors come back as they are; the child's failures as _NoChild."""
+        starting = self._child is None
+        try:
+            if self._child is None:
+                self._child = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_in_the_background,
+                    initargs=(os.getpid(),),
+                )
+            reading = asyncio.get_running_loop().run_in_executor(self._child, read, *args)
+        except (OSError, NotImplementedError, BrokenExecutor) as e:  # cannot start, or died while idle
+            raise _NoChild from e
+        try:
+            return await asyncio.wait_for(reading, self.patience + (STARTING if starting else 0))
+        except (BrokenExecutor, TimeoutError) as e:  # died mid-read, or no answer in time
+            raise _NoChild from e
 
     def close(self) -> None:
-        """Stop the child, if one was started — killed: a hung one would not stop by itself."""
-        if self._child is not None:
+        """Stop the child, if one was started, and start none again (the service is stopping)."""
+        self._closed = True
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._child is not None:  # killed: a hung one would not stop by itself
             for process in list((getattr(self._child, "_processes", None) or {}).values()):
                 process.kill()
             self._child.shutdown(wait=False, cancel_futures=True)
             self._child = None
 
 
+class _NoChild(Exception):
+    """The child could not read (its cause says why): read on the thread instead."""
+
+
 def _in_the_background(service: int) -> None:
     """In the child, first: yield the CPU to the service, leave Ctrl-C to it, and end with it. (services.local ties
     its children the same way, in a closure: a spawned child needs a module-level function.)"""
-    os.nice(19)
+    os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     if os.getppid() != service:  # it died before prctl: nobody would ever signal us

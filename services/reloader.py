@@ -82,7 +82,7 @@ class Reloader:
                 reload.take(await self.offload(reload.read, path, size=_size(path)))
                 log.info("reloaded", extra={"files": [str(path)]})
             except Exception as e:  # a bad file (MaterialError) or a bug: either way, reloading goes on
-                log.error("reload_refused", extra={"file": str(path), "reason": _why(e)})
+                log.error("reload_refused", extra={"file": str(path), "reason": _why(e)}, exc_info=_is_bug(e))
         if tls_files := sorted(map(str, changed & self.tls_files)):
             await self._reload_tls(tls_files)
 
@@ -95,7 +95,7 @@ class Reloader:
             files_read = await self.offload(read, material, self.live.crls, size=sum(map(_size, material.files())))
             self.live.install(self.live.prepare(files_read))
         except Exception as e:
-            log.error("reload_refused", extra={"files": files, "reason": _why(e)})
+            log.error("reload_refused", extra={"files": files, "reason": _why(e)}, exc_info=_is_bug(e))
             return
         # The same rule a handshake completing from now on meets (LiveTLS.recheck): revoked, expired, or from a CA
         # — by key — no longer trusted, which is how a CA replaced under a running service loses its peers.
@@ -170,6 +170,8 @@ def _size(path: Path) -> int:
 
 def _why(error: Exception) -> str:
     """A bad file's MaterialError names it and the fix; anything else is a bug, named by its class."""
-    return (
-        str(error) if isinstance(error, MaterialError) else f"{type(error).__name__}: {error} (a bug: please report it)"
-    )
+    return f"{type(error).__name__}: {error} (a bug: please report it)" if _is_bug(error) else str(error)
+
+
+def _is_bug(error: Exception) -> bool:
+    return not isinstance(error, MaterialError)  # logged with its traceback

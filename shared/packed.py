@@ -38,6 +38,8 @@ class PackedKeys(Sequence[bytes]):
         """The index of `key`, or None. (Bisection written out: `bisect` over this Sequence calls __getitem__ in
         Python at every step, twice as slow.)"""
         blob, width = self.blob, self.width
+        if len(key) != width:
+            return None
         low, high = 0, len(blob) // width
         while low < high:
             middle = (low + high) // 2
@@ -124,9 +126,8 @@ class Pins(Mapping[str, str]):
         last, at = self._last
         if thumbprint is last:
             return at
-        if not isinstance(thumbprint, str):
+        if not isinstance(thumbprint, str) or not thumbprint.isascii():
             return None
-        # Any other text encodes to other bytes than the ASCII of a stored key (non-ASCII to bytes over 0x7f).
         at = self._keys.find(thumbprint.encode())
         self._last = (thumbprint, at)
         return at

@@ -36,6 +36,13 @@ def test_pins_answer_as_a_dict_of_thumbprints_would() -> None:
         Pins({"ab" * 31: "short"})
 
 
+def test_nothing_is_in_an_empty_set() -> None:
+    """An allow-list of names only has no pins: the empty string was once "listed" in it (found by a review)."""
+    for empty in (Pins({}), Serials.of([]), PackedKeys.of([], 32)):
+        assert not any(key in empty for key in ["", b"", 0, "0" * 64, b"\0" * 32])  # type: ignore[operator]
+    assert Pins({}).get("") is None and "\ud800" * 64 not in Pins({"0" * 64: ""})
+
+
 def test_packed_keys_are_sorted_distinct_and_of_one_width() -> None:
     keys = PackedKeys.of([b"bb", b"aa", b"bb"], 2)
     assert list(keys) == [b"aa", b"bb"] and keys.find(b"bb") == 1 and keys.find(b"ab") is None

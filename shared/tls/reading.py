@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -46,7 +46,8 @@ class Revocations:
 class Read:
     """The TLS files, checked: their bytes for OpenSSL, and what the trust in force is built from."""
 
-    files: dict[str, bytes]  # "ca", and "cert" and "key" if given: exactly what was checked (the CRL aside)
+    # "ca", and "cert" and "key" if given: exactly what was checked (the CRL aside). Not in repr: it holds the key.
+    files: dict[str, bytes] = field(repr=False)
     anchors: list[str]  # SHA-256 of every CA certificate in ca.crt, in its order
     revocations: dict[str, Revocations]  # one CRL per CA, by its key id, in crl.pem's order
     checked_against: list[Revocations]  # the CRLs in force when it was read: none here un-revokes any of them
