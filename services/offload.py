@@ -6,10 +6,11 @@ for a CRL or an allow-list of 100,000 entries: parsing them holds the interprete
 milliseconds at a time in cryptography's Rust, and in a Python loop it takes it back from the event loop every
 few milliseconds for half a second — and every request in flight waited (p99 ×7 to ×10 while they were
 reloaded every second, bench.scaling). So a file over LARGE bytes is read in a child process, started on first
-need and kept: lowest priority, ignoring Ctrl-C (the service stops it), killed with the service. What comes back
-is packed (shared.packed): unpickled in a millisecond. Why not always the child: starting it costs about a second
-of CPU (it imports the service's modules again), which a mesh of small files would pay in every service for
-nothing. Where no child can start (its queue needs /dev/shm), or it dies or hangs, the file is read on the thread.
+need and kept: at a low priority (nice 10), ignoring Ctrl-C (the service stops it), killed with the service. What
+comes back is packed (shared.packed): unpickled in a millisecond. Why not always the child: starting it costs
+about a second of CPU (it imports the service's modules again), which a mesh of small files would pay in every
+service for nothing. Where no child can start (its queue needs /dev/shm), or it dies or hangs, the file is read
+on the thread.
 
     offload = Offload()
     allow = await offload(AllowList.load, path, size=path.stat().st_size)
