@@ -75,13 +75,13 @@ def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
         raise PKIError("name the identity to revoke (all of its certificates), or give --serial S or --cert FILE")
     if one:
         lifetime = policy.crl_lifetime
-        entry = revoke_serial(layout, args.serial, args.reason, crl_lifetime=lifetime) if args.cert is None else None
-        entry = entry or revoke_certificate(layout, args.cert, args.reason, crl_lifetime=lifetime)
+        entry = revoke_serial(layout, args.serial, args.reason, lifetime=lifetime) if args.cert is None else None
+        entry = entry or revoke_certificate(layout, args.cert, args.reason, lifetime=lifetime)
         name = entry.name
         print(f"revoked {name}'s certificate {entry.serial} ({said}) in {shown(layout.crl)}")
     else:
         name = args.name
-        serials = revoke(layout, name, args.reason, crl_lifetime=policy.crl_lifetime)
+        serials = revoke(layout, name, args.reason, lifetime=policy.crl_lifetime)
         listed = ", ".join(f"{serial:x}" for serial in serials)
         print(f"revoked every unexpired certificate of {name} ({listed}; {said}) in {shown(layout.crl)}")
     if fresh := _take_revoked_out_of_use(layout, policy, name):

@@ -201,15 +201,14 @@ def _write_record(layout: Layout, record: dict[str, Any]) -> None:
     write_file(layout.revocations, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def revoke(
-    layout: Layout, name: str, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
-) -> list[int]:
+def revoke(layout: Layout, name: str, reason: str = "unspecified", lifetime: dt.timedelta = CRL_VALIDITY) -> list[int]:
     """Revoke every unexpired certificate ever issued to `name`; return their serials.
 
     Not just the one in pki/out/<name>.crt: after a renewal that is the new certificate, and the stolen copy of
     the old one would keep working for the rest of its life. The ledger (pki.ledger) knows them all. The
     revocations go into the record first, then into a new CRL: whatever happens to crl.pem later, `make pki`
-    renders it again with them in it, signed for `crl_lifetime` (the policy's). Revoking twice changes nothing.
+    renders it again with them in it, signed for `lifetime` (pass the policy's crl_lifetime). Revoking twice
+    changes nothing.
 
         revoke(layout, "client", "key-compromise")   # then give it a fresh certificate: `pki revoke` does
     """
@@ -219,13 +218,11 @@ def revoke(
             f"the ledger ({layout.ledger}) has no unexpired certificate issued to {name!r}: nothing to revoke "
             "(`python -m pki list` shows every identity and its certificates)"
         )
-    _add(layout, issued, reason, crl_lifetime)
+    _add(layout, issued, reason, lifetime)
     return [int(entry.serial, 16) for entry in issued]
 
 
-def revoke_serial(
-    layout: Layout, serial: int, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
-) -> ledger.Issued:
+def revoke_serial(layout: Layout, serial: int, reason: str, *, lifetime: dt.timedelta) -> ledger.Issued:
     """Revoke the one certificate with this serial number, which the ledger must know; return its entry."""
     entry = ledger.find(layout, serial)
     if entry is None:
@@ -233,13 +230,11 @@ def revoke_serial(
             f"serial {serial:x} is not in the ledger ({layout.ledger}): this CA did not issue it, or issued it "
             "before it kept a ledger — give the certificate itself with `--cert FILE`"
         )
-    _add(layout, [entry], reason, crl_lifetime)
+    _add(layout, [entry], reason, lifetime)
     return entry
 
 
-def revoke_certificate(
-    layout: Layout, path: Path, reason: str = "unspecified", *, crl_lifetime: dt.timedelta = CRL_VALIDITY
-) -> ledger.Issued:
+def revoke_certificate(layout: Layout, path: Path, reason: str, *, lifetime: dt.timedelta) -> ledger.Issued:
     """Revoke the (first) certificate in `path` — a copy found somewhere, an old one kept in previous/.
 
     It must be one of ours: in the ledger, or signed by our intermediate's key. A CRL of ours means nothing for
@@ -256,7 +251,7 @@ def revoke_certificate(
                 f"{layout.intermediate_cert.name}'s key): our CRL cannot revoke it"
             )
         entry = ledger.Issued.of(path.stem, cert)
-    _add(layout, [entry], reason, crl_lifetime)
+    _add(layout, [entry], reason, lifetime)
     return entry
 
 
@@ -268,7 +263,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _add(layout: Layout, issued: list[ledger.Issued], reason: str, crl_lifetime: dt.timedelta) -> None:
+def _add(layout: Layout, issued: list[ledger.Issued], reason: str, lifetime: dt.timedelta) -> None:
     if reason not in REVOCATION_REASONS:
         raise PKIError(f"unknown reason {reason!r}: choose one of {', '.join(REVOCATION_REASONS)}")
     record = _read_record(layout)
@@ -282,7 +277,7 @@ def _add(layout: Layout, issued: list[ledger.Issued], reason: str, crl_lifetime:
         for e in fresh
     ]
     _write_record(layout, record)
-    write_crl(layout, crl_lifetime)
+    write_crl(layout, lifetime)
 
 
 def revocation_record(layout: Layout) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def retire(layout: Layout, policy: Policy, name: str) -> int | None:
         return None
     if (left := ROTATION_GRACE.total_seconds() - (time.time() - previous.stat().st_mtime)) > 0:
         time.sleep(left)
-    serial = int(revoke_certificate(layout, previous, "superseded", crl_lifetime=policy.crl_lifetime).serial, 16)
+    serial = int(revoke_certificate(layout, previous, "superseded", lifetime=policy.crl_lifetime).serial, 16)
     previous.unlink()
     render_allow_lists(layout, policy)
     return serial

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.handshake import handshake_once
 from pki import CertificateAuthority, Policy, init, load_issuer
-from pki.revocation import crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
+from pki.revocation import CRL_VALIDITY, crl_needs_renewal, first_crl, revoke_certificate, revoke_serial, write_crl
 from pki.rollover import RollOver
 from services.local import chain_environments, running
 from shared.layout import Layout
@@ -105,8 +105,8 @@ def test_mid_rollover_a_revocation_lands_on_the_crl_of_the_ca_that_issued_the_ce
     stall(layout, "issue", policy)
     old_serial = x509.load_pem_x509_certificate(old_copy.read_bytes()).serial_number
     new_serial = x509.load_pem_x509_certificate(layout.cert("operator").read_bytes()).serial_number
-    revoke_certificate(layout, old_copy, "key-compromise")
-    revoke_serial(layout, new_serial)
+    revoke_certificate(layout, old_copy, "key-compromise", lifetime=CRL_VALIDITY)
+    revoke_serial(layout, new_serial, "unspecified", lifetime=CRL_VALIDITY)
     old_ca = CertificateAuthority.load(layout.rollover / "intermediate.crt", layout.rollover / "intermediate.key")
     listed = {issuer: {entry.serial_number for entry in crl} for issuer, crl in crls(layout).items()}
     assert old_serial in listed[old_ca.cert.subject.rfc4514_string()]

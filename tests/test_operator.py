@@ -28,7 +28,7 @@ from client.__main__ import call, default_server_id
 from client.__main__ import main as client_main
 from pki import init
 from pki.__main__ import main as pki_main
-from pki.revocation import revoke_serial
+from pki.revocation import CRL_VALIDITY, revoke_serial
 from services.__main__ import CannotStart, load_config
 from services.__main__ import main as services_main
 from services.local import busy_ports, chain_environments, free_ports, running
@@ -345,7 +345,7 @@ def test_revoked_client_is_told_its_certificate_is_revoked(tmp_path: Path) -> No
     layout = Layout(tmp_path / "pki")
     init(layout)
     serial = load_certificates(layout.cert("client"))[0].serial_number
-    revoke_serial(layout, serial, "key-compromise")
+    revoke_serial(layout, serial, "key-compromise", lifetime=CRL_VALIDITY)
     [service] = start_services(chain_environments(free_ports(1), layout.out, names=["service-a"]), tmp_path)
     material = layout.material("client")
     with running([service]):
