@@ -43,7 +43,7 @@ from shared.inbound import expose, tls_extension, tls_protocol
 from shared.layout import Layout
 from shared.outbound import CalleeRefused, Downstream, callee_check, refuse_unless
 from shared.problem import Problem
-from shared.tls import LiveTLS
+from shared.tls import LiveTLS, read
 from shared.tokens import OnBehalfOf, mint
 from shared.x509 import MaterialError, PeerIdentity, SpiffeId, load_certificates, read_protected
 from shared.x509 import files as x509_files
@@ -397,6 +397,16 @@ def test_an_older_crl_is_refused_even_with_the_same_revocations(layout: Layout) 
     with pytest.raises(MaterialError, match="not a PEM CRL"):
         live.reload()
     assert sum(map(len, live.trust.revoked.values())) == 1
+
+
+def test_a_read_checked_against_other_crls_than_those_in_force_is_refused(layout: Layout) -> None:
+    """What `read` checked a new CRL against must be what is in force when it is swapped in: a read made before
+    another reload (or with nothing in force) could otherwise un-revoke what that reload brought."""
+    live = LiveTLS(layout.material("service-b"))
+    stale = read(live.material, [])  # as if nothing were in force
+    with pytest.raises(MaterialError, match="reloaded by someone else meanwhile"):
+        live.prepare(stale)
+    live.install(live.prepare(read(live.material, live.crls)))
 
 
 def test_a_newer_crl_that_forgets_a_revocation_is_refused(layout: Layout) -> None:
