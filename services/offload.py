@@ -65,7 +65,7 @@ class Offload:
         """The read's own errors come back as they are; the child's failures as _NoChild."""
         starting = self._child is None
         try:
-            if self._child is None:
+            if starting:
                 self._child = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),

@@ -98,7 +98,6 @@ class LiveTLS:
         self.outgoing = outgoing
         self.profile = profile
         self.crls: list[Revocations] = []  # in crl.pem's order, one per CA
-        self._crls_by_key: dict[str, Revocations] = {}
         self._unverified: dict[str, Revocations] = {}  # by issuer key: signature not checked yet
         self.generation = 0
         self.reload()
@@ -135,7 +134,7 @@ class LiveTLS:
     def install(self, new: Prepared) -> None:
         """Swap in what `prepare` built, all of it at once (on the event loop: between two handshakes)."""
         self.server, self.client, self.trust = new.server, new.client, new.trust
-        self.crls, self._crls_by_key = list(new.revocations.values()), new.revocations
+        self.crls = list(new.revocations.values())
         self._unverified = {key: crl for key, crl in new.revocations.items() if crl.der is not None}
         self.anchors = new.anchors  # what we trust, in ca.crt's order, for /healthz and the gates
         self.certificate = new.certificate
