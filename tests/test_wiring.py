@@ -47,7 +47,7 @@ from shared.tls import LiveTLS, read
 from shared.tokens import OnBehalfOf, mint
 from shared.x509 import MaterialError, PeerIdentity, SpiffeId, load_certificates, read_protected
 from shared.x509 import files as x509_files
-from tests.support import signing_key
+from tests.support import signing_key, wait_until
 
 pytestmark = pytest.mark.fast
 
@@ -471,6 +471,8 @@ def test_a_large_file_is_read_in_a_child_process_and_a_refusal_comes_back_whole(
         assert read(die_in_a_child, os.getpid()) == "read in the service's own process"  # died mid-read
         idle = read(os.getpid)
         os.kill(idle, signal.SIGKILL)
+        # Until the pool knows (its private flag): the next read then fails at submit, not at await.
+        wait_until(lambda: bool(getattr(offload._child, "_broken", False)))
         assert read(os.getpid) == os.getpid()  # died idle: this read on the thread, the next in a new child
         hung = read(os.getpid)
         assert hung not in (os.getpid(), child, idle)
