@@ -552,12 +552,40 @@ def test_a_compressed_answer_is_refused_unread() -> None:
         ssl.create_default_context(),
         5,
         SpiffeId("mesh.internal", "/service-c"),
+        connect=lambda *_: httpx.MockTransport(callee),
     )
-    downstream.client = httpx.AsyncClient(transport=httpx.MockTransport(callee))
     with pytest.raises(Problem) as refused:
         asyncio.run(downstream.get_json("/chain"))
     assert refused.value.status == 502 and refused.value.extra["hop"] == "service-b → service-c"
     assert "Content-Encoding 'gzip'" in refused.value.extra["reason"]
+
+
+def test_a_cookie_a_callee_sets_is_never_sent_on() -> None:
+    """A service keeps no cookies: one a callee set during one user's call would ride along on the next user's."""
+    sent: list[str | None] = []
+
+    async def callee(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("cookie"))
+        return httpx.Response(
+            200, headers={"set-cookie": "session=alice; Path=/"}, stream=httpx.ByteStream(b'{"hops": []}')
+        )
+
+    downstream = Downstream(
+        "service-b",
+        "service-c",
+        "https://service-c",
+        ssl.create_default_context(),
+        5,
+        SpiffeId("mesh.internal", "/service-c"),
+        connect=lambda *_: httpx.MockTransport(callee),
+    )
+
+    async def two_calls() -> None:
+        for _ in range(2):
+            assert await downstream.get_json("/chain") == {"hops": []}
+
+    asyncio.run(two_calls())
+    assert sent == [None, None]
 
 
 def test_a_cut_off_request_body_is_one_info_line_not_a_traceback(token_mesh: Mesh) -> None:

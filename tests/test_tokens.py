@@ -360,8 +360,8 @@ def token_client(handler: Callable[[httpx.Request], Awaitable[httpx.Response]]) 
         ssl.create_default_context(),
         5,
         SpiffeId("mesh.internal", "/token-service"),
+        connect=lambda *_: httpx.MockTransport(handler),
     )
-    connection.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return TokenClient(connection, ISSUER, lambda: 0)
 
 
