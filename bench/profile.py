@@ -71,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=HERE / "profile.json")
     parser.add_argument("--stacks", type=Path, help="keep py-spy's collapsed stacks here (for flame graphs)")
+    parser.add_argument(
+        "--chain", choices=("mtls", "plaintext"), default="mtls", help="the chain to load (plaintext: to compare)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as scratch:
         root = Path(scratch)
         layout = Layout(root / "pki")
         init(layout)
-        variant = Variant("mtls", layout)
+        variant = Variant(args.chain, layout, plaintext=args.chain == "plaintext")
         processes = variant.start(root, iter(free_ports(8)))
         with running(processes):
             uvloop.run(sequential(variant, 100))  # warm-up: imports, pools, first handshakes
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy(out, args.stacks / f"{name}.txt")
     result = {
         "method": f"py-spy {'--native ' if args.native else ''}at {args.rate} Hz on each service, "
-        f"{args.seconds:g} s at concurrency 16 on the mTLS chain; µs of CPU per request per hop",
+        f"{args.seconds:g} s at concurrency 16 on the {args.chain} chain; µs of CPU per request per hop",
         "rps": variant.throughput[-1],
         "errors": variant.errors,
         "us_per_request": hops,
