@@ -72,14 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "profile.json")
     parser.add_argument("--stacks", type=Path, help="keep py-spy's collapsed stacks here (for flame graphs)")
     parser.add_argument(
-        "--chain", choices=("mtls", "plaintext"), default="mtls", help="the chain to load (plaintext: to compare)"
+        "--chain",
+        choices=("mtls", "plaintext", "mtls-tokens"),
+        default="mtls",
+        help="the chain to load (the others: to compare)",
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mesh-profile-") as scratch:
         root = Path(scratch)
         layout = Layout(root / "pki")
         init(layout)
-        variant = Variant(args.chain, layout, plaintext=args.chain == "plaintext")
+        variant = Variant(args.chain, layout, plaintext=args.chain == "plaintext", tokens=args.chain == "mtls-tokens")
         processes = variant.start(root, iter(free_ports(8)))
         with running(processes):
             uvloop.run(sequential(variant, 100))  # warm-up: imports, pools, first handshakes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.__main__ import run
 from services.config import ServiceConfig
-from shared.inbound import IDENTITY_KEY, ConnectionLimits, RequestLimits, expose, tls_protocol
+from shared.inbound import IDENTITY_KEY, ConnectionLimits, OneWriteResponses, RequestLimits, expose, tls_protocol
 from shared.tls import LiveTLS
 from shared.x509 import PeerIdentity, load_certificates
 
@@ -32,7 +32,7 @@ def plaintext_protocol(caller_cert: Path, limits_: ConnectionLimits) -> Callable
     extension[IDENTITY_KEY] = PeerIdentity.from_certificate(leaf)
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class PlaintextProtocol(RequestLimits, HttpToolsProtocol):
+    class PlaintextProtocol(RequestLimits, OneWriteResponses, HttpToolsProtocol):
         """The service's protocol minus TLS: same limits, same extension. Reachable from the bench only."""
 
         limits = limits_

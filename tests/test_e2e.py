@@ -7,6 +7,7 @@ logged — the refused request never reached a handler, and nothing went further
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
 from pathlib import Path
 
@@ -298,6 +299,48 @@ def test_keep_alive_reuses_the_connection(mesh: Mesh) -> None:
             assert response.status_code == 200
             streams.add(id(response.extensions["network_stream"]))
     assert len(streams) == 1
+
+
+def answer_and_its_records(port: int, context: ssl.SSLContext, server_name: str, request: bytes) -> tuple[bytes, int]:
+    """`request` sent on a new TLS connection: the answer, and how many TLS records it came in (read off the wire)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(request)
+        sock.sendall(outgoing.read())  # our Finished, then the request
+        wire, answer = b"", b""
+        while not (b"\r\n\r\n" in answer and answer.endswith(b"}")):  # a JSON answer, kept alive: no close
+            chunk = sock.recv(65536)
+            assert chunk, f"the service closed the connection after {answer!r}"
+            wire += chunk
+            incoming.write(chunk)
+            try:
+                while data := tls.read(65536):
+                    answer += data
+            except ssl.SSLWantReadError:
+                pass
+    records, at = 0, 0
+    while at < len(wire):  # each record: type, version (2 bytes), length (2 bytes), then the sealed payload
+        records, at = records + 1, at + 5 + int.from_bytes(wire[at + 3 : at + 5], "big")
+    return answer, records
+
+
+def test_an_answer_leaves_in_one_tls_record(mesh: Mesh) -> None:
+    """uvicorn writes a response's head and its body separately; the services send both in one write
+    (shared/inbound/onewrite.py), so one TLS record to seal, one to open, one wake-up for the caller."""
+    service = mesh["service-c"]
+    context = attacker_context(mesh.layout.ca_cert, mesh.credentials("client"))
+    request = b"GET /healthz HTTP/1.1\r\nHost: service-c\r\n\r\n"
+    answer, records = answer_and_its_records(service.port, context, service.name, request)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in answer
+    assert records == 1
 
 
 def test_process_runner_reports_a_service_that_cannot_start(layout: Layout, tmp_path) -> None:

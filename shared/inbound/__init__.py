@@ -22,6 +22,7 @@ from shared.inbound.limits import (
     raise_open_files_limit,
     sampled_log,
 )
+from shared.inbound.onewrite import HeldHead, OneWriteResponses
 
 __all__ = [
     "IDENTITY_KEY",
@@ -29,6 +30,8 @@ __all__ = [
     "ConnectionTable",
     "Deadline",
     "DeclaredBodyLimit",
+    "HeldHead",
+    "OneWriteResponses",
     "RequestLimits",
     "SampledLog",
     "TLSHttpToolsProtocol",

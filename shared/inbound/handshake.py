@@ -26,6 +26,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[s
 from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
 from shared.inbound.connections import caller_key, connections, peer_address
 from shared.inbound.limits import ConnectionLimits, Deadline, RequestLimits, connections_closed, sampled_log
+from shared.inbound.onewrite import OneWriteResponses
 from shared.observability import Counter, recent
 from shared.tls.live import Recheck
 
@@ -213,8 +214,9 @@ class _FirstBytes(asyncio.BufferedProtocol):
         self.tls.resume_writing()
 
 
-class TLSHttpToolsProtocol(TLSTermination, RequestLimits, HttpToolsProtocol):
-    """uvicorn's fastest HTTP/1.1 protocol, behind our TLS termination and our request limits.
+class TLSHttpToolsProtocol(TLSTermination, RequestLimits, OneWriteResponses, HttpToolsProtocol):
+    """uvicorn's fastest HTTP/1.1 protocol, behind our TLS termination and our request limits, each response in
+    one write.
 
     Each connection gets its own instance from uvicorn (with uvicorn's arguments), plus ours, given once per
     service by `tls_protocol`: the server context in force, the limits, and the re-check of a finished handshake.
