@@ -35,13 +35,15 @@ from shared.layout import Layout
 PARTS = (  # py-spy names a frame "function (package/module.py:line)"
     ("TLS (ssl module: handshakes, records)", ("(ssl.py", "(<frozen ssl", "_ssl")),
     ("HTTP parsing (httptools, uvicorn's protocol)", ("(httptools", "(h11/", "(uvicorn/protocols/")),
-    ("httpx pool and client", ("(httpx/", "(httpcore/", "(anyio/", "(shared/nativetls")),
+    ("httpx pool and client", ("(httpx/", "(httpcore/", "(anyio/", "(shared/outbound/nativetls")),
     ("FastAPI and Starlette (routing, dependencies, responses)", ("(fastapi/", "(starlette/", "(pydantic")),
     ("JSON", ("(json/", "orjson")),
+    # A response's one write (HeldHead.write) is where uvloop seals the TLS record and sends it: the loop's work.
+    (LOOP := "event loop (uvloop's C: sockets, server-side TLS records)", ("(shared/inbound/onewrite",)),
     ("ours (shared/, services/)", ("(shared/", "(services/", "(bench/serve")),
     ("uvicorn (other)", ("(uvicorn/",)),
     # uvloop's own C (sockets, and its TLS transport on the serving side) shows as the loop's Python entry point.
-    ("event loop (uvloop's C: sockets, server-side TLS records)", ("(uvloop", "(asyncio/")),
+    (LOOP, ("(uvloop", "(asyncio/")),
 )
 
 
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "us_per_request": hops,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    parts = [part for part, _ in PARTS] + ["other"]
+    parts = [*dict.fromkeys(part for part, _ in PARTS), "other"]
     print(f"{result['rps']:.0f} req/s, {variant.errors} errors; µs of CPU per request")
     print("| part | " + " | ".join(hops) + " |")
     print("|---|" + "---:|" * len(hops))
