@@ -78,6 +78,8 @@ class Variant:
     sidecar_ports: SidecarPorts | None = None
     latencies_ms: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # requests per second, one value per slice
+    cpu_us: list[float] = field(default_factory=list)  # the chain's CPU per request (µs), one value per slice
+    sidecar_pid: int | None = None  # nginx, whose CPU is the chain's too
     repeats: list[tuple[int, int]] = field(default_factory=list)  # where each repeat ends in the two lists above
     errors: int = 0
     token_port: int | None = None
@@ -137,8 +139,16 @@ class Variant:
         start = self.repeats[index - 1] if index else (0, 0)
         end = self.repeats[index]
         return dataclasses.replace(
-            self, latencies_ms=self.latencies_ms[start[0] : end[0]], throughput=self.throughput[start[1] : end[1]]
+            self,
+            latencies_ms=self.latencies_ms[start[0] : end[0]],
+            throughput=self.throughput[start[1] : end[1]],
+            cpu_us=self.cpu_us[start[1] : end[1]],
         )
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the chain's processes: its services (and token service) and its sidecars."""
+        pids = [p.process.pid for p in self.processes if p.process is not None]
+        return sum(cpu_seconds(pid) for pid in [*pids, *([self.sidecar_pid] if self.sidecar_pid else [])])
 
     def client(self) -> httpx.AsyncClient:
         context = tls.client_context(self.layout.material("client"))
@@ -148,6 +158,12 @@ class Variant:
         # The same client stack as the services' own calls to the next hop (shared.outbound.downstream).
         check = callee_check(authorize_id(SpiffeId("mesh.internal", "/service-a")))
         return httpx.AsyncClient(transport=nativetls.transport(context, limits, check), timeout=10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of process `pid` and all its threads, from /proc (Linux; 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def sequential(variant: Variant, count: int) -> None:
@@ -195,9 +211,10 @@ async def concurrent(variant: Variant, seconds: float, concurrency: int) -> None
                 else:
                     variant.errors += 1
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), variant.cpu_seconds()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         variant.throughput.append(done / (time.perf_counter() - start))
+        variant.cpu_us.append((variant.cpu_seconds() - cpu) / max(done, 1) * 1e6)
 
 
 async def cold_exchanges(variant: Variant, count: int) -> list[float]:
@@ -281,6 +298,7 @@ def summarise(variant: Variant) -> dict[str, float]:
     }
     if variant.throughput:
         summary["rps"] = statistics.median(variant.throughput)
+        summary["cpu_us_per_request"] = statistics.median(variant.cpu_us)
     return summary
 
 
@@ -361,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             for processes in chains:
                 stack.enter_context(running(processes))
             if sidecar is not None and sidecar.sidecar_ports is not None:
-                stack.enter_context(running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports))
+                sidecar.sidecar_pid = stack.enter_context(running_sidecars(ecdsa, CHAIN, sidecar.sidecar_ports))
             print(f"{elapsed()} {sum(map(len, chains))} processes listen", file=sys.stderr)
             for v in variants:  # warm-up: imports, pools, first handshakes
                 uvloop.run(sequential(v, 50))
@@ -434,14 +452,22 @@ def ratios(bare_ms: float) -> list[Ratio]:
         return (s["mtls-cold"]["p50_ms"] - s["plaintext-cold"]["p50_ms"]) / len(CHAIN)
 
     tables = [
-        ("mtls_vs_plaintext", "mtls", "plaintext", "mTLS ÷ plaintext (keep-alive)", ("p50", "p90", "p99", "rps")),
-        ("sidecar", "mtls", "sidecar", "in-process mTLS ÷ nginx sidecars", ("p50", "p99", "rps")),
-        ("user_tokens", "mtls-tokens", "mtls", "user tokens on every hop ÷ mTLS only", ("p50", "p99", "rps")),
+        (
+            "mtls_vs_plaintext",
+            "mtls",
+            "plaintext",
+            "mTLS ÷ plaintext (keep-alive)",
+            ("p50", "p90", "p99", "rps", "cpu"),
+        ),
+        ("sidecar", "mtls", "sidecar", "in-process mTLS ÷ nginx sidecars", ("p50", "p99", "rps", "cpu")),
+        ("user_tokens", "mtls-tokens", "mtls", "user tokens on every hop ÷ mTLS only", ("p50", "p99", "rps", "cpu")),
     ]
+    # Throughput on two shared cores moves with whatever else runs; the CPU a request costs the chain's processes
+    # (services and sidecars; not the load generator) moves far less: both are reported.
+    names = {"rps": ("throughput", "throughput"), "cpu": ("cpu_per_request", "CPU per request")}
     found = [
-        Ratio(group, f"{'throughput' if stat == 'rps' else stat}_ratio",
-              f"{text}, {'throughput' if stat == 'rps' else stat}", (a, b),
-              _over(a, b, "rps" if stat == "rps" else f"{stat}_ms"))
+        Ratio(group, f"{names.get(stat, (stat,))[0]}_ratio", f"{text}, {names.get(stat, (stat, stat))[1]}", (a, b),
+              _over(a, b, {"rps": "rps", "cpu": "cpu_us_per_request"}.get(stat, f"{stat}_ms")))
         for group, a, b, text, stats in tables for stat in stats
     ]  # fmt: skip
     return [
@@ -522,7 +548,10 @@ def write_results(
         f"chain ({args.per_round // 4} for the cold chains), keep-alive unless cold; each round's client opens its "
         "connection with one untimed request, so warm percentiles exclude connection set-up",
         "throughput": f"per repeat, {args.throughput_rounds} interleaved slices of {args.throughput_seconds:g} s at "
-        f"concurrency {args.concurrency}, {', '.join(THROUGHPUT_CHAINS)}; median of a repeat's slices",
+        f"concurrency {args.concurrency}, {', '.join(THROUGHPUT_CHAINS)}, each after two untimed bursts that fill "
+        "every hop's pool; median of a repeat's slices",
+        "cpu per request": "during each throughput slice, the user and system CPU of the chain's processes "
+        "(services, token service, nginx sidecars; not the load generator) from /proc, over the requests answered",
         "cold exchange": f"{args.per_round // 2} chain requests, each with a new user token (got untimed); "
         "(their p50 - the warm mtls-tokens p50) / 2 exchanges",
         "handshake": f"bare: one thread, MemoryBIO, the services' contexts, median of {args.handshakes}; cold hop "
@@ -550,13 +579,14 @@ def markdown_table(results: dict[str, Any], every: list[Ratio]) -> str:
     variants: Summaries = results["variants"]
     info = results["machine"]
     lines = [
-        "| chain | requests | p50 ms | p90 ms | p99 ms | req/s (c=16) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| chain | requests | p50 ms | p90 ms | p99 ms | req/s (c=16) | CPU µs per request |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in variants.items():
         rps = f"{s['rps']:.0f}" if "rps" in s else "–"
+        cpu = f"{s['cpu_us_per_request']:.0f}" if "cpu_us_per_request" in s else "–"
         lines.append(
-            f"| {name} | {s['requests']} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {rps} |"
+            f"| {name} | {s['requests']} | {s['p50_ms']:.2f} | {s['p90_ms']:.2f} | {s['p99_ms']:.2f} | {rps} | {cpu} |"
         )
     lines += ["", "| ratio (median of the repeats [min–max]) | |", "|---|---:|"]
     for ratio in every:

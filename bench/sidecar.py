@@ -93,7 +93,8 @@ http {{
 
 
 @contextmanager
-def running_sidecars(layout: Layout, names: Sequence[str], ports: SidecarPorts) -> Iterator[None]:
+def running_sidecars(layout: Layout, names: Sequence[str], ports: SidecarPorts) -> Iterator[int]:
+    """nginx serving every sidecar of the chain, until the block ends; yields its process id."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise SystemExit("bench: the sidecar chain needs nginx (Debian: apt-get install nginx-light)")
@@ -112,7 +113,7 @@ def running_sidecars(layout: Layout, names: Sequence[str], ports: SidecarPorts) 
                         if process.poll() is not None or time.monotonic() > deadline:
                             raise SystemExit(f"bench: nginx did not start: {(run / 'error.log').read_text()}") from None
                         time.sleep(0.05)
-            yield
+            yield process.pid
         finally:
             process.terminate()
             process.wait(timeout=10)

@@ -23,9 +23,9 @@ from services.local import CHAIN
 from shared.layout import Layout
 
 RATIO_GROUPS = {
-    "mtls_vs_plaintext": {"p50_ratio", "p90_ratio", "p99_ratio", "throughput_ratio"},
-    "sidecar": {"p50_ratio", "p99_ratio", "throughput_ratio"},
-    "user_tokens": {"p50_ratio", "p99_ratio", "throughput_ratio"},
+    "mtls_vs_plaintext": {"p50_ratio", "p90_ratio", "p99_ratio", "throughput_ratio", "cpu_per_request_ratio"},
+    "sidecar": {"p50_ratio", "p99_ratio", "throughput_ratio", "cpu_per_request_ratio"},
+    "user_tokens": {"p50_ratio", "p99_ratio", "throughput_ratio", "cpu_per_request_ratio"},
     "handshake": {"ratio"},
 }
 TOP_RATIOS = {
@@ -50,6 +50,7 @@ def made_up_run(out: Path, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             variant.latencies_ms += [rng.uniform(3, 6) for _ in range(50)]
             variant.throughput += [rng.uniform(250, 350) for _ in range(2)]
+            variant.cpu_us += [rng.uniform(3000, 4000) for _ in range(2)]
             variant.end_repeat()
         variants.append(variant)
     sizes = {str(size): {"handshake_ms": 1.5, "openssl_crl_handshake_ms": 2.0, "reload_ms": 1.0} for size in (10, 100)}
@@ -125,6 +126,7 @@ def test_a_short_bench_runs_two_chains_three_times(tmp_path: Path) -> None:
         assert figures["reloads_taken"] >= 2 and figures["reloads_refused"] == 0, figures
     assert set(results["scaling"]["chain_p50_ms"]) == {"3"}
     assert all(v["errors"] == 0 and v["requests"] == 30 for v in results["variants"].values())
+    assert all(v["cpu_us_per_request"] > 0 for v in results["variants"].values())  # read from /proc, nginx's too
     assert (tmp_path / "latency.png").stat().st_size > 0 and (tmp_path / "scaling.png").stat().st_size > 0
 
 
