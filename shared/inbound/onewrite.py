@@ -4,7 +4,8 @@ uvicorn writes the status line and headers when the app starts its response, and
 two writes, so two TLS records to seal, two system calls, and a caller woken twice for one answer. A JSON route
 sends both in the same step of its task, so the connection's transport holds a write until the next one joins
 it, or until this turn of the event loop ends — a streamed body that comes later does not hold its head back.
-Every write goes through it, so nothing (a close, a 400 for a pipelined request) overtakes what it holds.
+Every write goes through it, so nothing of ours or uvicorn's (a close, a 400 for a pipelined request) overtakes
+what it holds; and a caller's end of stream, read in the same turn, lets it go first (below, `eof_received`).
 Measured side by side (interleaved, CPU per request): 4 % less CPU for the mTLS chain, 1.5 % for plaintext.
 """
 
@@ -28,7 +29,7 @@ class HeldHead:
             data, self._held = self._held + data, b""
             self._transport.write(data)
         elif data:
-            self._held = data
+            self._held = bytes(data)  # as it is now: a transport copies what it cannot send at once
             asyncio.get_running_loop().call_soon(self.flush)
 
     def writelines(self, lines: Iterable[bytes]) -> None:
@@ -52,3 +53,11 @@ class OneWriteResponses:
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(HeldHead(transport))  # type: ignore[misc]
+
+    def eof_received(self) -> bool | None:
+        # The caller has finished sending — a FIN, or in TLS a close_notify, after which uvloop writes nothing
+        # more — possibly in the turn that wrote a HEAD answer (one write, so held): that answer leaves first.
+        transport = getattr(self, "transport", None)
+        if isinstance(transport, HeldHead):
+            transport.flush()
+        return super().eof_received()  # type: ignore[misc]
