@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -558,6 +558,36 @@ def test_a_compressed_answer_is_refused_unread() -> None:
         asyncio.run(downstream.get_json("/chain"))
     assert refused.value.status == 502 and refused.value.extra["hop"] == "service-b → service-c"
     assert "Content-Encoding 'gzip'" in refused.value.extra["reason"]
+
+
+def test_a_callee_that_drips_its_answer_is_cut_off_at_the_timeout() -> None:
+    """httpx's timeouts are per read: a callee that sends one byte every 50 ms never trips them. The call as a
+    whole is bounded — 504 naming the hop, at the timeout, not when the callee is done."""
+
+    class Drip(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for _ in range(200):  # 10 s of answer
+                await asyncio.sleep(0.05)
+                yield b" "
+
+    async def callee(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Drip())
+
+    downstream = Downstream(
+        "service-b",
+        "service-c",
+        "https://service-c",
+        ssl.create_default_context(),
+        0.5,
+        SpiffeId("mesh.internal", "/service-c"),
+        connect=lambda *_: httpx.MockTransport(callee),
+    )
+    started = time.monotonic()
+    with pytest.raises(Problem) as refused:
+        asyncio.run(downstream.get_json("/chain"))
+    assert time.monotonic() - started < 3
+    assert refused.value.status == 504 and refused.value.extra["hop"] == "service-b → service-c"
+    assert refused.value.extra["reason"] == "service-c did not answer within 0.5 s"
 
 
 def test_a_cookie_a_callee_sets_is_never_sent_on() -> None:

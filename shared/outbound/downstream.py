@@ -147,11 +147,16 @@ class Downstream:
             extensions={"sni_hostname": self.name, "timeout": self._timeouts},
         )
         try:
-            response = await self.transport.handle_async_request(request)
-            try:
-                content = await self._bounded(response)
-            finally:
-                await response.aclose()  # unread, the rest is never received: the connection is dropped
+            # One deadline for the whole answer: httpx's timeouts are per read, and a callee that sends a byte
+            # now and then would hold this call (and the request that made it) for as long as it liked.
+            async with asyncio.timeout(self.timeout):
+                response = await self.transport.handle_async_request(request)
+                try:
+                    content = await self._bounded(response)
+                finally:
+                    await response.aclose()  # unread, the rest is never received: the connection is dropped
+        except TimeoutError:
+            raise self.failure(f"{self.name} did not answer within {self.timeout:g} s", 504) from None
         except httpx.HTTPError as e:
             # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
             # keeps the address and httpx's own words for the operator.
