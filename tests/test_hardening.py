@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -536,6 +536,19 @@ def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_n
     assert "without the hops" in nonsense[b'{"hops": "none"}'].json()["reason"]
 
 
+def b_calling_c(callee: Callable[[httpx.Request], Awaitable[httpx.Response]], timeout: float = 5) -> Downstream:
+    """service-b's Downstream to service-c, answered in-process by `callee`."""
+    return Downstream(
+        "service-b",
+        "service-c",
+        "https://service-c",
+        ssl.create_default_context(),
+        timeout,
+        SpiffeId("mesh.internal", "/service-c"),
+        connect=lambda *_: httpx.MockTransport(callee),
+    )
+
+
 def test_a_compressed_answer_is_refused_unread() -> None:
     """We ask for no compression (a few KB of gzip can inflate to gigabytes in one chunk, past the bound we count):
     a callee that compresses anyway is refused, 502 naming the hop, without inflating a byte."""
@@ -545,15 +558,7 @@ def test_a_compressed_answer_is_refused_unread() -> None:
         assert request.headers["accept-encoding"] == "identity"
         return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(bomb))
 
-    downstream = Downstream(
-        "service-b",
-        "service-c",
-        "https://service-c",
-        ssl.create_default_context(),
-        5,
-        SpiffeId("mesh.internal", "/service-c"),
-        connect=lambda *_: httpx.MockTransport(callee),
-    )
+    downstream = b_calling_c(callee)
     with pytest.raises(Problem) as refused:
         asyncio.run(downstream.get_json("/chain"))
     assert refused.value.status == 502 and refused.value.extra["hop"] == "service-b → service-c"
@@ -573,15 +578,7 @@ def test_a_callee_that_drips_its_answer_is_cut_off_at_the_timeout() -> None:
     async def callee(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, stream=Drip())
 
-    downstream = Downstream(
-        "service-b",
-        "service-c",
-        "https://service-c",
-        ssl.create_default_context(),
-        0.5,
-        SpiffeId("mesh.internal", "/service-c"),
-        connect=lambda *_: httpx.MockTransport(callee),
-    )
+    downstream = b_calling_c(callee, timeout=0.5)
     started = time.monotonic()
     with pytest.raises(Problem) as refused:
         asyncio.run(downstream.get_json("/chain"))
@@ -600,15 +597,7 @@ def test_a_cookie_a_callee_sets_is_never_sent_on() -> None:
             200, headers={"set-cookie": "session=alice; Path=/"}, stream=httpx.ByteStream(b'{"hops": []}')
         )
 
-    downstream = Downstream(
-        "service-b",
-        "service-c",
-        "https://service-c",
-        ssl.create_default_context(),
-        5,
-        SpiffeId("mesh.internal", "/service-c"),
-        connect=lambda *_: httpx.MockTransport(callee),
-    )
+    downstream = b_calling_c(callee)
 
     async def two_calls() -> None:
         for _ in range(2):
