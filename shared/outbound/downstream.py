@@ -157,7 +157,7 @@ class Downstream:
                 finally:
                     await response.aclose()  # unread, the rest is never received: the connection is dropped
         except TimeoutError:
-            raise self.failure(f"{self.name} did not answer within {self.timeout:g} s", 504) from None
+            raise self.failure(no_answer_within(self.name, self.timeout), 504) from None
         except httpx.HTTPError as e:
             # The reason travels up to the edge: it names the hop, never an address inside the mesh. The log
             # keeps the address and httpx's own words for the operator.
@@ -210,6 +210,11 @@ class Downstream:
         await self.transport.aclose()
 
 
+def no_answer_within(name: str, timeout: float) -> str:
+    """What a call that ran out of time is told, whichever deadline ran out: httpx's per read, or ours per call."""
+    return f"{name} did not answer within {timeout:g} s"
+
+
 def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, url: str | None = None) -> str:
     """Turn what httpx raised into what probably happened. Shared by the services and the CLI client.
 
@@ -219,7 +224,7 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
     text = str(error)
     server = f"the server at {url}" if url else f"the server answering as {name}"
     if isinstance(error, httpx.TimeoutException):
-        return f"{name} did not answer within {timeout:g} s"
+        return no_answer_within(name, timeout)
     if refused := next((c for c in _causes(error) if isinstance(c, CalleeRefused)), None):
         return f"{server} failed our check that it is {name}: {refused}"
     if "CERTIFICATE_VERIFY_FAILED" in text:
