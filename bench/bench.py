@@ -148,7 +148,9 @@ class Variant:
     def cpu_seconds(self) -> float:
         """CPU used so far by the chain's processes: its services (and token service) and its sidecars."""
         pids = [p.process.pid for p in self.processes if p.process is not None]
-        return sum(cpu_seconds(pid) for pid in [*pids, *([self.sidecar_pid] if self.sidecar_pid else [])])
+        if self.sidecar_pid is not None:
+            pids.append(self.sidecar_pid)
+        return sum(map(cpu_seconds, pids))
 
     def client(self) -> httpx.AsyncClient:
         context = tls.client_context(self.layout.material("client"))
@@ -462,13 +464,17 @@ def ratios(bare_ms: float) -> list[Ratio]:
         ("sidecar", "mtls", "sidecar", "in-process mTLS ÷ nginx sidecars", ("p50", "p99", "rps", "cpu")),
         ("user_tokens", "mtls-tokens", "mtls", "user tokens on every hop ÷ mTLS only", ("p50", "p99", "rps", "cpu")),
     ]
-    # Throughput on two shared cores moves with whatever else runs; the CPU a request costs the chain's processes
-    # (services and sidecars; not the load generator) moves far less: both are reported.
-    names = {"rps": ("throughput", "throughput"), "cpu": ("cpu_per_request", "CPU per request")}
+    # Per statistic: its ratio's key, its words, its figure in a chain's summary. Throughput on two shared cores
+    # moves with whatever else runs; the CPU a request costs the chain's processes (services and sidecars; not
+    # the load generator) moves far less: both are reported.
+    named = {
+        "rps": ("throughput", "throughput", "rps"),
+        "cpu": ("cpu_per_request", "CPU per request", "cpu_us_per_request"),
+    }
     found = [
-        Ratio(group, f"{names.get(stat, (stat,))[0]}_ratio", f"{text}, {names.get(stat, (stat, stat))[1]}", (a, b),
-              _over(a, b, {"rps": "rps", "cpu": "cpu_us_per_request"}.get(stat, f"{stat}_ms")))
+        Ratio(group, f"{key}_ratio", f"{text}, {words}", (a, b), _over(a, b, summary_key))
         for group, a, b, text, stats in tables for stat in stats
+        for key, words, summary_key in [named.get(stat, (stat, stat, f"{stat}_ms"))]
     ]  # fmt: skip
     return [
         *found,

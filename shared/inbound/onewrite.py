@@ -51,13 +51,14 @@ class HeldHead:
 class OneWriteResponses:
     """Mixed into uvicorn's httptools protocol, before it: the connection's writes go through a `HeldHead`."""
 
+    transport: Any  # uvicorn's: None until connection_made, then our HeldHead
+
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(HeldHead(transport))  # type: ignore[misc]
 
     def eof_received(self) -> bool | None:
         # The caller has finished sending — a FIN, or in TLS a close_notify, after which uvloop writes nothing
         # more — possibly in the turn that wrote a HEAD answer (one write, so held): that answer leaves first.
-        transport = getattr(self, "transport", None)
-        if isinstance(transport, HeldHead):
-            transport.flush()
+        if isinstance(self.transport, HeldHead):
+            self.transport.flush()
         return super().eof_received()  # type: ignore[misc]
