@@ -252,8 +252,8 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 def authz_microseconds(layout: Layout, runs: int = 200_000) -> float:
-    """One authorization decision (leaf + clientAuth + allow-list lookup), as each request pays it."""
-    policy = service_policy(AllowList.load(layout.allow_list("service-b")))
+    """One authorization decision (trusted now + leaf + clientAuth + allow-list lookup), as each request pays it."""
+    policy = service_policy(AllowList.load(layout.allow_list("service-b")), tls.LiveTLS(layout.material("service-b")))
     caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     best = min(timeit.repeat(lambda: policy(caller), number=runs, repeat=5))
     return best / runs * 1e6

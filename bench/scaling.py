@@ -112,7 +112,7 @@ def allow_list_scaling(
 ) -> dict[str, dict[str, float]]:
     caller = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
     stranger = PeerIdentity.from_certificate(load_certificates(layout.cert("service-c"))[0])  # on no list here
-    results = {}
+    live, results = tls.LiveTLS(layout.material("service-b")), {}
     for size in sizes:
         path = scratch / f"allow-{size}.txt"
         lines = [f"{i:064x}  # filler {i}" for i in range(size - 1)] + [f"{caller.sha256}  # service-a"]
@@ -123,7 +123,7 @@ def allow_list_scaling(
             start = time.perf_counter()
             allow = AllowList.load(path)
             loads.append((time.perf_counter() - start) * 1000)
-        policy = service_policy(allow)
+        policy = service_policy(allow, live)
         # An allowed and a refused caller in turn: a guard's lookups for one caller are remembered (shared.packed).
         callers = itertools.cycle([caller, stranger])
         decision_us = min(timeit.repeat(lambda: policy(next(callers)), number=runs, repeat=3)) / runs * 1e6  # noqa: B023

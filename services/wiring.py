@@ -26,6 +26,7 @@ from shared.authz import (
     authorize_all,
     authorize_client_leaf,
     authorize_listed,
+    authorize_trusted_now,
 )
 from shared.outbound import Downstream, nativetls
 from shared.outbound.downstream import Connect
@@ -36,9 +37,9 @@ from shared.x509 import InvalidSpiffeId, MaterialError, SpiffeId, peer_id
 __all__ = ["Service", "build", "service_policy"]
 
 
-def service_policy(allow_list: AllowList) -> Authorizer:
-    """Who may call a service: a leaf certificate for client use whose thumbprint is on its allow-list."""
-    return authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
+def service_policy(allow_list: AllowList, live: LiveTLS) -> Authorizer:
+    """Who may call a service: a leaf certificate for client use, trusted now, on the service's allow-list."""
+    return authorize_all(authorize_client_leaf(), authorize_trusted_now(live.refusal), authorize_listed(allow_list))
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,13 @@ def build(config: ServiceConfig, live: LiveTLS, *, connect: Connect = nativetls.
     files = config.files
     allow_lists = {path: AllowList.load(path) for path in (files.allow_list, files.metrics_allow_list)}
     authorizers = Authorizers(
-        api=service_policy(allow_lists[files.allow_list]),
-        metrics=service_policy(allow_lists[files.metrics_allow_list]),
+        api=service_policy(allow_lists[files.allow_list], live),
+        metrics=service_policy(allow_lists[files.metrics_allow_list], live),
     )
 
     def allow_list(resource: str) -> Reload[AllowList]:
         def take(allow: AllowList) -> None:
-            authorizers.replace(resource, service_policy(allow))
+            authorizers.replace(resource, service_policy(allow, live))
             allow_lists[allow.source] = allow
 
         return Reload(AllowList.load, take)

@@ -101,7 +101,7 @@ def test_revoking_after_a_renewal_refuses_the_stolen_certificate(small_mesh: tup
 
     wait_until(stolen_refused, timeout=10)
 
-    # The poll that saw the refusal may have had its request taken by A just before the revocation landed: its
+    # The poll that saw the refusal may have had its request admitted by A just before the revocation landed: its
     # connection is cut, but that request still travels down the chain. Before the marks, every request A
     # admitted has reached service-c (or the marks would count its footsteps as the next request's).
     def settled() -> bool:

@@ -5,6 +5,9 @@
    in the change, then finishes and sends a request. The context the handshake began with still trusted it;
    the trust in force when it completes must not. The same from the calling side: a callee whose handshake
    with us straddles its revocation gets no request.
+2. A connection that outlives the trust its certificate had (found after issue #25): the attacker keeps a
+   connection open past its certificate's expiry, when no file changes and no reload closes it. Its next request
+   on that connection must get no further than the guard.
 4. A CA recognised by its key, not its name: `pki init --force` (a new CA, the same names) under a running
    mesh is taken whole — the old CA's open connections are cut, its certificates refused, the new ones work.
 """
@@ -207,6 +210,32 @@ def test_a_callee_whose_handshake_straddles_its_revocation_gets_no_request(layou
     problem = answers[0].json()
     assert answers[0].status_code == 502 and problem["hop"] == "service-a → service-b"
     assert problem["reason"].endswith("failed our check that it is service-b: certificate revoked")
+
+
+# ── 2. a connection that outlives the trust its certificate had ─────────────────────────────────────────────
+
+
+@pytest.mark.e2e
+def test_a_connection_kept_open_past_its_certificates_expiry_gets_no_further(layout: Layout, tmp_path: Path) -> None:
+    """TLS verified the certificate once, when the connection opened. Its next request after the expiry is refused
+    on that same connection (a new one would fail the handshake, with no answer at all), and service-b sees nothing.
+    The same rule refuses a request that A read just before a reload cut its revoked caller's connection."""
+    with a_and_b(layout, tmp_path) as mesh:
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)  # within uvicorn's 5 s of idle keep-alive
+        short = load_issuer(layout).issue(
+            "client", usages=["client"], uris=[POLICY.spiffe_id("client")], not_after=expires
+        )
+        context = attacker_context(layout.ca_cert, Credentials(*short.write(tmp_path, "short-lived")))
+        url = f"{mesh['service-a'].url}/chain"
+        with httpx.Client(verify=context, timeout=5) as attacker:
+            assert attacker.get(url, extensions={"sni_hostname": "service-a"}).status_code == 200
+            wait_until(lambda: dt.datetime.now(dt.UTC) > short.cert.not_valid_after_utc, timeout=5)
+            marks = mesh.marks()
+            answer = attacker.get(url, extensions={"sni_hostname": "service-a"})
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["reason"].endswith("since its connection opened: certificate has expired")
+    seen = mesh.events_since(marks)
+    assert [e["reason"] for e in seen["service-a"]] == [answer.json()["reason"]] and seen["service-b"] == []
 
 
 # ── 4. a CA is recognised by its key ─────────────────────────────────────────────────────────────────────────

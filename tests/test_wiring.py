@@ -139,8 +139,9 @@ def hops() -> Hops:
 @asynccontextmanager
 async def service_b(
     layout: Layout, hops: Hops, caller: FakeSSLObject | None, **settings: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    """service-b as `python -m services` builds it (its app, its lifespan), called by `caller` over ASGI."""
+) -> AsyncIterator[tuple[httpx.AsyncClient, LiveTLS]]:
+    """service-b as `python -m services` builds it (its app, its lifespan), called by `caller` over ASGI; with
+    its TLS material in force, which a test may reload."""
     config = ServiceConfig(
         name="service-b",
         pki_dir=layout.out,
@@ -157,7 +158,7 @@ async def service_b(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=expose(app, extension))
         async with httpx.AsyncClient(transport=transport, base_url="https://service-b") as client:
-            yield client
+            yield client, live
 
 
 def call(
@@ -172,7 +173,7 @@ def call(
     """One request to service-b (built with `settings`) from `caller`, with `token` as its user token."""
 
     async def go() -> httpx.Response:
-        async with service_b(layout, hops, caller, **settings) as client:
+        async with service_b(layout, hops, caller, **settings) as (client, _):
             said = f"Bearer {token}" if token else authorization
             return await client.get(path, headers={"Authorization": said} if said else {})
 
@@ -216,6 +217,26 @@ def test_a_caller_not_allowed_is_refused_and_nothing_goes_further(
     response = call(layout, hops, peer(layout, caller) if caller else None)
     assert response.status_code == status and words in response.json()["detail"], response.text
     assert hops.seen == []
+
+
+def test_a_caller_revoked_since_its_connection_opened_gets_no_further(layout: Layout, hops: Hops) -> None:
+    """A request read on a connection just before a reload closed it (services.reloader): the guard holds it to
+    the trust in force, not to the handshake's. The same caller, on the same connection, before and after."""
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with service_b(layout, hops, peer(layout, "service-a")) as (client, live):
+            before = await client.get("/chain")
+            revoke(layout, "service-a", "key-compromise")
+            live.reload()
+            return before, await client.get("/chain")
+
+    before, after = asyncio.run(go())
+    assert before.status_code == 200 and after.status_code == 403, after.text
+    assert (
+        after.json()["reason"]
+        == "the certificate is no longer trusted since its connection opened: certificate revoked"
+    )
+    assert [r.url.path for r in hops.to("service-c")] == ["/chain"]  # the first request's call, and no other
 
 
 def test_a_ca_certificate_is_no_caller(layout: Layout, hops: Hops) -> None:

@@ -12,6 +12,7 @@ from shared.authz.rules import (
     authorize_id,
     authorize_ids,
     authorize_listed,
+    authorize_trusted_now,
 )
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "authorize_id",
     "authorize_ids",
     "authorize_listed",
+    "authorize_trusted_now",
     "authz_decisions",
 ]

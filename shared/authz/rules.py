@@ -3,12 +3,12 @@
 Shaped after go-spiffe's authorizers: an `Authorizer` takes a peer's identity and returns a `Decision` —
 allowed, or denied with a reason. Small constructors build them; policy composes them:
 
-    authorize_all(authorize_client_leaf(), authorize_listed(allow_list))
+    authorize_all(authorize_client_leaf(), authorize_trusted_now(live.refusal), authorize_listed(allow_list))
 
-reads "admit a leaf client certificate that is on the allow-list". The same type authorizes the other
-direction: a caller checks its callee with `authorize_id(SpiffeId.parse("spiffe://mesh.internal/service-b"))`
-(shared.outbound.callee). Nothing else in the project knows how a decision is made; `shared.authz.Guard` applies an
-authorizer to every request.
+reads "admit a leaf client certificate, trusted now, that is on the allow-list". The same type
+authorizes the other direction: a caller checks its callee with
+`authorize_id(SpiffeId.parse("spiffe://mesh.internal/service-b"))` (shared.outbound.callee). Nothing else in the
+project knows how a decision is made; `shared.authz.Guard` applies an authorizer to every request.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "authorize_id",
     "authorize_ids",
     "authorize_listed",
+    "authorize_trusted_now",
 ]
 
 
@@ -39,6 +40,23 @@ class Decision:
 
 
 Authorizer = Callable[[PeerIdentity], Decision]
+
+
+def authorize_trusted_now(refusal: Callable[[PeerIdentity], str | None]) -> Authorizer:
+    """Admit a caller whose certificate a handshake would still accept now (`refusal`: shared.tls.LiveTLS.refusal).
+
+    TLS verifies a certificate once, when the connection opens. A certificate revoked, expired or from a CA no
+    longer trusted since then is refused on its next request, whether the connection was kept busy past the
+    certificate's expiry or the request was read just before a reload closed the connection (services.reloader).
+    """
+
+    def authorize(caller: PeerIdentity) -> Decision:
+        if (why := refusal(caller)) is not None:
+            reason = f"the certificate is no longer trusted since its connection opened: {why}"
+            return Decision(False, reason, "no_longer_trusted")
+        return Decision(True, "the certificate is still trusted", "trusted_now")
+
+    return authorize
 
 
 def authorize_client_leaf() -> Authorizer:
