@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from services.config import ServiceConfig
-from services.reloader import CrlFreshness, Reloader
+from services.reloader import Reloader, TrustClock
 from services.status import service_status
 from services.wiring import Service, build
 from shared import tls
@@ -78,8 +78,8 @@ def base_app(service: Service) -> FastAPI:
     limit, /healthz, /metrics and /status for the identities of allow/metrics.txt, the gauges, and the live reload
     of its TLS material and of every file in `service.reloads`. The connections it makes are closed at the end."""
     config, live = service.config, service.live
-    freshness = CrlFreshness(live)
-    _gauges(live, freshness)
+    clock = TrustClock(live)
+    _gauges(live, clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,7 +88,7 @@ def base_app(service: Service) -> FastAPI:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
         watching = asyncio.create_task(watcher.run())
-        checking = asyncio.create_task(freshness.watch(config.reload_interval))
+        checking = asyncio.create_task(clock.watch(config.reload_interval))
         yield
         watching.cancel()
         checking.cancel()
@@ -150,13 +150,13 @@ def base_app(service: Service) -> FastAPI:
     return app
 
 
-def _gauges(live: tls.LiveTLS, freshness: CrlFreshness) -> None:
+def _gauges(live: tls.LiveTLS, clock: TrustClock) -> None:
     # An expired CRL makes every handshake with its CA's leaves fail: alert well before (services.reloader).
     Gauge(
         "mesh_crl_next_update_seconds",
         "Seconds until each CRL in force expires (every peer of its CA is refused after that); the renewer "
         "re-signs it at half its life",
-        freshness.seconds_left,
+        clock.seconds_left,
         label="issuer",
     )
     Gauge(

@@ -9,10 +9,12 @@
   longer trusted) is closed, and the pools towards the next hop and the token service are replaced, so that
   they are checked again too.
 
-Certificates are checked once per connection, which is why the last two steps exist.
+A handshake checks a certificate once per connection (every request meets the trust in force too, at the guard:
+shared.authz.authorize_trusted_now), which is why the last two steps exist.
 
-`CrlFreshness` watches the clock rather than the files: a CRL in force that expires makes every peer from its
-CA refused, with no file changing. It reports the time left per issuer (/metrics) and warns well before.
+`TrustClock` watches the clock rather than the files: a certificate, or a CRL in force, that expires makes its
+peers refused with no file changing. It closes their connections as a reload would, reports each CRL's time left
+per issuer (/metrics) and warns well before.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from shared.outbound import Downstream
 from shared.tls import LiveTLS, read
 from shared.x509 import MaterialError
 
-__all__ = ["WARN_AT", "CrlFreshness", "Reload", "Reloader"]
+__all__ = ["WARN_AT", "Reload", "Reloader", "TrustClock", "close_untrusted"]
 
 T = TypeVar("T")
 
@@ -47,6 +49,7 @@ class Reload(Generic[T]):
 
 
 log = logging.getLogger("mesh.reload")
+EXPIRED = "their caller's certificate, or its CA's CRL, has expired since the connection opened"
 
 # The renewer re-signs a CRL at half its life (pki.revocation): a quarter left means it has not, for a while.
 WARN_AT = 0.25  # of a CRL's lifetime (nextUpdate − lastUpdate) left
@@ -97,22 +100,28 @@ class Reloader:
         except Exception as e:
             log.error("reload_refused", extra={"files": files, "reason": _why(e)}, exc_info=_is_bug(e))
             return
-        # The same rule a handshake completing from now on meets (LiveTLS.recheck): revoked, expired, or from a CA
-        # — by key — no longer trusted, which is how a CA replaced under a running service loses its peers.
-        closed = close_where(lambda caller: self.live.refusal(caller) is not None)
+        closed = close_untrusted(self.live)  # how a CA replaced under a running service loses its peers, too
         if self.live.client is not None:
             for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})
 
 
-class CrlFreshness:
-    """How long each CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its
-    lifetime, an error once it has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
+def close_untrusted(live: LiveTLS) -> int:
+    """Close every open connection whose caller a handshake completing now would refuse (LiveTLS.refusal: revoked,
+    expired, from a CA — by key — no longer trusted, or from one whose CRL is not in its validity); how many."""
+    return close_where(lambda caller: live.refusal(caller) is not None)
 
-    freshness = CrlFreshness(live)
-    Gauge("mesh_crl_next_update_seconds", "…", freshness.seconds_left, label="issuer")
-    asyncio.create_task(freshness.watch(interval=1.0))
+
+class TrustClock:
+    """What the clock alone changes. Each tick, the connections of callers whose certificate, or whose CA's CRL,
+    has expired since are closed (as a reload closes those it revokes). And how long each CRL in force has left,
+    by issuer; a warning (once per CRL) when under WARN_AT of its lifetime, an error once it has expired: from
+    then on every leaf of that CA is refused (LiveTLS.refusal).
+
+    clock = TrustClock(live)
+    Gauge("mesh_crl_next_update_seconds", "…", clock.seconds_left, label="issuer")
+    asyncio.create_task(clock.watch(interval=1.0))
     """
 
     def __init__(self, live: LiveTLS) -> None:
@@ -158,6 +167,8 @@ class CrlFreshness:
     async def watch(self, interval: float) -> None:
         while True:
             self.check()
+            if closed := close_untrusted(self.live):
+                log.warning("expired_connections_closed", extra={"closed": closed, "reason": EXPIRED})
             await asyncio.sleep(interval)
 
 

@@ -6,8 +6,8 @@
    the trust in force when it completes must not. The same from the calling side: a callee whose handshake
    with us straddles its revocation gets no request.
 2. A connection that outlives the trust its certificate had (found after issue #25): the attacker keeps a
-   connection open past its certificate's expiry, when no file changes and no reload closes it. Its next request
-   on that connection must get no further than the guard.
+   connection open past its certificate's expiry, when no file changes and no reload closes it. The service's
+   clock must close it, and a request that comes first must get no further than the guard.
 4. A CA recognised by its key, not its name: `pki init --force` (a new CA, the same names) under a running
    mesh is taken whole — the old CA's open connections are cut, its certificates refused, the new ones work.
 """
@@ -62,7 +62,7 @@ def layout(tmp_path: Path) -> Layout:
 @contextmanager
 def a_and_b(layout: Layout, logs: Path, **env: str) -> Iterator[Mesh]:
     """service-a calling service-b, on this PKI, re-reading their files every 0.25 s."""
-    envs = chain_environments(free_ports(2), layout.out, names=["service-a", "service-b"], **RELOAD, **env)
+    envs = chain_environments(free_ports(2), layout.out, names=["service-a", "service-b"], **{**RELOAD, **env})
     processes = start_services(envs, logs)
     with running(processes):
         yield Mesh([Service(p) for p in processes], layout)
@@ -215,27 +215,58 @@ def test_a_callee_whose_handshake_straddles_its_revocation_gets_no_request(layou
 # ── 2. a connection that outlives the trust its certificate had ─────────────────────────────────────────────
 
 
+def short_lived_client(layout: Layout, directory: Path) -> tuple[ssl.SSLContext, dt.datetime]:
+    """The client's identity on a certificate that expires in 2 to 3 s (its dates are kept to the second), well
+    within uvicorn's 5 s of idle keep-alive: a context presenting it, and the moment it expires."""
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+    short = load_issuer(layout).issue("client", usages=["client"], uris=[POLICY.spiffe_id("client")], not_after=expires)
+    context = attacker_context(layout.ca_cert, Credentials(*short.write(directory, "short-lived")))
+    return context, short.cert.not_valid_after_utc
+
+
+def local_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
 @pytest.mark.e2e
 def test_a_connection_kept_open_past_its_certificates_expiry_gets_no_further(layout: Layout, tmp_path: Path) -> None:
     """TLS verified the certificate once, when the connection opened. Its next request after the expiry is refused
-    on that same connection (a new one would fail the handshake, with no answer at all), and service-b sees nothing.
-    The same rule refuses a request that A read just before a reload cut its revoked caller's connection."""
-    with a_and_b(layout, tmp_path) as mesh:
-        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)  # within uvicorn's 5 s of idle keep-alive
-        short = load_issuer(layout).issue(
-            "client", usages=["client"], uris=[POLICY.spiffe_id("client")], not_after=expires
-        )
-        context = attacker_context(layout.ca_cert, Credentials(*short.write(tmp_path, "short-lived")))
+    on that same connection, and service-b sees nothing. (The clock is slowed here so that it does not close the
+    connection first; the same rule refuses a request A read just before a reload cut a revoked caller's.)"""
+    with a_and_b(layout, tmp_path, MESH_RELOAD_INTERVAL="60") as mesh:
+        context, expiry = short_lived_client(layout, tmp_path)
         url = f"{mesh['service-a'].url}/chain"
         with httpx.Client(verify=context, timeout=5) as attacker:
-            assert attacker.get(url, extensions={"sni_hostname": "service-a"}).status_code == 200
-            wait_until(lambda: dt.datetime.now(dt.UTC) > short.cert.not_valid_after_utc, timeout=5)
+            first = attacker.get(url, extensions={"sni_hostname": "service-a"})
+            assert first.status_code == 200
+            wait_until(lambda: dt.datetime.now(dt.UTC) > expiry, timeout=5)
             marks = mesh.marks()
             answer = attacker.get(url, extensions={"sni_hostname": "service-a"})
+            assert local_port(answer) == local_port(first), "not on the connection the first request opened"
     assert answer.status_code == 403, answer.text
     assert answer.json()["reason"].endswith("since its connection opened: certificate has expired")
     seen = mesh.events_since(marks)
     assert [e["reason"] for e in seen["service-a"]] == [answer.json()["reason"]] and seen["service-b"] == []
+
+
+@pytest.mark.e2e
+def test_a_connection_is_closed_once_its_certificate_expires(layout: Layout, tmp_path: Path) -> None:
+    """No file changes when a certificate expires, so no reload runs; the service's clock closes the connection
+    within a tick. The caller's next request needs a new handshake, which is refused, and no service sees it."""
+    with a_and_b(layout, tmp_path) as mesh:
+        service = mesh["service-a"]
+        context, expiry = short_lived_client(layout, tmp_path)
+        url = f"{service.url}/chain"
+        with httpx.Client(verify=context, timeout=5) as attacker:
+            assert attacker.get(url, extensions={"sni_hostname": "service-a"}).status_code == 200
+            mark = service.mark()
+            wait_until(lambda: service.events_since(mark, "expired_connections_closed") != [], timeout=5)
+            assert dt.datetime.now(dt.UTC) > expiry
+            marks = mesh.marks()
+            with pytest.raises(TLS_REFUSALS):
+                attacker.get(url, extensions={"sni_hostname": "service-a"})
+    assert [e["closed"] for e in service.events_since(mark, "expired_connections_closed")] == [1]
+    assert mesh.events_since(marks) == {"service-a": [], "service-b": []}
 
 
 # ── 4. a CA is recognised by its key ─────────────────────────────────────────────────────────────────────────

@@ -1,6 +1,6 @@
 """The FastAPI dependency that applies an authorizer to every request, and returns what it decided.
 
-authorizers = Authorizers(api=authorize_all(authorize_client_leaf(), authorize_listed(allow_list)))
+authorizers = Authorizers(api=service_policy(allow_list, live))  # an Authorizer per resource (services.wiring)
 guard = Guard("service-b", authorizers)                 # guards the resource "api"
 router = APIRouter(dependencies=[Depends(guard)])       # every route behind it is guarded
 Caller = Annotated[Admitted, Depends(guard)]            # and a handler can ask who called, and by which rule

@@ -1,10 +1,11 @@
 """The open connections of this process, and who is on the other end of each.
 
-A certificate is checked once, at the handshake. So when one is revoked later, its open keep-alive
-connections must be found and closed (`close_where`). And the connection limits (shared.inbound.limits) decide from
-this table whom to turn away: which connection still has no authenticated peer and has waited longest,
-which caller holds how many connections, and which of them is idle. Every connection is in it from the
-accept to its end, and leaves it on every way it can end (shared.inbound.handshake); /metrics shows the counts.
+A handshake checks a certificate once. So when one is revoked or expires later, its open keep-alive
+connections must be found and closed (`close_where`, from services.reloader). And the connection limits
+(shared.inbound.limits) decide from this table whom to turn away: which connection still has no authenticated
+peer and has waited longest, which caller holds how many connections, and which of them is idle. Every
+connection is in it from the accept to its end, and leaves it on every way it can end (shared.inbound.handshake);
+/metrics shows the counts.
 """
 
 from __future__ import annotations

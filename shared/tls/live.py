@@ -64,8 +64,9 @@ class LiveTLS:
     (it reads from paths only), then deleted: no copy of the key outlives it.
 
     A handshake verifies the peer with the context it began with, and it may end after a reload: so every
-    handshake, on either side, is checked again against `trust` as it is when it completes (`recheck`), and
-    every open connection when it changes (`refusal`, services.reloader). One rule for the three.
+    handshake, on either side, is checked again against `trust` as it is when it completes (`recheck`), every
+    open connection when it changes or the clock passes a certificate's or a CRL's end (`refusal`,
+    services.reloader), and every request (shared.authz.authorize_trusted_now). One rule for all of them.
 
     That check is also where revocation happens: the contexts carry no CRL (OpenSSL would verify the CRL's
     signature again on every handshake, hashing all of it), and `recheck` looks the peer's serial up in the set
