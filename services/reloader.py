@@ -13,8 +13,8 @@ A handshake checks a certificate once per connection (every request meets the tr
 shared.authz.authorize_trusted_now), which is why the last two steps exist.
 
 `TrustClock` watches the clock rather than the files: a certificate, or a CRL in force, that expires makes its
-peers refused with no file changing. It closes their connections as a reload would, reports each CRL's time left
-per issuer (/metrics) and warns well before.
+peers refused with no file changing. It closes their connections (both ways) as a reload would, reports each
+CRL's time left per issuer (/metrics) and warns well before.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any, Generic, TypeVar
 
 from services.offload import Offload
 from shared.inbound import close_where
-from shared.outbound import Downstream
+from shared.outbound import Downstream, nativetls
 from shared.tls import LiveTLS, read
-from shared.x509 import MaterialError
+from shared.x509 import MaterialError, PeerIdentity
 
 __all__ = ["WARN_AT", "Reload", "Reloader", "TrustClock", "close_untrusted"]
 
@@ -49,7 +49,7 @@ class Reload(Generic[T]):
 
 
 log = logging.getLogger("mesh.reload")
-EXPIRED = "their caller's certificate, or its CA's CRL, has expired since the connection opened"
+EXPIRED = "the peer's certificate, or its CA's CRL, has expired since the connection opened"
 
 # The renewer re-signs a CRL at half its life (pki.revocation): a quarter left means it has not, for a while.
 WARN_AT = 0.25  # of a CRL's lifetime (nextUpdate − lastUpdate) left
@@ -108,16 +108,21 @@ class Reloader:
 
 
 def close_untrusted(live: LiveTLS) -> int:
-    """Close every open connection whose caller a handshake completing now would refuse (LiveTLS.refusal: revoked,
-    expired, from a CA — by key — no longer trusted, or from one whose CRL is not in its validity); how many."""
-    return close_where(lambda caller: live.refusal(caller) is not None)
+    """Close every open connection, ours to a callee or a caller's to us, whose peer a handshake completing now
+    would refuse (LiveTLS.refusal: revoked, expired, from a CA — by key — no longer trusted, or from one whose CRL
+    is not in its validity); how many."""
+
+    def untrusted(peer: PeerIdentity) -> bool:
+        return live.refusal(peer) is not None
+
+    return close_where(untrusted) + nativetls.close_where(untrusted)
 
 
 class TrustClock:
-    """What the clock alone changes. Each tick, the connections of callers whose certificate, or whose CA's CRL,
-    has expired since are closed (as a reload closes those it revokes). And how long each CRL in force has left,
-    by issuer; a warning (once per CRL) when under WARN_AT of its lifetime, an error once it has expired: from
-    then on every leaf of that CA is refused (LiveTLS.refusal).
+    """What the clock alone changes. Each tick, the connections whose peer's certificate, or whose CA's CRL, has
+    expired since are closed, callers' and callees' alike (as a reload closes those it revokes). And how long each
+    CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its lifetime, an error once it
+    has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
 
     clock = TrustClock(live)
     Gauge("mesh_crl_next_update_seconds", "…", clock.seconds_left, label="issuer")

@@ -7,7 +7,8 @@
    with us straddles its revocation gets no request.
 2. A connection that outlives the trust its certificate had (found after issue #25): the attacker keeps a
    connection open past its certificate's expiry, when no file changes and no reload closes it. The service's
-   clock must close it, and a request that comes first must get no further than the guard.
+   clock must close it, and a request that comes first must get no further than the guard. The same for a
+   callee's certificate that expires under the caller's pooled connection.
 4. A CA recognised by its key, not its name: `pki init --force` (a new CA, the same names) under a running
    mesh is taken whole — the old CA's open connections are cut, its certificates refused, the new ones work.
 """
@@ -267,6 +268,27 @@ def test_a_connection_is_closed_once_its_certificate_expires(layout: Layout, tmp
                 attacker.get(url, extensions={"sni_hostname": "service-a"})
     assert [e["closed"] for e in service.events_since(mark, "expired_connections_closed")] == [1]
     assert mesh.events_since(marks) == {"service-a": [], "service-b": []}
+
+
+@pytest.mark.e2e
+def test_a_callee_whose_certificate_expires_gets_no_more_calls(layout: Layout, tmp_path: Path) -> None:
+    """The same from the calling side: A keeps its connection to B busy (a request every 50 ms), B's certificate
+    expires, and A's clock closes the connection. The next call needs a new handshake, which A refuses: 502 naming
+    the reason, and B sees nothing of it."""
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)  # time enough for both services to start
+    sans = {"dns": ["service-b", "localhost"], "ips": ["127.0.0.1"], "uris": [POLICY.spiffe_id("service-b")]}
+    short = load_issuer(layout).issue("service-b", **sans, usages=("server", "client"), not_after=expires)
+    short.write(layout.out, "service-b")
+    with a_and_b(layout, tmp_path) as mesh:
+        url, client = f"{mesh['service-a'].url}/chain", attacker_context(layout.ca_cert, mesh.credentials("client"))
+        assert get(url, "service-a", client).status_code == 200
+        wait_until(lambda: get(url, "service-a", client).status_code == 502, timeout=12)
+        assert dt.datetime.now(dt.UTC) > short.cert.not_valid_after_utc
+        marks = mesh.marks()
+        answer = get(url, "service-a", client)
+    assert answer.status_code == 502 and answer.json()["reason"].endswith("certificate has expired"), answer.text
+    assert mesh.events_since(marks)["service-b"] == []
+    assert any(e["closed"] >= 1 for e in mesh["service-a"].events_since(0, "expired_connections_closed"))
 
 
 # ── 4. a CA is recognised by its key ─────────────────────────────────────────────────────────────────────────

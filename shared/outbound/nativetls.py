@@ -7,6 +7,10 @@ own — under uvloop, in compiled code — and asyncio's streams expose it (`ope
 context, and so every TLS decision, is still the one from shared.tls; only the plumbing changes.
 
 `make bench` measures the difference (see the README's Performance section).
+
+Each open connection remembers its callee, so that one whose certificate, or whose CA's CRL, has expired since
+the handshake can be found and closed (`close_where`, from services.reloader's clock): its pool drops it before
+the next request, which then needs a new handshake.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore
@@ -23,6 +28,8 @@ import httpx
 
 from shared.outbound.callee import CalleeCheck, refuse_unless
 from shared.outbound.pool import on_backend
+from shared.tls.peer import connection_peer
+from shared.x509.identity import PeerIdentity
 
 
 @contextlib.contextmanager
@@ -39,6 +46,7 @@ def _mapped(timeout_error: type[Exception], os_error: type[Exception]) -> Iterat
 class _Stream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, check: CalleeCheck) -> None:
         self._reader, self._writer, self._check = reader, writer, check
+        self.callee: PeerIdentity | None = None  # once the handshake has passed our check
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
@@ -54,6 +62,7 @@ class _Stream(httpcore.AsyncNetworkStream):
                 await self._writer.drain()
 
     async def aclose(self) -> None:
+        _open.discard(self)
         self._writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer.wait_closed(), 1)
@@ -63,8 +72,15 @@ class _Stream(httpcore.AsyncNetworkStream):
     ) -> httpcore.AsyncNetworkStream:
         with _mapped(httpcore.ConnectTimeout, httpcore.ConnectError):
             await asyncio.wait_for(self._writer.start_tls(ssl_context, server_hostname=server_hostname), timeout)
-        refuse_unless(self._check, self._writer.get_extra_info("ssl_object"), self._writer.transport.abort)
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        refuse_unless(self._check, ssl_object, self._writer.transport.abort)
+        self.callee = connection_peer(ssl_object)
+        _open.add(self)
         return self
+
+    def abort(self) -> None:
+        _open.discard(self)
+        self._writer.transport.abort()  # httpcore sees it closing (is_readable) and drops it from its pool
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
@@ -76,6 +92,17 @@ class _Stream(httpcore.AsyncNetworkStream):
         if info == "server_addr":
             return self._writer.get_extra_info("peername")
         return self._writer.get_extra_info(info)
+
+
+_open: weakref.WeakSet[_Stream] = weakref.WeakSet()  # every checked connection of this process, until closed
+
+
+def close_where(should_close: Callable[[PeerIdentity], bool]) -> int:
+    """Close every open outgoing connection whose callee matches; return how many were closed."""
+    doomed = [stream for stream in list(_open) if stream.callee is not None and should_close(stream.callee)]
+    for stream in doomed:
+        stream.abort()
+    return len(doomed)
 
 
 class NativeTLSBackend(httpcore.AsyncNetworkBackend):
