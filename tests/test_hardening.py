@@ -515,7 +515,9 @@ def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_n
             b = Service(processes[0])
             context = attacker_context(layout.ca_cert, Credentials(layout.cert("service-a"), layout.key("service-a")))
             peak_before = peak_rss_kb(processes[0].process.pid)  # type: ignore[union-attr]
+            started = time.monotonic()
             chunked = get(f"{b.url}/chain", "service-b", context)
+            chunked_seconds = time.monotonic() - started  # no goodbye to a flooding callee: its connection is cut
             flood.declared = True
             declared = get(f"{b.url}/chain", "service-b", context)
             grown_kb = peak_rss_kb(processes[0].process.pid) - peak_before  # type: ignore[union-attr]
@@ -529,6 +531,7 @@ def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_n
         assert response.json()["hop"] == "service-b → service-c"
         assert "more than" in response.json()["reason"] and "bytes" in response.json()["reason"]
     assert grown_kb < (size >> 10) // 4, f"B's peak memory grew by {grown_kb} KB for a {size >> 20} MB answer"
+    assert chunked_seconds < 0.8, f"B waited {chunked_seconds:.2f} s to close the flooding connection politely"
     for body, response in nonsense.items():
         assert response.status_code == 502, (body, response.text)
         assert response.json()["hop"] == "service-b → service-c"

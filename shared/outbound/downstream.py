@@ -154,8 +154,13 @@ class Downstream:
                 response = await self.transport.handle_async_request(request)
                 try:
                     content = await self._bounded(response)
+                except BaseException:
+                    # Unread, the rest is never received: the connection is cut at once. A goodbye (TLS close_notify)
+                    # would wait for the callee's, which a callee still sending does not give.
+                    _cut(response)
+                    raise
                 finally:
-                    await response.aclose()  # unread, the rest is never received: the connection is dropped
+                    await response.aclose()
         except TimeoutError:
             raise self.failure(no_answer_within(self.name, self.timeout), 504) from None
         except httpx.HTTPError as e:
@@ -278,3 +283,10 @@ def _problem_body(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _cut(response: httpx.Response) -> None:
+    """Abort the connection `response` came on (nativetls streams can; an in-process transport has none)."""
+    stream = response.extensions.get("network_stream")
+    if isinstance(stream, nativetls.Stream):
+        stream.abort()

@@ -43,7 +43,9 @@ def _mapped(timeout_error: type[Exception], os_error: type[Exception]) -> Iterat
         raise os_error(str(e) or repr(e)) from e
 
 
-class _Stream(httpcore.AsyncNetworkStream):
+class Stream(httpcore.AsyncNetworkStream):
+    """One outgoing connection, as httpcore reads and writes it; `abort` cuts it without a TLS goodbye."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, check: CalleeCheck) -> None:
         self._reader, self._writer, self._check = reader, writer, check
         self.callee: PeerIdentity | None = None  # once the handshake has passed our check
@@ -94,7 +96,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         return self._writer.get_extra_info(info)
 
 
-_open: weakref.WeakSet[_Stream] = weakref.WeakSet()  # every checked connection of this process, until closed
+_open: weakref.WeakSet[Stream] = weakref.WeakSet()  # every checked connection of this process, until closed
 
 
 def close_where(should_close: Callable[[PeerIdentity], bool]) -> int:
@@ -122,7 +124,7 @@ class NativeTLSBackend(httpcore.AsyncNetworkBackend):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Stream(reader, writer, self._check)
+        return Stream(reader, writer, self._check)
 
     async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
         raise NotImplementedError("unix sockets are not used in the mesh")
