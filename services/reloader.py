@@ -13,8 +13,8 @@ A handshake checks a certificate once per connection (every request meets the tr
 shared.authz.authorize_trusted_now), which is why the last two steps exist.
 
 `TrustClock` watches the clock rather than the files: a certificate, or a CRL in force, that expires makes its
-peers refused with no file changing. It closes their connections (both ways) as a reload would, reports each
-CRL's time left per issuer (/metrics) and warns well before.
+peers refused with no file changing. It closes their connections (retires ours to them) as a reload would,
+reports each CRL's time left per issuer (/metrics) and warns well before.
 """
 
 from __future__ import annotations
@@ -108,21 +108,21 @@ class Reloader:
 
 
 def close_untrusted(live: LiveTLS) -> int:
-    """Close every open connection, ours to a callee or a caller's to us, whose peer a handshake completing now
-    would refuse (LiveTLS.refusal: revoked, expired, from a CA — by key — no longer trusted, or from one whose CRL
-    is not in its validity); how many."""
+    """Close every open connection of a caller to us whose peer a handshake completing now would refuse
+    (LiveTLS.refusal: revoked, expired, from a CA — by key — no longer trusted, or from one whose CRL is not in its
+    validity), and retire ours to such a callee (shared.outbound.nativetls); how many."""
 
     def untrusted(peer: PeerIdentity) -> bool:
         return live.refusal(peer) is not None
 
-    return close_where(untrusted) + nativetls.close_where(untrusted)
+    return close_where(untrusted) + nativetls.retire_where(untrusted)
 
 
 class TrustClock:
     """What the clock alone changes. Each tick, the connections whose peer's certificate, or whose CA's CRL, has
-    expired since are closed, callers' and callees' alike (as a reload closes those it revokes). And how long each
-    CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its lifetime, an error once it
-    has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
+    expired since are closed (a caller's) or retired (ours to a callee), as a reload does with those it revokes.
+    And how long each CRL in force has left, by issuer; a warning (once per CRL) when under WARN_AT of its
+    lifetime, an error once it has expired: from then on every leaf of that CA is refused (LiveTLS.refusal).
 
     clock = TrustClock(live)
     Gauge("mesh_crl_next_update_seconds", "…", clock.seconds_left, label="issuer")

@@ -9,8 +9,8 @@ context, and so every TLS decision, is still the one from shared.tls; only the p
 `make bench` measures the difference (see the README's Performance section).
 
 Each open connection remembers its callee, so that one whose certificate, or whose CA's CRL, has expired since
-the handshake can be found and closed (`close_where`, from services.reloader's clock): its pool drops it before
-the next request, which then needs a new handshake.
+the handshake can be found and retired (`retire_where`, from services.reloader): a request under way on it
+finishes, and its pool closes it before the next, which then needs a new handshake.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Stream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, check: CalleeCheck) -> None:
         self._reader, self._writer, self._check = reader, writer, check
         self.callee: PeerIdentity | None = None  # once the handshake has passed our check
+        self.retired = False  # no request may start on it any more (`retire_where`)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         with _mapped(httpcore.ReadTimeout, httpcore.ReadError):
@@ -82,13 +83,13 @@ class Stream(httpcore.AsyncNetworkStream):
 
     def abort(self) -> None:
         _open.discard(self)
-        self._writer.transport.abort()  # httpcore sees it closing (is_readable) and drops it from its pool
+        self._writer.transport.abort()  # a request under way on it fails; httpcore then drops it from its pool
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # httpcore asks before reusing a pooled connection: has the server closed it meanwhile?
-            # asyncio reads eagerly, so a server's close shows up as end-of-file in the reader.
-            return self._reader.at_eof() or self._writer.transport.is_closing()
+            # httpcore asks before reusing a pooled connection: has the server closed it meanwhile? (asyncio reads
+            # eagerly, so a server's close shows up as end-of-file in the reader.) Yes, too, once it is retired.
+            return self.retired or self._reader.at_eof() or self._writer.transport.is_closing()
         if info == "client_addr":
             return self._writer.get_extra_info("sockname")
         if info == "server_addr":
@@ -99,11 +100,15 @@ class Stream(httpcore.AsyncNetworkStream):
 _open: weakref.WeakSet[Stream] = weakref.WeakSet()  # every checked connection of this process, until closed
 
 
-def close_where(should_close: Callable[[PeerIdentity], bool]) -> int:
-    """Close every open outgoing connection whose callee matches; return how many were closed."""
-    doomed = [stream for stream in list(_open) if stream.callee is not None and should_close(stream.callee)]
+def retire_where(should_retire: Callable[[PeerIdentity], bool]) -> int:
+    """Retire every open outgoing connection whose callee matches; return how many. A request under way on it
+    finishes (as on a pool a reload replaces: it was sent to a callee trusted then); its pool closes it before
+    the next request. Cutting it instead failed requests in flight when a callee's renewed certificate let its
+    old one expire under a busy connection, and at the end of a CA rollover."""
+    doomed = [stream for stream in list(_open) if stream.callee is not None and should_retire(stream.callee)]
     for stream in doomed:
-        stream.abort()
+        stream.retired = True
+        _open.discard(stream)
     return len(doomed)
 
 
