@@ -171,9 +171,12 @@ class TrustClock:
 
     async def watch(self, interval: float) -> None:
         while True:
-            self.check()
-            if closed := close_untrusted(self.live):
-                log.warning("expired_connections_closed", extra={"closed": closed, "reason": EXPIRED})
+            try:
+                self.check()
+                if closed := close_untrusted(self.live):
+                    log.warning("expired_connections_closed", extra={"closed": closed, "reason": EXPIRED})
+            except Exception as e:  # a bug: said, and the clock goes on (a stopped clock would warn of nothing)
+                log.error("trust_clock_failed", extra={"reason": _why(e)}, exc_info=True)
             await asyncio.sleep(interval)
 
 

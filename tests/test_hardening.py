@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
 import json
 import os
 import re
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 
 from bench.soak import FD_BOUND, Usage, soak
 from pki import init, revoke
 from services.local import chain_environments, running
 from shared import tls
 from shared.layout import Layout
-from shared.outbound import Downstream
+from shared.outbound import Downstream, nativetls
 from shared.problem import Problem
 from shared.tokens import USER_GRANT
 from shared.x509 import SpiffeId
@@ -537,6 +539,52 @@ def test_a_callee_answering_too_much_or_nonsense_is_a_502_and_costs_the_caller_n
         assert response.json()["hop"] == "service-b → service-c"
     assert "not JSON" in nonsense[b"not JSON"].json()["reason"]
     assert "without the hops" in nonsense[b'{"hops": "none"}'].json()["reason"]
+
+
+def test_a_retired_connection_never_cuts_a_call_already_on_it(layout: Layout) -> None:
+    """The trust clock retires every connection to a callee at once (its old certificate has just expired,
+    services.reloader), while one call is busy on one of them and the pool has just handed another to a new call.
+    However the pool's closing of the retired ones interleaves with that new call, the call is answered: it never
+    has its connection closed under it after the callee took it (as a renewal once did, 1 call in ~10,000)."""
+    skip_unless_pinned(layout)  # the calling side's pool does not depend on the allow-list mode
+    live_a, live_b = tls.LiveTLS(layout.material("service-a")), tls.LiveTLS(layout.material("service-b"))
+    b_id = SpiffeId("mesh.internal", "/service-b")
+
+    async def service_b(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                await asyncio.sleep(0.05 if b" /slow " in head else 0)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+
+    async def attempt(url: str, turns_before: int, turns_after: int) -> None:
+        a_to_b = Downstream("service-a", "service-b", url, live_a.client, 5.0, b_id, recheck=live_a.recheck)
+        await asyncio.gather(a_to_b.get_json("/slow"), a_to_b.get_json("/slow"))  # two idle connections
+        busy = await a_to_b.transport.handle_async_request(
+            httpx.Request("GET", f"{url}/busy", extensions={"sni_hostname": "service-b"})
+        )  # one busy: its answer's head read, its body not yet
+        new_call = asyncio.create_task(a_to_b.get_json("/slow"))  # handed the idle one
+        for _ in range(turns_before):
+            await asyncio.sleep(0)
+        nativetls.retire_where(lambda callee: True)  # the tick
+        for _ in range(turns_after):
+            await asyncio.sleep(0)
+        await busy.aread()  # the busy call ends; its pool closes what is idle and retired
+        try:
+            assert await new_call == {}
+        finally:
+            await a_to_b.aclose()
+
+    async def main() -> None:
+        server = await asyncio.start_server(service_b, "127.0.0.1", 0, ssl=live_b.server)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            for turns_before, turns_after in itertools.product(range(4), range(4)):
+                await attempt(url, turns_before, turns_after)
+        finally:
+            server.close()
+
+    uvloop.run(main())
 
 
 def b_calling_c(callee: Callable[[httpx.Request], Awaitable[httpx.Response]], timeout: float = 5) -> Downstream:

@@ -273,8 +273,8 @@ def test_a_connection_is_closed_once_its_certificate_expires(layout: Layout, tmp
 @pytest.mark.e2e
 def test_a_callee_whose_certificate_expires_gets_no_more_calls(layout: Layout, tmp_path: Path) -> None:
     """The same from the calling side: A keeps its connection to B busy (a request every 50 ms), B's certificate
-    expires, and A's clock closes the connection. The next call needs a new handshake, which A refuses: 502 naming
-    the reason, and B sees nothing of it."""
+    expires, and A's clock retires the connection (the pool closes it once the call on it is done). The next call
+    needs a new handshake, which A refuses: 502 naming the reason, and B sees nothing of it."""
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)  # time enough for both services to start
     sans = {"dns": ["service-b", "localhost"], "ips": ["127.0.0.1"], "uris": [POLICY.spiffe_id("service-b")]}
     short = load_issuer(layout).issue("service-b", **sans, usages=("server", "client"), not_after=expires)

@@ -156,7 +156,7 @@ class Downstream:
                     content = await self._bounded(response)
                 except BaseException:
                     # Unread, the rest is never received: the connection is cut at once. A goodbye (TLS close_notify)
-                    # would wait for the callee's, which a callee still sending does not give.
+                    # would have the transport wait for the callee's, reading whatever it still sends.
                     _cut(response)
                     raise
                 finally:
@@ -286,7 +286,8 @@ def _problem_body(response: httpx.Response) -> dict[str, Any]:
 
 
 def _cut(response: httpx.Response) -> None:
-    """Abort the connection `response` came on (nativetls streams can; an in-process transport has none)."""
+    """Abort the connection `response` came on (nativetls streams can; an in-process transport has none), unless
+    the response was read to its end and closed: then the connection is back in its pool, maybe another call's."""
     stream = response.extensions.get("network_stream")
-    if isinstance(stream, nativetls.Stream):
+    if isinstance(stream, nativetls.Stream) and not response.is_closed:
         stream.abort()

@@ -65,10 +65,12 @@ class Stream(httpcore.AsyncNetworkStream):
                 await self._writer.drain()
 
     async def aclose(self) -> None:
+        # Without a pause: the TLS goodbye finishes in the transport. httpcore's pool closes the connections it
+        # drops one after another, and while one close waited for the callee's close_notify, a request could
+        # start on the next one it was about to close (a retired connection handed out just before the tick),
+        # and have it closed under it: a 502 after the callee had taken the request.
         _open.discard(self)
         self._writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._writer.wait_closed(), 1)
 
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
