@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from pki import CertificateAuthority, Policy, init, load_issuer, revoke, write_crl
+from pki.identities import service_sans
 from pki.output import write_file
 from services.local import chain_environments, running
 from shared.layout import Layout
@@ -276,7 +277,7 @@ def test_a_callee_whose_certificate_expires_gets_no_more_calls(layout: Layout, t
     expires, and A's clock retires the connection (the pool closes it once the call on it is done). The next call
     needs a new handshake, which A refuses: 502 naming the reason, and B sees nothing of it."""
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6)  # time enough for both services to start
-    sans = {"dns": ["service-b", "localhost"], "ips": ["127.0.0.1"], "uris": [POLICY.spiffe_id("service-b")]}
+    sans = {**service_sans("service-b", POLICY), "uris": [POLICY.spiffe_id("service-b")]}
     short = load_issuer(layout).issue("service-b", **sans, usages=("server", "client"), not_after=expires)
     short.write(layout.out, "service-b")
     with a_and_b(layout, tmp_path) as mesh:
