@@ -16,8 +16,8 @@ import shutil
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,12 @@ from pki import Policy, init, revoke, write_crl
 from services.app import mesh_app
 from services.config import ServiceConfig
 from services.offload import LARGE, Offload
-from services.reloader import Reload, Reloader
+from services.reloader import Reload, Reloader, TrustClock, close_untrusted
 from services.wiring import build
 from shared.authz import AllowList, authorize_id
-from shared.inbound import expose, tls_extension, tls_protocol
+from shared.inbound import connections, expose, tls_extension, tls_protocol
 from shared.layout import Layout
-from shared.outbound import CalleeRefused, Downstream, callee_check, refuse_unless
+from shared.outbound import CalleeRefused, Downstream, callee_check, nativetls, refuse_unless
 from shared.problem import Problem
 from shared.tls import LiveTLS, read
 from shared.tokens import OnBehalfOf, mint
@@ -463,6 +463,103 @@ def test_a_reload_that_fails_unexpectedly_is_refused_and_reloading_goes_on(
         assert taken == [str(path)]
     finally:
         reloader.close()
+
+
+# ── what the trust clock closes ─────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class StandIn:
+    """A transport, and the reader and writer of an outgoing stream around it: enough for what closes or retires
+    a connection to act on, and for httpcore's question before reusing it (is_readable)."""
+
+    aborted: bool = False
+
+    @property
+    def transport(self) -> StandIn:
+        return self
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def at_eof(self) -> bool:
+        return False
+
+
+@dataclass
+class Connected:
+    caller: StandIn  # the transport of a caller's connection to us
+    to_callee: nativetls.Stream  # ours to a callee
+    to_callee_transport: StandIn
+
+
+@contextmanager
+def connected(layout: Layout, caller: str, callee: str) -> Iterator[Connected]:
+    """A caller's connection to us, in the table as a completed handshake leaves it, and ours to a callee, open as
+    our outgoing handshake leaves it; both gone after."""
+    inbound, protocol, outbound = StandIn(), asyncio.Protocol(), StandIn()
+    connections.add(protocol, inbound, PeerIdentity.from_certificate(load_certificates(layout.cert(caller))[0]))
+    stream = nativetls.Stream(outbound, outbound, check=lambda _: None)  # type: ignore[arg-type]
+    stream.callee = PeerIdentity.from_certificate(load_certificates(layout.cert(callee))[0])
+    nativetls._open.add(stream)
+    try:
+        yield Connected(inbound, stream, outbound)
+    finally:
+        connections.remove(protocol)
+        nativetls._open.discard(stream)
+
+
+def test_a_connection_outliving_its_peers_certificate_is_closed_or_retired(layout: Layout) -> None:
+    """Each tick of the trust clock (and each reload) closes a caller's connection, and retires ours to a callee,
+    once the peer's certificate has expired: no file changes for that, so no reload would find it."""
+    now = [time.time()]
+    live = LiveTLS(layout.material("service-b"), clock=lambda: now[0])
+    with connected(layout, "service-a", "service-c") as open_:
+        assert close_untrusted(live) == 0
+        assert not open_.caller.aborted and not open_.to_callee.get_extra_info("is_readable")
+        expiry = max(load_certificates(layout.cert(name))[0].not_valid_after_utc for name in ("service-a", "service-c"))
+        now[0] = expiry.timestamp() + 1
+        assert close_untrusted(live) == 2
+        assert open_.caller.aborted  # cut: no more answers to a caller we no longer trust
+        assert open_.to_callee.retired and not open_.to_callee_transport.aborted  # a call under way on it finishes…
+        assert open_.to_callee.get_extra_info("is_readable")  # …and httpcore's pool drops it before the next
+
+
+def test_a_revocation_closes_that_peers_connections_and_no_other(layout: Layout) -> None:
+    live = LiveTLS(layout.material("service-b"))
+    with connected(layout, "service-a", "service-c") as open_:
+        revoke(layout, "service-a", "key-compromise")
+        live.reload()
+        assert close_untrusted(live) == 1
+        assert open_.caller.aborted and not open_.to_callee.retired
+
+
+def test_a_failing_tick_of_the_trust_clock_is_said_and_the_clock_goes_on(
+    layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = TrustClock(LiveTLS(layout.material("service-b")))
+    ticks: list[float] = []
+
+    def check() -> None:
+        ticks.append(time.monotonic())
+        if len(ticks) == 1:
+            raise ValueError("a bug")
+
+    clock.check = check  # type: ignore[method-assign]
+
+    async def two_ticks() -> None:
+        watching = asyncio.create_task(clock.watch(interval=0))
+        async with asyncio.timeout(5):
+            while len(ticks) < 2:
+                await asyncio.sleep(0)
+        watching.cancel()
+
+    asyncio.run(two_ticks())
+    [failed] = [r for r in caplog.records if r.getMessage() == "trust_clock_failed"]
+    assert failed.reason == "ValueError: a bug (a bug: please report it)"  # type: ignore[attr-defined]
 
 
 def die_in_a_child(parent: int) -> str:
