@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import ipaddress
 import json
 import os
@@ -31,6 +30,7 @@ from cryptography import x509
 from pki.revocation import REVOCATION_REASONS
 from shared import tls
 from shared.authz import authorize_id
+from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
 from shared.outbound import CalleeCheck, callee_check, closed_without_answer, explain_transport_error, sync_transport
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=ENVIRONMENT.format(url=DEFAULT_URL, token_url=DEFAULT_TOKEN_URL),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    add_version(parser)
     parser.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"default: {DEFAULT_URL} (MESH_CLIENT_URL)")
     parser.add_argument(
         "--server-name",

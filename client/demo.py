@@ -8,7 +8,6 @@ the way the story says it must.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from client.__main__ import call, default_server_id
 from pki import Policy, init, load_issuer, self_signed
 from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, busy_ports, chain_environments, parse_ports, running
 from shared.authz import authorize_id
+from shared.cli import add_version
 from shared.layout import Layout
 from shared.outbound import callee_check
 from shared.tls import TLSMaterial
@@ -36,7 +36,7 @@ class Scene:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    add_version(parser)
     parser.add_argument(
         "--ports",
         default=",".join(map(str, DEFAULT_PORTS)),

@@ -18,6 +18,7 @@ from pathlib import Path
 from cockpit.collect import SERVICES, collect, local_targets, parse_targets
 from cockpit.status import as_json, judge, render
 from pki.policy import POLICY_FILE
+from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
 from shared.x509 import MaterialError
 
@@ -26,6 +27,7 @@ DEFAULT_PORTS = "8443,8444,8445,8446"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cockpit", description=__doc__.split("\n")[0])
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("status", help="read every service as the operator and say what is not well")
     where = p.add_mutually_exclusive_group()

@@ -9,7 +9,6 @@ that no two writers of pki/out ever interleave (pki.lock).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 from pathlib import Path
 
 from pki.commands import (
@@ -29,6 +28,7 @@ from pki.commands import (
 )
 from pki.policy import POLICY_FILE
 from pki.revocation import REVOCATION_REASONS
+from shared.cli import add_version
 from shared.layout import DEFAULT_OUT
 
 __all__ = ["build_parser"]
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The mesh's certificate authority: a root CA, an intermediate that signs every identity, "
         "and allow-lists rendered from pki/policy.toml.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    add_version(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: pki/out)")
     parser.add_argument("--policy", type=Path, default=POLICY_FILE, help="policy file (default: pki/policy.toml)")
     # How each command holds pki/out's lock (pki.lock): "whole" from start to end, unless it says otherwise.

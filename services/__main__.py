@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import os
 import resource
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from services.app import create_app
 from services.config import ServiceConfig
 from shared import tls
+from shared.cli import add_version
 from shared.inbound import raise_open_files_limit, tls_protocol
 from shared.observability import log
 from shared.x509 import MaterialError
@@ -83,7 +83,7 @@ def parse_arguments(argv: list[str] | None = None) -> None:
         f"{settings}\n\nExample: MESH_NAME=service-c MESH_PORT=8445 python -m services",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    add_version(parser)
     parser.parse_args(argv)
 
 

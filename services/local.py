@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.metadata
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from shared.cli import add_version
 from shared.layout import DEFAULT_OUT
 from shared.tokens import TOKEN_SERVICE
 
@@ -248,7 +248,7 @@ def client_commands(ports: Sequence[int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.local", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")
+    add_version(parser)
     parser.add_argument(
         "--ports",
         default=",".join(map(str, DEFAULT_PORTS)),

@@ -366,13 +366,15 @@ def test_every_cli_has_version_and_a_console_script(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from client.demo import main as demo_main
+    from cockpit.__main__ import main as cockpit_main
+    from view.__main__ import main as view_main
 
     def service_main(argv: list[str]) -> int:
         monkeypatch.setattr(sys, "argv", ["python -m services", *argv])
         return services_main()
 
     version = importlib.metadata.version("mtls-mesh")
-    for cli in (pki_main, client_main, local_main, demo_main, service_main):
+    for cli in (pki_main, client_main, local_main, demo_main, service_main, cockpit_main, view_main):
         with pytest.raises(SystemExit) as exit_:
             cli(["--version"])
         assert exit_.value.code == 0

@@ -27,6 +27,7 @@ from pki.policy import POLICY_FILE, Policy
 from services.local import DEFAULT_PORTS
 from shared import tls
 from shared.authz import authorize_id
+from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
 from shared.outbound import callee_check, sync_transport
 from shared.x509 import MaterialError, SpiffeId
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m view", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_version(parser)
     parser.add_argument("urls", nargs="*", metavar="NAME=URL", help="the services to watch, instead of --ports")
     default_ports = os.environ.get("PORTS") or ",".join(map(str, DEFAULT_PORTS))
     parser.add_argument("--ports", default=default_ports, help=f"A,B,C,token service on 127.0.0.1 ({default_ports})")
