@@ -26,6 +26,8 @@ def problem_body(response: httpx.Response) -> Any:
 
 
 def explain_problem(status: int, body: Any) -> str:
+    """A refused or failed call as a person reads it: the HTTP status and the problem (RFC 9457) a service answered
+    with — who refused, why, and for a 403 which certificate it saw."""
     problem = body if isinstance(body, dict) else {}
     service = problem.get("service", "the service")
     if status == 401:

@@ -1,4 +1,4 @@
-"""What every command line of the project says alike: its version, the installed mtls-mesh's."""
+"""`--version` for the seven `mesh-*` commands: the version of the installed mtls-mesh."""
 
 from __future__ import annotations
 
@@ -9,5 +9,5 @@ __all__ = ["add_version"]
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:
-    """`--version`: "python -m pki 0.1.0"."""
+    """Give `parser` a `--version` option that prints, for example, "python -m pki 0.1.0" and exits."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('mtls-mesh')}")

@@ -382,5 +382,18 @@ def test_every_cli_has_version_and_a_console_script(
     scripts = {
         e.name: e for e in importlib.metadata.entry_points(group="console_scripts") if e.name.startswith("mesh-")
     }
-    assert set(scripts) >= {"mesh-pki", "mesh-client", "mesh-demo", "mesh-service", "mesh-local"}
-    assert {scripts["mesh-pki"].load(), scripts["mesh-client"].load()} == {pki_main, client_main}
+    assert set(scripts) >= {
+        "mesh-pki",
+        "mesh-client",
+        "mesh-demo",
+        "mesh-service",
+        "mesh-local",
+        "mesh-cockpit",
+        "mesh-view",
+    }
+    assert [scripts[name].load() for name in ("mesh-pki", "mesh-client", "mesh-cockpit", "mesh-view")] == [
+        pki_main,
+        client_main,
+        cockpit_main,
+        view_main,
+    ]

@@ -3,20 +3,22 @@
 The caller's verified certificate goes where the handshake puts it (`shared.peer.tls_extension` of a fake
 SSLObject, handed to the app with `expose`), the requests go in through `httpx.ASGITransport`, and the next hop
 and the token service answer through `httpx.MockTransport` — so each test shows the request refused *and* that
-nothing went further. The callee check and the handshake's re-check get fake SSLObjects; `LiveTLS` gets a clock.
+nothing went further. The callee check and the handshake's re-check get fake SSLObjects; `LiveTLS` gets a clock;
+what closes connections that outlive their peer's trust gets stand-in connections.
 The process-level tests (test_e2e, test_crl, test_security, …) prove the same rules over real TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import shutil
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,51 +492,66 @@ class StandIn:
 
 
 @dataclass
-class Connected:
-    caller: StandIn  # the transport of a caller's connection to us
-    to_callee: nativetls.Stream  # ours to a callee
-    to_callee_transport: StandIn
+class Open:
+    """Stand-in connections in this process's tables: callers' to us, and ours to callees."""
+
+    peers: dict[str, PeerIdentity]  # everyone's, by name
+    callers: dict[str, StandIn]  # the transport of each caller's connection to us
+    callees: dict[str, nativetls.Stream]  # our connection to each callee
+    callee_transports: dict[str, StandIn]
 
 
 @contextmanager
-def connected(layout: Layout, caller: str, callee: str) -> Iterator[Connected]:
-    """A caller's connection to us, in the table as a completed handshake leaves it, and ours to a callee, open as
-    our outgoing handshake leaves it; both gone after."""
-    inbound, protocol, outbound = StandIn(), asyncio.Protocol(), StandIn()
-    connections.add(protocol, inbound, PeerIdentity.from_certificate(load_certificates(layout.cert(caller))[0]))
-    stream = nativetls.Stream(outbound, outbound, check=lambda _: None)  # type: ignore[arg-type]
-    stream.callee = PeerIdentity.from_certificate(load_certificates(layout.cert(callee))[0])
-    nativetls._open.add(stream)
+def connected(layout: Layout, callers: Sequence[str], callees: Sequence[str]) -> Iterator[Open]:
+    """Callers' connections to us, in the table as a completed handshake leaves them, and ours to callees, open as
+    our outgoing handshake leaves them; all gone after."""
+    peers = {
+        name: PeerIdentity.from_certificate(load_certificates(layout.cert(name))[0]) for name in (*callers, *callees)
+    }
+    protocols = {name: asyncio.Protocol() for name in callers}
+    inbound, outbound = {name: StandIn() for name in callers}, {name: StandIn() for name in callees}
+    streams = {name: nativetls.Stream(outbound[name], outbound[name], check=lambda _: None) for name in callees}  # type: ignore[arg-type]
+    assert not connections.established and not list(nativetls._open), "connections another test left open"
     try:
-        yield Connected(inbound, stream, outbound)
+        for name in callers:
+            connections.add(protocols[name], inbound[name], peers[name])
+        for name, stream in streams.items():
+            stream.callee = peers[name]
+            nativetls._open.add(stream)
+        yield Open(peers, inbound, streams, outbound)
     finally:
-        connections.remove(protocol)
-        nativetls._open.discard(stream)
+        for protocol in protocols.values():
+            connections.remove(protocol)
+        for stream in streams.values():
+            nativetls._open.discard(stream)
 
 
 def test_a_connection_outliving_its_peers_certificate_is_closed_or_retired(layout: Layout) -> None:
-    """Each tick of the trust clock (and each reload) closes a caller's connection, and retires ours to a callee,
-    once the peer's certificate has expired: no file changes for that, so no reload would find it."""
+    """`close_untrusted`, which the trust clock runs each tick, closes a caller's connection and retires ours to a
+    callee once the peer's certificate has expired: an expiry changes no file, so no reload would."""
+    write_crl(layout, lifetime=dt.timedelta(days=365))  # outlives the certificates: only they expire here
     now = [time.time()]
     live = LiveTLS(layout.material("service-b"), clock=lambda: now[0])
-    with connected(layout, "service-a", "service-c") as open_:
+    with connected(layout, callers=["service-a"], callees=["service-c"]) as open_:
         assert close_untrusted(live) == 0
-        assert not open_.caller.aborted and not open_.to_callee.get_extra_info("is_readable")
-        expiry = max(load_certificates(layout.cert(name))[0].not_valid_after_utc for name in ("service-a", "service-c"))
-        now[0] = expiry.timestamp() + 1
+        assert not open_.callers["service-a"].aborted and not open_.callees["service-c"].get_extra_info("is_readable")
+        now[0] = max(peer.not_after for peer in open_.peers.values()).timestamp() + 1  # type: ignore[type-var, union-attr]
+        assert {live.refusal(peer) for peer in open_.peers.values()} == {"certificate has expired"}
         assert close_untrusted(live) == 2
-        assert open_.caller.aborted  # cut: no more answers to a caller we no longer trust
-        assert open_.to_callee.retired and not open_.to_callee_transport.aborted  # a call under way on it finishes…
-        assert open_.to_callee.get_extra_info("is_readable")  # …and httpcore's pool drops it before the next
+        assert open_.callers["service-a"].aborted  # cut: no more answers to a caller we no longer trust
+        to_c = open_.callees["service-c"]
+        assert to_c.retired and not open_.callee_transports["service-c"].aborted  # a call under way on it finishes…
+        assert to_c.get_extra_info("is_readable")  # …and httpcore's pool drops it before the next
 
 
 def test_a_revocation_closes_that_peers_connections_and_no_other(layout: Layout) -> None:
     live = LiveTLS(layout.material("service-b"))
-    with connected(layout, "service-a", "service-c") as open_:
+    with connected(layout, callers=["service-a", "client"], callees=["service-c"]) as open_:
         revoke(layout, "service-a", "key-compromise")
         live.reload()
         assert close_untrusted(live) == 1
-        assert open_.caller.aborted and not open_.to_callee.retired
+        assert open_.callers["service-a"].aborted
+        assert not open_.callers["client"].aborted and not open_.callees["service-c"].retired
 
 
 def test_a_failing_tick_of_the_trust_clock_is_said_and_the_clock_goes_on(
@@ -553,8 +570,10 @@ def test_a_failing_tick_of_the_trust_clock_is_said_and_the_clock_goes_on(
     async def two_ticks() -> None:
         watching = asyncio.create_task(clock.watch(interval=0))
         async with asyncio.timeout(5):
-            while len(ticks) < 2:
+            while len(ticks) < 2 and not watching.done():
                 await asyncio.sleep(0)
+        if watching.done():  # the clock stopped: say why at once
+            watching.result()
         watching.cancel()
 
     asyncio.run(two_ticks())
