@@ -169,5 +169,5 @@ def _gauges(live: tls.LiveTLS, clock: TrustClock) -> None:
         ),
     )
     Gauge(
-        "mesh_trust_generation", "How many times this service has (re)built its TLS contexts", lambda: live.generation
+        "mesh_trust_generation", "How many times this service has (re)loaded its TLS material", lambda: live.generation
     )

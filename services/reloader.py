@@ -96,12 +96,13 @@ class Reloader:
         material = self.live.material
         try:
             files_read = await self.offload(read, material, self.live.crls, size=sum(map(_size, material.files())))
+            before = self.live.client
             self.live.install(self.live.prepare(files_read))
         except Exception as e:
             log.error("reload_refused", extra={"files": files, "reason": _why(e)}, exc_info=_is_bug(e))
             return
         closed = close_untrusted(self.live)  # how a CA replaced under a running service loses its peers, too
-        if self.live.client is not None:
+        if self.live.client is not None and self.live.client is not before:  # not after a CRL alone (LiveTLS.prepare)
             for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})

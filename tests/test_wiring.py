@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from joserfc.jwk import ECKey
 from uvicorn.server import ServerState
 
-from pki import Policy, init, revoke, write_crl
+from pki import Policy, init, replace_now, revoke, write_crl
 from services.app import mesh_app
 from services.config import ServiceConfig
 from services.offload import LARGE, Offload
@@ -366,13 +366,23 @@ def test_a_resumed_session_without_a_certificate_is_refused(layout: Layout) -> N
     assert protocol(live)._no_longer_good(resumed) == "resumed session without a certificate to check"
 
 
-def test_a_session_resumed_from_before_a_trust_change_is_refused(layout: Layout) -> None:
+def test_a_session_resumed_from_before_new_contexts_is_refused(layout: Layout) -> None:
+    """A resumed session shows no chain, so no CA: it passes only on the contexts it was made under. New ones (a CA
+    added or removed, our own new certificate) refuse it. A CRL alone keeps them, and the revocations then apply to
+    the session's certificate as to any peer's."""
     live = LiveTLS(layout.material("service-b"))
     before = live.server
-    assert protocol(live)._no_longer_good(peer(layout, "service-a", context=before, resumed=True)) is None
+
+    def resumed() -> str | None:
+        return protocol(live)._no_longer_good(peer(layout, "service-a", context=before, resumed=True))  # type: ignore[no-any-return]
+
+    assert resumed() is None
+    revoke(layout, "service-a", "key-compromise")
     live.reload()
-    reason = protocol(live)._no_longer_good(peer(layout, "service-a", context=before, resumed=True))
-    assert reason is not None and "trust that has changed" in reason
+    assert live.server is before and resumed() == "certificate revoked"
+    replace_now(layout, Policy.load(), "service-b")
+    live.reload()
+    assert live.server is not before and "trust that has changed" in (resumed() or "")
 
 
 def test_a_caller_revoked_during_its_handshake_is_refused_when_it_completes(layout: Layout) -> None:
@@ -579,6 +589,35 @@ def test_a_failing_tick_of_the_trust_clock_is_said_and_the_clock_goes_on(
     asyncio.run(two_ticks())
     [failed] = [r for r in caplog.records if r.getMessage() == "trust_clock_failed"]
     assert failed.reason == "ValueError: a bug (a bug: please report it)"  # type: ignore[attr-defined]
+
+
+@dataclass
+class Callee:
+    """A Downstream as the reloader sees it: what it was renewed with."""
+
+    renewed: list[Any] = field(default_factory=list)
+
+    def renew(self, context: Any) -> None:
+        self.renewed.append(context)
+
+
+def test_a_crl_alone_keeps_the_contexts_and_the_pools_and_applies_at_once(layout: Layout) -> None:
+    """The contexts carry no CRL: when it alone changes they stay (building them is most of a reload's pause of
+    the event loop), and so do the pools to the callees. A new certificate builds new ones, and new pools."""
+    live, callee = LiveTLS(layout.material("service-b")), Callee()
+    reloader = Reloader(live, {}, [callee])  # type: ignore[list-item]
+    server, client = live.server, live.client
+    a = PeerIdentity.from_certificate(load_certificates(layout.cert("service-a"))[0])
+    try:
+        revoke(layout, "service-a", "key-compromise")
+        asyncio.run(reloader({layout.crl}))
+        assert live.refusal(a) == "certificate revoked"  # at once, for every handshake and request from now on
+        assert live.server is server and live.client is client and callee.renewed == []
+        replace_now(layout, Policy.load(), "service-b")
+        asyncio.run(reloader({layout.cert("service-b")}))
+        assert live.server is not server and live.client is not client and callee.renewed == [live.client]
+    finally:
+        reloader.close()
 
 
 def die_in_a_child(parent: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ssl
 import tempfile
 import time
@@ -47,6 +48,7 @@ class Prepared:
 
     server: ssl.SSLContext
     client: ssl.SSLContext | None
+    built_from: bytes  # SHA-256 of the files the contexts were built from (ca, cert, key): no copy of the key
     revocations: dict[str, Revocations]  # by issuer key
     trust: Trust
     anchors: list[str]
@@ -58,8 +60,9 @@ class LiveTLS:
 
     We run the handshake ourselves (shared.handshake), and it asks for `server` on every new connection; the
     pool towards the next hop is renewed with `client`. So a rebuilt pair takes effect from the next
-    connection on, whatever changed: a renewed certificate, a revocation, a CA added to ca.crt — or taken out
-    of it, which loading into a live OpenSSL context could never do. A broken file raises and changes nothing.
+    connection on: a renewed certificate, a CA added to ca.crt — or taken out of it, which loading into a live
+    OpenSSL context could never do. A CRL is not in the contexts (below): when it alone changes they stay, and
+    the new trust applies at once. A broken file raises and changes nothing.
     Each file is read once, checked, and written to a private temporary directory only for OpenSSL to load
     (it reads from paths only), then deleted: no copy of the key outlives it.
 
@@ -100,6 +103,7 @@ class LiveTLS:
         self.profile = profile
         self.crls: list[Revocations] = []  # in crl.pem's order, one per CA
         self._unverified: dict[str, Revocations] = {}  # by issuer key: signature not checked yet
+        self._built_from = b""  # Prepared.built_from of the contexts in force
         self.generation = 0
         self.reload()
 
@@ -110,17 +114,24 @@ class LiveTLS:
     def prepare(self, files: Read) -> Prepared:
         """Everything a reload swaps in, from the files as `shared.tls.reading.read` found them — changing nothing.
         The slow part, reading and checking (a CRL of 100,000 entries takes hundreds of milliseconds), is done by
-        then, off the event loop (services.reloader); what is left takes a millisecond: the contexts. Raises
-        MaterialError naming the file, as `reload` does."""
+        then, off the event loop (services.reloader); what is left is building the contexts, a few milliseconds,
+        when the CA, the certificate or the key changed. Raises MaterialError naming the file, as `reload` does."""
         if files.checked_against != self.crls:  # another reload came first: equal in content, serials and all
             raise MaterialError(f"{self.material.crl}: reloaded by someone else meanwhile — reload again")
-        with _scratch() as directory:
-            # Checked by `read`, CRLs included; OpenSSL gets no CRL (see the class), so the copy it loads has none.
-            written = self.material.written_to(directory, files.files)
-            server = server_context(
-                written, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
-            )
-            client = client_context(written, profile=self.profile, openssl_crl=False) if self.outgoing else None
+        built_from = _fingerprint(files.files)
+        if built_from == self._built_from:
+            # A CRL alone changed (a revocation, a CRL re-signed): the contexts carry no CRL, and the same files
+            # build the same contexts, so they stay. Building them is most of a reload's pause of the event loop,
+            # and new ones would make every pool to a callee start over with new handshakes.
+            server, client = self.server, self.client
+        else:
+            with _scratch() as directory:
+                # Checked by `read`, CRLs included; OpenSSL gets no CRL (see the class): the copy it loads has none.
+                written = self.material.written_to(directory, files.files)
+                server = server_context(
+                    written, require_client_cert=self.require_client_cert, profile=self.profile, openssl_crl=False
+                )
+                client = client_context(written, profile=self.profile, openssl_crl=False) if self.outgoing else None
         revocations = files.revocations
         trust = Trust(
             anchors=frozenset(files.anchors),
@@ -130,11 +141,12 @@ class LiveTLS:
         )
         own = files.files.get("cert")
         certificate = parse_certificates(own, self.material.cert, "certificate")[0] if own else None  # type: ignore[arg-type]
-        return Prepared(server, client, revocations, trust, files.anchors, certificate)
+        return Prepared(server, client, built_from, revocations, trust, files.anchors, certificate)
 
     def install(self, new: Prepared) -> None:
         """Swap in what `prepare` built, all of it at once (on the event loop: between two handshakes)."""
         self.server, self.client, self.trust = new.server, new.client, new.trust
+        self._built_from = new.built_from
         self.crls = list(new.revocations.values())
         self._unverified = {key: crl for key, crl in new.revocations.items() if crl.der is not None}
         self.anchors = new.anchors  # what we trust, in ca.crt's order, for /healthz and the gates
@@ -187,6 +199,14 @@ class LiveTLS:
             if expires is not None and now > expires:
                 return "CRL has expired"
         return None
+
+
+def _fingerprint(files: Mapping[str, bytes]) -> bytes:
+    """One SHA-256 for the files contexts are built from, each by name: equal exactly when every file is."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return digest.digest()
 
 
 @contextmanager
