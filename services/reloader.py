@@ -4,10 +4,10 @@
 
 - a file of the service's registry (services.wiring: `Service.reloads` — its allow-lists, the token service's
   policy): the part it feeds is replaced whole (a broken file is refused, the old part stays);
-- the certificate, key, CA or CRL: new TLS contexts are built and swapped in (shared.tls.LiveTLS), every
-  open connection of a caller a new handshake would refuse (revoked, expired, or issued by a CA — by key — no
-  longer trusted) is closed, and the pools towards the next hop and the token service are replaced, so that
-  they are checked again too.
+- the certificate, key, CA or CRL: the new trust is swapped in (shared.tls.LiveTLS; new TLS contexts too, unless
+  a CRL alone changed), every open connection of a caller a new handshake would refuse (revoked, expired, or
+  issued by a CA — by key — no longer trusted) is closed, and ours to such a callee retired; with new contexts,
+  the pools towards the next hop and the token service are replaced, so that they are checked again too.
 
 A handshake checks a certificate once per connection (every request meets the trust in force too, at the guard:
 shared.authz.authorize_trusted_now), which is why the last two steps exist.
@@ -96,25 +96,31 @@ class Reloader:
         material = self.live.material
         try:
             files_read = await self.offload(read, material, self.live.crls, size=sum(map(_size, material.files())))
-            before = self.live.client
+            before, anchors = self.live.client, self.live.trust.anchors
             self.live.install(self.live.prepare(files_read))
         except Exception as e:
             log.error("reload_refused", extra={"files": files, "reason": _why(e)}, exc_info=_is_bug(e))
             return
-        closed = close_untrusted(self.live)  # how a CA replaced under a running service loses its peers, too
+        # How a CA replaced under a running service loses its peers, too; and, if a CA left ca.crt, every peer on a
+        # resumed session, whose CA we cannot tell.
+        closed = close_untrusted(self.live, resumed_too=bool(anchors - self.live.trust.anchors))
         if self.live.client is not None and self.live.client is not before:  # not after a CRL alone (LiveTLS.prepare)
             for callee in self.callees:  # the next hop, the token service
                 callee.renew(self.live.client)
         log.info("reloaded", extra={"files": files, "revoked_connections_closed": closed})
 
 
-def close_untrusted(live: LiveTLS) -> int:
+def close_untrusted(live: LiveTLS, *, resumed_too: bool = False) -> int:
     """Close every open connection of a caller to us whose peer a handshake completing now would refuse
     (LiveTLS.refusal: revoked, expired, from a CA — by key — no longer trusted, or from one whose CRL is not in its
-    validity), and retire ours to such a callee (shared.outbound.nativetls); how many."""
+    validity), and retire ours to such a callee (shared.outbound.nativetls); how many.
+
+    `resumed_too`, after a CA left ca.crt: close every connection on a resumed TLS session as well. Its peer
+    shows no chain, so no CA to check against ca.crt; a session is resumed only under the contexts that made it
+    (LiveTLS.recheck), and this closes the connections already open on one."""
 
     def untrusted(peer: PeerIdentity) -> bool:
-        return live.refusal(peer) is not None
+        return (resumed_too and peer.anchor is None) or live.refusal(peer) is not None
 
     return close_where(untrusted) + nativetls.retire_where(untrusted)
 

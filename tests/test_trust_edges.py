@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import socket
@@ -172,6 +173,71 @@ def test_a_handshake_that_straddles_the_removal_of_its_ca_is_refused(layout: Lay
         reasons = [e["reason"] for e in service.events_since(marks["service-a"], "tls_refused")]
         assert reasons and "is no longer trusted: it is not in ca.crt" in reasons[0]
         assert any(e.get("revoked_connections_closed") == 1 for e in service.events_since(marks["service-a"]))
+
+
+class KeptAlive:
+    """An HTTP/1.1 connection kept open over TLS 1.2, resuming `session` if it can."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None) -> None:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 resumes only with a ticket: none is issued
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.tls = context.wrap_socket(raw, server_hostname="service-a", session=session)
+
+    def get(self) -> int | None:
+        """The status of one GET /chain on it, or None once the service has closed it."""
+        try:
+            self.tls.sendall(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                if not (chunk := self.tls.recv(65536)):
+                    return None
+                head += chunk
+            head, body = head.split(b"\r\n\r\n", 1)
+            length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))[15:])
+            while len(body) < length:
+                if not (chunk := self.tls.recv(65536)):
+                    return None
+                body += chunk
+            return int(head.split(b" ", 2)[1])
+        except (ssl.SSLError, OSError):
+            return None
+
+    def close(self) -> None:
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self.tls.unwrap()  # a clean close_notify both ways: the service keeps the session to resume
+        self.tls.close()
+
+
+@pytest.mark.e2e
+def test_a_resumed_session_of_a_ca_taken_out_of_ca_crt_is_closed(layout: Layout, tmp_path: Path) -> None:
+    """A resumed TLS 1.2 session shows no chain, so no CA to check against ca.crt. When a CA leaves ca.crt, the
+    connections open on a resumed session are closed with the rest. (The review's attack: before, a client of the
+    removed CA that resumed its session and kept that connection busy went on being served.)"""
+    second_root = CertificateAuthority.root("Second Root CA")
+    second = second_root.intermediate("Second Issuing CA")
+    client = Credentials(*second.issue("client", usages=["client"], uris=[POLICY.spiffe_id("client")]).write(tmp_path))
+    ours = layout.ca_cert.read_bytes()
+    write_file(layout.ca_cert, ours + second_root.cert_pem())
+    write_file(layout.crl, layout.crl.read_bytes() + empty_crl(second))
+    with a_and_b(layout, tmp_path) as mesh:
+        service = mesh["service-a"]
+        context = attacker_context(layout.ca_cert, client)
+        first = KeptAlive(service.port, context)
+        assert first.get() == 200
+        session = first.tls.session
+        first.close()
+        resumed = KeptAlive(service.port, context, session)
+        try:
+            assert resumed.tls.session_reused and resumed.get() == 200
+            marks = mesh.marks()
+            write_file(layout.ca_cert, ours)
+            wait_until(lambda: reloaded(service, marks["service-a"], "ca.crt"))
+            assert resumed.get() is None  # closed at the reload
+        finally:
+            resumed.close()
+        assert mesh.events_since(marks) == {"service-a": [], "service-b": []}, "no request reached any app"
+        [reload] = service.events_since(marks["service-a"], "reloaded")
+        assert reload["revoked_connections_closed"] >= 1
 
 
 @pytest.mark.e2e

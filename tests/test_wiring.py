@@ -564,6 +564,16 @@ def test_a_revocation_closes_that_peers_connections_and_no_other(layout: Layout)
         assert not open_.callers["client"].aborted and not open_.callees["service-c"].retired
 
 
+def test_after_a_ca_left_ca_crt_the_connections_on_resumed_sessions_are_closed(layout: Layout) -> None:
+    """A resumed session's peer shows no chain (the stand-ins' peers have none either): no CA to check it against.
+    The reloader passes `resumed_too` when a CA left ca.crt (test_trust_edges proves it on a real resumed session)."""
+    live = LiveTLS(layout.material("service-b"))
+    with connected(layout, callers=["service-a"], callees=[]) as open_:
+        assert open_.peers["service-a"].anchor is None
+        assert close_untrusted(live) == 0 and not open_.callers["service-a"].aborted
+        assert close_untrusted(live, resumed_too=True) == 1 and open_.callers["service-a"].aborted
+
+
 def test_a_failing_tick_of_the_trust_clock_is_said_and_the_clock_goes_on(
     layout: Layout, caplog: pytest.LogCaptureFixture
 ) -> None:
