@@ -149,16 +149,23 @@ def test_a_handshake_that_straddles_a_revocation_is_refused(layout: Layout, tmp_
         assert [e["reason"] for e in refusals] == ["certificate revoked"]
 
 
-@pytest.mark.e2e
-def test_a_handshake_that_straddles_the_removal_of_its_ca_is_refused(layout: Layout, tmp_path: Path) -> None:
-    """A second CA is trusted (its root in ca.crt, its intermediate's CRL in crl.pem) and then taken out of
-    ca.crt only: its handshake in flight is refused, and its open keep-alive connection is closed."""
+def trust_a_second_ca(layout: Layout, tmp_path: Path) -> tuple[Credentials, bytes]:
+    """A second CA trusted beside ours (its root in ca.crt, its intermediate's CRL in crl.pem): a client of it,
+    and ca.crt as it was without it, to write back when the test takes it out."""
     second_root = CertificateAuthority.root("Second Root CA")
     second = second_root.intermediate("Second Issuing CA")
     client = Credentials(*second.issue("client", usages=["client"], uris=[POLICY.spiffe_id("client")]).write(tmp_path))
     ours = layout.ca_cert.read_bytes()
     write_file(layout.ca_cert, ours + second_root.cert_pem())
     write_file(layout.crl, layout.crl.read_bytes() + empty_crl(second))
+    return client, ours
+
+
+@pytest.mark.e2e
+def test_a_handshake_that_straddles_the_removal_of_its_ca_is_refused(layout: Layout, tmp_path: Path) -> None:
+    """A second CA is trusted (its root in ca.crt, its intermediate's CRL in crl.pem) and then taken out of
+    ca.crt only: its handshake in flight is refused, and its open keep-alive connection is closed."""
+    client, ours = trust_a_second_ca(layout, tmp_path)
     with a_and_b(layout, tmp_path) as mesh:
         service = mesh["service-a"]
         context = attacker_context(layout.ca_cert, client)
@@ -213,12 +220,7 @@ def test_a_resumed_session_of_a_ca_taken_out_of_ca_crt_is_closed(layout: Layout,
     """A resumed TLS 1.2 session shows no chain, so no CA to check against ca.crt. When a CA leaves ca.crt, the
     connections open on a resumed session are closed with the rest. (The review's attack: before, a client of the
     removed CA that resumed its session and kept that connection busy went on being served.)"""
-    second_root = CertificateAuthority.root("Second Root CA")
-    second = second_root.intermediate("Second Issuing CA")
-    client = Credentials(*second.issue("client", usages=["client"], uris=[POLICY.spiffe_id("client")]).write(tmp_path))
-    ours = layout.ca_cert.read_bytes()
-    write_file(layout.ca_cert, ours + second_root.cert_pem())
-    write_file(layout.crl, layout.crl.read_bytes() + empty_crl(second))
+    client, ours = trust_a_second_ca(layout, tmp_path)
     with a_and_b(layout, tmp_path) as mesh:
         service = mesh["service-a"]
         context = attacker_context(layout.ca_cert, client)
