@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import http.client
 import socket
 import ssl
 import threading
@@ -194,19 +195,11 @@ class KeptAlive:
         """The status of one GET /chain on it, or None once the service has closed it."""
         try:
             self.tls.sendall(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
-            head = b""
-            while b"\r\n\r\n" not in head:
-                if not (chunk := self.tls.recv(65536)):
-                    return None
-                head += chunk
-            head, body = head.split(b"\r\n\r\n", 1)
-            length = int(next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))[15:])
-            while len(body) < length:
-                if not (chunk := self.tls.recv(65536)):
-                    return None
-                body += chunk
-            return int(head.split(b" ", 2)[1])
-        except (ssl.SSLError, OSError):
+            response = http.client.HTTPResponse(self.tls)  # type: ignore[arg-type]
+            response.begin()
+            response.read()
+            return response.status
+        except (ssl.SSLError, OSError, http.client.HTTPException):
             return None
 
     def close(self) -> None:
