@@ -64,17 +64,30 @@ class RollOver:
         return self.layout.rollover / "stage"
 
     def run(self) -> None:
-        """Every stage not yet done, each followed by its gate."""
-        done = self._stage_file.read_text().split() if self._stage_file.exists() else []
-        if (done and done[0] == "root" and not self.root) or (self.root and done and done[0] != "root"):
-            raise PKIError("a rollover of the other kind is under way: finish it first (with or without ROOT=1)")
+        """Every stage not yet done, each followed by its gate.
+
+        Which stages are done is read again under the lock, before each stage: two `rotate-ca` runs at once
+        take turns stage by stage, and none repeats a stage the other did. (Read once before the lock, both
+        published a new intermediate, and the second issue stage put the old one, parked for retirement, back
+        in force.) A run whose rollover another run finished meanwhile stops, saying so.
+        """
+        under_way = False
         for stage in STAGES:
-            if stage in done:
-                continue
             started = time.monotonic()
             # One stage, gate included, holds pki/out's lock: the renewer must not rotate an identity while
             # the issue stage does (both rotated service-b, and one found its successor gone).
             with pki_lock(self.layout, f"python -m pki rotate-ca, stage {stage}"):
+                done = self._stage_file.read_text().split() if self._stage_file.exists() else []
+                if under_way and not done:
+                    self.log("another `rotate-ca` finished this rollover meanwhile")
+                    return
+                if done and (done[0] == "root") != self.root:
+                    raise PKIError(
+                        "a rollover of the other kind is under way: finish it first (with or without ROOT=1)"
+                    )
+                under_way = True
+                if stage in done:
+                    continue
                 getattr(self, stage)()
                 self.after_each_stage()
                 self._gate(stage)

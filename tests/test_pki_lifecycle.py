@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from pki.rollover import RollOver
 from services.local import chain_environments, running
 from shared.authz import AllowList
 from shared.layout import Layout
-from shared.x509 import load_certificates, load_key, thumbprint
+from shared.x509 import authority_key_id, crl_blocks, load_certificates, load_key, thumbprint
 from tests.compose.stack import ROOT
 from tests.support import TLS_REFUSALS, Credentials, Mesh, Service, attacker_context, get, start_services, wait_until
 from tests.support import free_ports as ports
@@ -273,6 +274,53 @@ def test_the_renewer_and_commands_hammering_at_once_leave_a_consistent_pki(tmp_p
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert not [e for e in events if e.get("event") == "renewal_failed"], events
+    assert_consistent(layout, policy)
+
+
+def test_two_ca_rollovers_at_once_take_turns_and_leave_the_new_intermediate_in_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `rotate-ca` runs at once (found by attack): each read which stages were done before taking the lock,
+    so both published a new intermediate, and the second issue stage put the old one back in force — parked in
+    rollover/ to be retired, perhaps because its key was stolen — while both runs and `pki check` said all was
+    well. Here the second run reaches the lock while the first is publishing."""
+    layout, policy = Layout(tmp_path / "pki"), Policy.load(policy_file(tmp_path))
+    init(layout, policy)
+    old_key = layout.intermediate_key.read_bytes()
+    second_waits, logs, failures = threading.Event(), [], []
+
+    def lock(layout: Layout, holder: str):  # the rollover's lock, telling us when the second run is at it
+        if threading.current_thread() is not threading.main_thread():
+            second_waits.set()
+        return pki_lock(layout, holder)
+
+    def second_run() -> None:
+        try:
+            RollOver(layout, policy, services={}, log=logs.append).run()
+        except Exception as e:  # reported by the assertion below
+            failures.append(e)
+
+    second = threading.Thread(target=second_run)
+
+    def while_publishing() -> None:  # the first run's hook, called inside its stages
+        if not second.is_alive() and not second_waits.is_set():
+            second.start()
+            assert second_waits.wait(timeout=30)
+
+    monkeypatch.setattr("pki.rollover.pki_lock", lock)
+    for module in ("pki.rollover", "pki.renewal"):  # no service to wait for
+        monkeypatch.setattr(f"{module}.ROTATION_GRACE", dt.timedelta(0))
+    RollOver(layout, policy, services={}, after_each_stage=while_publishing, log=lambda _: None).run()
+    second.join(timeout=120)
+    assert not second.is_alive() and not failures, failures
+    assert layout.intermediate_key.read_bytes() != old_key, "the old intermediate is in force again"
+    assert not layout.rollover.exists(), "a rollover is left under way"
+    intermediate = load_certificates(layout.intermediate_cert)[0]
+    issuer = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    crls = [x509.load_pem_x509_crl(block) for block in crl_blocks(layout.crl.read_bytes())]
+    assert [authority_key_id(crl) for crl in crls] == [issuer], "crl.pem is not the new intermediate's alone"
+    for name in [*policy.services, *policy.clients]:
+        assert authority_key_id(load_certificates(layout.cert(name))[0]) == issuer, f"{name}: not the new CA's"
     assert_consistent(layout, policy)
 
 
