@@ -11,7 +11,6 @@ Peers identify a service by these Subject Alternative Names, never by the Common
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from pki import ledger
 from pki.allowlists import render_allow_lists
-from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer, now
+from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer, now, renewal_time
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
@@ -29,8 +28,6 @@ from shared.x509 import KeyType, load_certificates, subject_alt_names
 
 __all__ = ["SAN_KINDS", "discarded_by_force", "init", "issue_identity", "parse_san", "service_sans"]
 
-# `init` re-issues a leaf that is this close to expiry.
-RENEW_BEFORE = dt.timedelta(days=7)
 # How `python -m pki inspect` labels a SAN → the keyword `CertificateAuthority.issue` takes it by.
 SAN_KINDS = {"DNS": "dns", "IP": "ips", "URI": "uris"}
 LOOPBACK_DNS, LOOPBACK_IP = "localhost", "127.0.0.1"
@@ -45,15 +42,16 @@ def service_sans(name: str, policy: Policy) -> dict[str, list[str]]:
 
 
 def _needs_renewal(path: Path, policy: Policy, name: str) -> bool:
-    """Missing, close to expiry, or a service's certificate with loopback SANs where the deployment wants none
-    (a pki/out made by `make run`, then used by Docker or Kubernetes). Not the other way round: no caller
-    needs them (every caller checks the service's name), and renewals keep a certificate's SANs as they are."""
+    """Missing, due for renewal (the renewer's rule: half its life), or a service's certificate with loopback
+    SANs where the deployment wants none (a pki/out made by `make run`, then used by Docker or Kubernetes). Not
+    the other way round: no caller needs them (every caller checks the service's name), and renewals keep a
+    certificate's SANs as they are."""
     if not path.exists():
         return True
     leaf = load_certificates(path)[0]
     loopback = {("DNS", LOOPBACK_DNS), ("IP", LOOPBACK_IP)} & set(subject_alt_names(leaf))
     unwanted = name in policy.services and not policy.loopback_sans and bool(loopback)
-    return unwanted or leaf.not_valid_after_utc - RENEW_BEFORE < now()
+    return unwanted or now() >= renewal_time(leaf)
 
 
 def init(
@@ -66,7 +64,7 @@ def init(
     """Create whatever is missing (everything with `force`), then render the allow-lists.
 
     Existing material is kept, so running it twice changes nothing: a thumbprint that was already on an
-    allow-list stays valid. A leaf close to expiry is re-issued. Returns what was created, for the log.
+    allow-list stays valid. A leaf due for renewal (half its life) is re-issued. Returns what was created, for the log.
 
     A new CA is made only where there is none at all. Half a CA — a key without its certificate, or the
     reverse — or a revocation record without a CA is refused: replacing it would re-issue every identity

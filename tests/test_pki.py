@@ -29,6 +29,7 @@ from pki import (
     rotation,
 )
 from pki.__main__ import main
+from pki.authority import now
 from shared.authz import AllowList
 from shared.layout import Layout
 from shared.x509 import (
@@ -152,6 +153,21 @@ def test_init_is_idempotent_and_force_regenerates(tmp_path) -> None:
     assert layout.allow_list("service-b").read_text() == allow_before
     assert "ca" in init(layout, force=True)
     assert layout.cert("service-a").read_bytes() != before
+
+
+def test_init_keeps_short_lived_leaves_until_the_renewer_would_renew_them(tmp_path, monkeypatch) -> None:
+    """`make pki` keeps what exists, whatever the leaf lifetime: it re-issues a leaf only once the renewer
+    would (half its life). A fixed margin longer than the lifetime re-issued every identity on every run."""
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        (ROOT / "pki" / "policy.toml").read_text().replace('leaf_lifetime = "90d"', 'leaf_lifetime = "1h"')
+    )
+    policy, layout = Policy.load(policy_file), Layout(tmp_path / "out")
+    init(layout, policy)
+    assert init(layout, policy) == []
+    later = now() + dt.timedelta(minutes=40)  # 1 h leaves, back-dated 5 min: due at 32.5 min
+    monkeypatch.setattr("pki.identities.now", lambda: later)
+    assert init(layout, policy) == [*policy.services, *policy.clients]
 
 
 def test_rsa_option(tmp_path) -> None:
