@@ -7,7 +7,8 @@ Two grants, each a short list of rules, each refusal naming the rule (RFC 6749 �
 - **an exchange** (`grant_exchange`, RFC 8693): a holder trades a token *it was given* (`aud` is the holder)
   for one addressed to a service *it may call*, for the same user, with no scope the given token lacks — and
   none the policy no longer gives the user: the policy in force decides, not the one the given token was
-  issued under (a user removed from it gets no further token, however long the given one still lives).
+  issued under (a user removed from it gets no further token, however long the given one still lives; the
+  services ask again at least every 30 s, `shared.tokens.client.REUSE_FOR`).
 
     policy = TokenPolicy.load(Path("pki/out/tokens.json"))
     policy.grant_exchange("service-a", subject_token, audience="service-b", requested=None)   # → the scopes

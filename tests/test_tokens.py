@@ -13,6 +13,7 @@ import hmac
 import json
 import ssl
 import time
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from shared.tokens import (
     KEYS_MAX_AGE,
     LEEWAY_SECONDS,
     REFETCH_AFTER,
+    REUSE_FOR,
     TokenClient,
     TokenRefused,
     UserToken,
@@ -466,5 +468,35 @@ def test_a_verified_token_is_not_verified_again_but_still_refused_when_it_no_lon
         tokens._attempted -= KEYS_MAX_AGE + 1
         with pytest.raises(TokenRefused, match="does not publish"):
             await tokens.verify(raw, "service-b")
+
+    asyncio.run(scenario())
+
+
+def test_an_exchanged_token_is_reused_for_a_while_not_until_it_expires(
+    key: ECKey, holder: PeerIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attack: a user taken out of the token policy went on through the whole chain for minutes, on the
+    tokens A and B had exchanged for her before (reused until shortly before their expiry); the token service,
+    which re-checks her at each exchange, never saw her again. Now a service asks again after REUSE_FOR."""
+    exchanges: list[str] = []
+    clock = [time.time()]
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
+
+    async def token_service(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/jwks":
+            body = {"keys": [key.as_dict(private=False)]}
+        else:
+            exchanges.append(request.url.path)
+            body = {"access_token": f"onward-{len(exchanges)}", "expires_in": 300}
+        return httpx.Response(200, stream=httpx.ByteStream(json.dumps(body).encode()))
+
+    async def scenario() -> None:
+        tokens = token_client(token_service)
+        given = await tokens.verify(forge(key, header(key), token_claims(holder, "service-a")), "service-a")
+        assert await tokens.exchange(given, "service-b") == "onward-1"
+        clock[0] += REUSE_FOR - 1
+        assert await tokens.exchange(given, "service-b") == "onward-1" and len(exchanges) == 1  # reused
+        clock[0] += 2
+        assert await tokens.exchange(given, "service-b") == "onward-2"  # asked again: the policy in force decides
 
     asyncio.run(scenario())

@@ -76,7 +76,7 @@ def test_the_chain_runs_on_behalf_of_alice_with_the_actor_chain(target: MeshTarg
     attacks.chain_runs_on_behalf_of_alice(target)
 
 
-def test_exchanged_tokens_are_cached_until_shortly_before_they_expire(target: MeshTarget) -> None:
+def test_an_exchanged_token_is_reused_not_exchanged_again_on_every_request(target: MeshTarget) -> None:
     token = attacks.user_token(target).json()["access_token"]
     mark = attacks.marks(target)
     for _ in range(3):

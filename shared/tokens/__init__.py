@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from shared.tokens.client import CACHE_MARGIN, CACHE_SIZE, KEYS_MAX_AGE, REFETCH_AFTER, RETRY_AFTER, TokenClient
+from shared.tokens.client import (
+    CACHE_MARGIN,
+    CACHE_SIZE,
+    KEYS_MAX_AGE,
+    REFETCH_AFTER,
+    RETRY_AFTER,
+    REUSE_FOR,
+    TokenClient,
+)
 from shared.tokens.onbehalf import OnBehalfOf, token_decisions
 from shared.tokens.token import (
     ACCESS_TOKEN_TYPE,
@@ -32,6 +40,7 @@ __all__ = [
     "MAX_ACTORS",
     "REFETCH_AFTER",
     "RETRY_AFTER",
+    "REUSE_FOR",
     "TOKEN_SERVICE",
     "TYP",
     "USER_GRANT",

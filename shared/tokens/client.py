@@ -33,7 +33,11 @@ __all__ = ["TokenClient"]
 REFETCH_AFTER = 5.0
 KEYS_MAX_AGE = 60.0  # keys the token service stopped publishing are dropped within this
 RETRY_AFTER = 1.0  # a fetch that failed is not tried again sooner: a token service that is down is not flooded
-CACHE_MARGIN = 10.0  # an exchanged token is reused until this many seconds before it expires
+CACHE_MARGIN = 10.0  # an exchanged token is reused until this many seconds before it expires…
+# …and for REUSE_FOR seconds at most: each exchange meets the token service's policy in force, so a user taken out
+# of it, or a scope narrowed, is refused at every hop within this (reused until its expiry, a user removed went on
+# through the whole chain for minutes).
+REUSE_FOR = 30.0
 CACHE_SIZE = 1024  # exchanged tokens, and verified ones, each
 
 
@@ -47,7 +51,7 @@ class TokenClient:
         self._attempted = float("-inf")  # when the last fetch started, whatever came of it
         self._failure: str | None = None  # why the last fetch failed, if it did
         self._fetching = asyncio.Lock()
-        self._exchanged: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
+        self._exchanged: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()  # → (token, reuse until)
         # Tokens verified already, by (token, audience): with the key that verified them (kid, RFC 7638 thumbprint).
         self._verified: OrderedDict[tuple[str, str], tuple[UserToken, str, str]] = OrderedDict()
         self._thumbprints: dict[str, str] = {}  # kid → thumbprint of the key published under it now
@@ -92,9 +96,10 @@ class TokenClient:
         return kid is not None and kid not in self._kids and since > REFETCH_AFTER
 
     async def exchange(self, token: UserToken, audience: str) -> str:
-        """RFC 8693: `token` (given to us) for one addressed to `audience`, bound to our certificate; cached."""
+        """RFC 8693: `token` (given to us) for one addressed to `audience`, bound to our certificate; reused for
+        REUSE_FOR seconds at most, and never within CACHE_MARGIN of its expiry."""
         key = (token.raw, audience, self.generation())
-        if (cached := self._exchanged.get(key)) and cached[1] - time.time() > CACHE_MARGIN:
+        if (cached := self._exchanged.get(key)) and time.time() < cached[1]:
             self._exchanged.move_to_end(key)
             return cached[0]
         response = await self.connection.send(
@@ -112,8 +117,9 @@ class TokenClient:
             said = f"{body.get('error')}: {body.get('error_description')}" if "error" in body else ""
             reason = f"{self.connection.name} refused the exchange for {audience}: {said or response.status_code}"
             raise self.connection.failure(reason)
-        onward, expires = body["access_token"], time.time() + float(body.get("expires_in", 0))
-        self._exchanged[key] = (onward, expires)
+        now = time.time()
+        onward, expires = body["access_token"], now + float(body.get("expires_in", 0))
+        self._exchanged[key] = (onward, min(expires - CACHE_MARGIN, now + REUSE_FOR))
         while len(self._exchanged) > CACHE_SIZE:
             self._exchanged.popitem(last=False)
         return onward
