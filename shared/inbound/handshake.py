@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # uvicorn[standard] brings httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # pyproject.toml brings httptools
 
 from shared.inbound.asgi import IDENTITY_KEY, expose, tls_extension
 from shared.inbound.connections import caller_key, connections, peer_address
