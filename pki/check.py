@@ -7,7 +7,7 @@ What it reads, in order (a broken CA stops it: nothing below can be judged witho
 
 - the policy: a TOML error or an unknown key, with its line (pki.policy);
 - permissions: pki/out and its directories writable by us alone, keys readable by us alone, every other file
-  writable by us alone — the rules a service applies when it reads them (shared.files);
+  writable by us alone — the rules a service applies when it reads them (shared.x509.files);
 - the CA: the intermediate's key is its certificate's (pki.authority), and a CA of ca.crt signed it;
 - crl.pem: every CRL in it signed by our intermediate (or the other one, during a rollover);
 - every identity of the policy: its files load as a service would load them (shared.tls.LiveTLS: expiry, key,
@@ -104,7 +104,7 @@ def _permissions(layout: Layout) -> list[Finding]:
             )
     for path in sorted(p for p in layout.out.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if os.geteuid() == 0 and path.stat().st_uid != 0:
-            # The compose pki job: root, on your checkout's pki/out (owned by you), which shared.files' owner
+            # The compose pki job: root, on your checkout's pki/out (owned by you), which shared.x509.files' owner
             # rule refuses; each container applies that rule to what it is deployed, as it reads it.
             continue
         try:
@@ -229,7 +229,7 @@ def _load_as_a_service(material: TLSMaterial) -> None:
     """The very checks a service makes when it loads these files: one copy of each rule."""
     if os.geteuid() == 0 and any(path.stat().st_uid != 0 for path in material.files() if path.exists()):
         # The compose pki job, root on your files (see _permissions): the same checks of what the files say,
-        # without shared.files' owner rule, which each container applies to what it is deployed.
+        # without shared.x509.files' owner rule, which each container applies to what it is deployed.
         paths = {"ca": material.ca, "cert": material.cert, "key": material.key, "crl": material.crl}
         material.verify({field: path.read_bytes() for field, path in paths.items() if path is not None})
         return

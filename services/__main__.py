@@ -79,8 +79,8 @@ def parse_arguments(argv: list[str] | None = None) -> None:
     )
     parser = argparse.ArgumentParser(
         prog="python -m services",
-        description=f"{__doc__}\nSettings, from the environment (README.md, Configuration, says what each does):\n"
-        f"{settings}\n\nExample: MESH_NAME=service-c MESH_PORT=8445 python -m services",
+        description=f"{__doc__}\nSettings, from the environment (docs/reference.md, Configuration):\n{settings}\n\n"
+        "Example: MESH_NAME=service-c MESH_PORT=8445 python -m services",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(parser)

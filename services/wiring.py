@@ -6,7 +6,7 @@ completed afterwards. What a changed file may replace is listed in one registry,
 its new content is taken in, whole); the reloader (services.reloader) goes through nothing else.
 
 The app (services.app) only routes requests to these parts; a test can build them with `connect=` an
-httpx.MockTransport maker and drive the app in-process (tests/wiring).
+httpx.MockTransport maker and drive the app in-process (tests/test_wiring.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from shared.authz import (
     authorize_listed,
     authorize_trusted_now,
 )
-from shared.outbound import Downstream, nativetls
-from shared.outbound.downstream import Connect
+from shared.outbound import Connect, Downstream, nativetls
 from shared.tls import LiveTLS
 from shared.tokens import OnBehalfOf, TokenClient
 from shared.x509 import InvalidSpiffeId, MaterialError, SpiffeId, peer_id

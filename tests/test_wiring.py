@@ -1,6 +1,6 @@
 """Every guard's rule, in-process: the real app and the real checks, with the network replaced by httpx's seams.
 
-The caller's verified certificate goes where the handshake puts it (`shared.peer.tls_extension` of a fake
+The caller's verified certificate goes where the handshake puts it (`shared.inbound.asgi.tls_extension` of a fake
 SSLObject, handed to the app with `expose`), the requests go in through `httpx.ASGITransport`, and the next hop
 and the token service answer through `httpx.MockTransport` — so each test shows the request refused *and* that
 nothing went further. The callee check and the handshake's re-check get fake SSLObjects; `LiveTLS` gets a clock;

@@ -39,7 +39,7 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     cipher = ssl_object.cipher()
     return {
         "server_cert": None,
-        # Python < 3.13 exposes only the leaf of the verified chain; the spec allows a partial chain.
+        # The leaf only (the ASGI TLS extension allows a partial chain): the CAs above it are in ca.crt.
         "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
         "client_cert_name": caller.subject if caller else None,
         "client_cert_error": None,  # under CERT_REQUIRED an invalid certificate never gets this far

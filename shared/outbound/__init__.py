@@ -6,6 +6,7 @@ from shared.outbound.callee import CalleeCheck, CalleeRefused, callee_check, ref
 from shared.outbound.downstream import (
     KEEPALIVE_EXPIRY,
     MAX_RESPONSE_BYTES,
+    Connect,
     Downstream,
     closed_without_answer,
     explain_transport_error,
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "CalleeCheck",
     "CalleeRefused",
+    "Connect",
     "Downstream",
     "NativeTLSBackend",
     "callee_check",

@@ -71,7 +71,7 @@ def server_context(
     # No session tickets: a resumed handshake checks no certificate, no expiry and no CRL, so a peer revoked
     # (or expired) since its first handshake would get back in with a ticket. No TLS 1.3 tickets, no TLS 1.2
     # tickets. TLS 1.2's session-ID cache cannot be switched off from Python: the protocol re-checks every
-    # session resumed that way (LiveTLS.recheck, shared.handshake).
+    # session resumed that way (LiveTLS.recheck, shared.inbound.handshake).
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
     _load(context, material, openssl_crl)
@@ -85,7 +85,7 @@ def client_context(
 
     Hostname checking is what makes "the callee is service-b" true rather than "the callee has some
     certificate from our CA": every service certificate chains to the same root, so the name is what
-    tells them apart. Callers connect with the callee's name as TLS server name (see shared.downstream).
+    tells them apart. Callers connect with the callee's name as TLS server name (see shared.outbound.downstream).
     With a CRL this is the analogue of .NET's `CheckCertificateRevocationList = true`.
     """
     material.check()
@@ -118,8 +118,6 @@ def _load(context: ssl.SSLContext, material: TLSMaterial, openssl_crl: bool = Tr
     # OpenSSL's check.
     if material.crl is not None and openssl_crl:
         # The leaf only: our CRL is the intermediate's, and CHAIN would also demand one from the root.
-        # Loading a newer CRL into a live context takes effect for the next handshake: OpenSSL keeps every
-        # CRL it was given and uses the one with the latest lastUpdate (pki makes each one strictly later).
         context.load_verify_locations(cafile=material.crl)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if material.cert is not None:

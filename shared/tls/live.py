@@ -58,7 +58,7 @@ class Prepared:
 class LiveTLS:
     """A running service's TLS contexts, rebuilt from its files whenever they change and swapped in whole.
 
-    We run the handshake ourselves (shared.handshake), and it asks for `server` on every new connection; the
+    We run the handshake ourselves (shared.inbound.handshake), and it asks for `server` on every new connection; the
     pool towards the next hop is renewed with `client`. So a rebuilt pair takes effect from the next
     connection on: a renewed certificate, a CA added to ca.crt — or taken out of it, which loading into a live
     OpenSSL context could never do. A CRL is not in the contexts (below): when it alone changes they stay, and
