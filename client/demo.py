@@ -15,7 +15,16 @@ from pathlib import Path
 
 from client.__main__ import call, default_server_id
 from pki import Policy, init, load_issuer, self_signed
-from services.local import CHAIN, DEFAULT_PORTS, ServiceProcess, busy_ports, chain_environments, parse_ports, running
+from services.local import (
+    CHAIN,
+    DEFAULT_PORTS,
+    ServiceProcess,
+    busy_ports,
+    chain_environments,
+    free_ports,
+    parse_ports,
+    running,
+)
 from shared.authz import authorize_id
 from shared.cli import add_version
 from shared.layout import Layout
@@ -49,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ports {e}")
     if busy := busy_ports(ports[:3]):
         print(
-            f"demo: 127.0.0.1:{busy[0]} is already in use (`make run`?) — stop it, or choose free ports: "
-            "make demo PORTS=9443,9444,9445,9446",
+            f"demo: 127.0.0.1:{busy[0]} is already in use (`make run`?) — stop it, or choose free ports, e.g. "
+            f"make demo PORTS={','.join(map(str, free_ports(len(ports))))}",
             file=sys.stderr,
         )
         return 1

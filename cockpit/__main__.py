@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cockpit.collect import SERVICES, collect, local_targets, parse_targets
 from cockpit.status import as_json, judge, render
+from pki.authority import PKIError
 from pki.policy import POLICY_FILE
 from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         mesh = collect(targets, Layout(args.pki_dir), args.policy, timeout=args.timeout)
-    except MaterialError as e:
+    except (MaterialError, PKIError) as e:  # a file it reads, or the policy, is missing or malformed
         print(f"status: {e}", file=sys.stderr)
         return 1
     checks = judge(mesh)

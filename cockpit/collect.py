@@ -116,6 +116,7 @@ class SigningKeys:
 class ServiceStatus:
     target: Target
     error: str | None = None  # why it could not be read; every other field is then empty
+    answered: int | None = None  # with an error: the HTTP status it answered with, if it answered at all
     generation: int | None = None  # how many times it has (re)built its TLS contexts
     certificate: Certificate | None = None
     trust_anchors: tuple[str, ...] = ()  # SHA-256 of each CA certificate it trusts
@@ -223,7 +224,8 @@ def _read_service(target: Target, context: Any, domain: str, timeout: float) -> 
         return ServiceStatus(target, explain_transport_error(e, target.name, timeout, target.url))
     if response.status_code != 200:
         detail = _detail(response)
-        return ServiceStatus(target, f"GET {target.url}/status answered {response.status_code}: {detail}")
+        error = f"GET {target.url}/status answered {response.status_code}: {detail}"
+        return ServiceStatus(target, error, answered=response.status_code)
     try:
         return _service_of(target, response.json())
     except (ValueError, KeyError, TypeError) as e:

@@ -86,25 +86,31 @@ def _judge(mesh: MeshStatus) -> Iterator[Check]:
 def _service(service: ServiceStatus, mesh: MeshStatus, revoked: dict[str, str]) -> Iterator[Check]:
     name, ref, at = service.target.name, mesh.reference, mesh.at
     if not service.reachable:
-        yield Check(
-            False,
-            f"{name} at {service.target.url}: {service.error}",
-            f"start it (`make run`, or `docker compose up -d {name}`), or give its address (PORTS=A,B,C,T or "
-            "--service NAME=URL); a 403 means the operator is not on allow/metrics.txt (policy.toml's `metrics`)",
-        )
+        if service.answered == 403:
+            fix = f"put the operator on {name}'s allow/metrics.txt (policy.toml's `metrics`), then `make pki`"
+        elif service.answered is not None:
+            fix = f"see {name}'s log for why it answered so"
+        else:
+            fix = (
+                "start it (`make run`, or `make up` for the Docker mesh), or give its address (PORTS=A,B,C,T or "
+                "--service NAME=URL)"
+            )
+        yield Check(False, f"{name} at {service.target.url}: {service.error}", fix)
         return
     yield Check(True, f"{name} reachable over mTLS as the operator (trust generation {service.generation})")
     cert = service.certificate
     if cert is None:
         yield Check(False, f"{name} presents no certificate of its own", "issue it one: `make pki`")
     elif cert.not_after <= at:
-        yield Check(False, f"{name}'s certificate {cert.serial} expired {_ago(cert.not_after, at)}", "`make pki`")
+        expired = f"{name}'s certificate (serial {cert.serial}) expired {_ago(cert.not_after, at)}"
+        yield Check(False, expired, "`make pki`")
     elif cert.serial in revoked:
-        yield Check(False, f"{name} presents its revoked certificate {cert.serial}", f"`make rotate NAME={name}`")
+        revoked_one = f"{name} presents its revoked certificate (serial {cert.serial})"
+        yield Check(False, revoked_one, f"`make rotate NAME={name}`")
     else:
         yield Check(
             True,
-            f"{name} certificate {cert.serial} ({cert.spiffe_id}) expires {_in(cert.not_after, at)}, "
+            f"{name} certificate serial {cert.serial} ({cert.spiffe_id}) expires {_in(cert.not_after, at)}, "
             f"renewal due {_in(cert.renewal_due, at)}",
         )
     if ref.error:
@@ -155,7 +161,7 @@ def _service(service: ServiceStatus, mesh: MeshStatus, revoked: dict[str, str]) 
     if name == TOKEN_SERVICE:
         keys = service.signing_keys
         if keys is None:
-            yield Check(False, f"{name} reports no signing keys", "restart it: `make run` or `docker compose up -d`")
+            yield Check(False, f"{name} reports no signing keys", "restart it: `make run`, or `make up` (Docker)")
         else:
             yield Check(
                 True,

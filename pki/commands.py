@@ -88,7 +88,7 @@ def cmd_revoke(args: argparse.Namespace, layout: Layout) -> None:
         print(f"{name}: fresh key and certificate in place, sha256 {fresh.sha256}")
     print(
         "next: services that read pki/out (make run) refuse the revoked certificates within a second; the "
-        "Docker mesh gets them from `make revoke` (or `docker compose run --rm --no-deps pki`). "
+        "Docker mesh gets them from `make revoke` (or `make pki`). "
         f"`python -m pki list` shows {name}'s certificates; `make status` shows which services hold the new CRL."
     )
 

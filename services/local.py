@@ -30,7 +30,7 @@ DEFAULT_PORTS = (8443, 8444, 8445, 8446)  # A, B, C, the token service
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on right now, on 127.0.0.1 (for tests and benchmarks)."""
+    """Ports nobody listens on right now, on 127.0.0.1 (for tests, benchmarks, and to suggest when ours are taken)."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         # same (the other mesh's), and we would announce "mesh up" for a mesh that is not ours.
         listed = ", ".join(f"127.0.0.1:{port}" for port in busy)
         print(
-            f"mesh: {listed} already in use (another `make run`?) — stop it, or choose free ports: "
-            "make run PORTS=9443,9444,9445,9446",
+            f"mesh: {listed} already in use (another `make run`?) — stop it, or choose free ports, e.g. "
+            f"make run PORTS={','.join(map(str, free_ports(len(ports))))}",
             file=sys.stderr,
         )
         return 1
@@ -284,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             names = " → ".join(f"{p.name} (127.0.0.1:{p.port})" for p in processes[:3])
             tokens = f"{processes[3].name} (127.0.0.1:{processes[3].port})"
             commands = "".join(f"\n  {command}" for command in client_commands(ports))
-            print(f"mesh up: client → {names}; {tokens}. Ctrl-C stops all four. Call it:{commands}", flush=True)
+            print(
+                f"mesh up: client → {names}; {tokens}; and the renewer (certificates renewed at half their life). "
+                f"Ctrl-C stops them all. Call it:{commands}",
+                flush=True,
+            )
             while not stop.wait(0.5):
                 if exited := [p for p in processes if p.process and p.process.poll() is not None]:
                     print(f"{exited[0].name} exited; stopping the mesh", file=sys.stderr)

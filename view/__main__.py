@@ -14,6 +14,7 @@ token service), or at the URLs given:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from cockpit.collect import OPERATOR, Target, collect, local_targets, parse_targets
+from pki.authority import PKIError
 from pki.policy import POLICY_FILE, Policy
 from services.local import DEFAULT_PORTS
 from shared import tls
@@ -80,14 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         targets = targets_of(args.urls, args.ports)
     except ValueError as e:
         parser.error(str(e))
-    layout, policy = Layout(args.pki_dir), Policy.load(args.policy)
+    layout = Layout(args.pki_dir)
+    try:
+        policy = Policy.load(args.policy)
+    except PKIError as e:
+        print(f"view: {e}", file=sys.stderr)
+        return 2
     try:
         clients = operator_clients(targets, layout, policy)
     except MaterialError as e:
         print(f"view: {e} (the view reads the services as the operator: run `make pki`)", file=sys.stderr)
         return 2
     # The view shows the services and what pki/out says they should hold, not `pki check`'s findings: no doctor.
-    status = lambda: collect(targets, layout, args.policy, timeout=3, pki_check=False)  # noqa: E731
+    status = functools.partial(collect, targets, layout, args.policy, timeout=3, pki_check=False)
     watch = Watch(clients, policy, status, args.interval, red_seconds=args.red_seconds)
     with ViewServer(watch.state, args.port) as server:
         print(f"The mesh, live: {server.url}", flush=True)
