@@ -40,10 +40,9 @@ from shared.x509 import (
     MaterialError,
     SpiffeId,
     authority_key_id,
-    crl_blocks,
     crl_number,
     load_certificates,
-    parse_crl,
+    load_crls,
     svid_id,
     thumbprint,
 )
@@ -204,8 +203,7 @@ def read_reference(layout: Layout, policy_path: Path = POLICY_FILE, *, pki_check
     try:
         policy = Policy.load(policy_path)
         anchors = tuple(thumbprint(c) for c in load_certificates(layout.ca_cert, "CA file"))
-        data = layout.crl.read_bytes()
-        crls = tuple(_crl_of(parse_crl(block, layout.crl)) for block in crl_blocks(data))
+        crls = tuple(_crl_of(crl) for crl in load_crls(layout.crl))
         expected = expected_allow_lists(layout, policy)
         identities = {e.serial: e.name for e in ledger.entries(layout)}
     except (MaterialError, ValueError, OSError) as e:

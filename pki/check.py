@@ -41,11 +41,10 @@ from shared.tls import LiveTLS, TLSMaterial
 from shared.x509 import (
     MaterialError,
     authority_key_id,
-    crl_blocks,
     crl_number,
     key_id,
     load_certificates,
-    parse_crl,
+    load_crls,
     read_protected,
 )
 
@@ -140,8 +139,7 @@ def _crls(layout: Layout) -> list[Finding]:
     findings = []
     record = revocation_record(layout)
     signers: set[bytes] = set()
-    for block in crl_blocks(layout.crl.read_bytes()):
-        crl = parse_crl(block, layout.crl)
+    for crl in load_crls(layout.crl):
         signer = next((ca for ca in ours if _signed(crl, ca)), None)
         name = crl.issuer.rfc4514_string()
         if signer is not None and signer.public_key().public_bytes(*_SPKI) in signers:

@@ -24,8 +24,6 @@ import signal
 import time
 from collections.abc import Callable
 
-from cryptography import x509
-
 from pki.allowlists import render_allow_lists
 from pki.authority import now, renewal_time
 from pki.lock import pki_lock
@@ -33,7 +31,7 @@ from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
 from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
 from shared.layout import Layout
-from shared.x509 import crl_blocks, load_certificates
+from shared.x509 import load_certificates, load_crls
 
 __all__ = ["Renewer", "due"]
 
@@ -94,7 +92,7 @@ class Renewer:
         if crl_needs_renewal(self.layout, self.policy.crl_lifetime):
             # Every CRL whose CA key we hold: during a stalled CA rollover the other intermediate's too.
             write_crl(self.layout, self.policy.crl_lifetime)
-            crls = [x509.load_pem_x509_crl(block) for block in crl_blocks(self.layout.crl.read_bytes())]
+            crls = load_crls(self.layout.crl)
             until = {crl.issuer.rfc4514_string(): f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}" for crl in crls}
             log.info("crl_resigned", extra={"next_update": until})
             changed = True

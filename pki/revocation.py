@@ -22,7 +22,7 @@ from pki import ledger
 from pki.authority import CLOCK_SKEW, CertificateAuthority, PKIError, load_issuer, now
 from pki.output import write_file
 from shared.layout import Layout
-from shared.x509 import MaterialError, crl_blocks, crl_number, load_certificates, load_crl, thumbprint
+from shared.x509 import MaterialError, crl_number, load_certificates, load_crl, load_crls, thumbprint
 
 __all__ = [
     "CRL_VALIDITY",
@@ -57,7 +57,7 @@ def crl_needs_renewal(layout: Layout, lifetime: dt.timedelta = CRL_VALIDITY) -> 
     `lifetime` left — or with more than `lifetime` left, signed before the policy shortened it."""
     if not layout.crl.exists():
         return True
-    left = [_time_left(x509.load_pem_x509_crl(block)) for block in crl_blocks(layout.crl.read_bytes())]
+    left = [_time_left(crl) for crl in load_crls(layout.crl)]
     return not left or any(s is None or s < lifetime * RESIGN_AT or s > lifetime + SLACK for s in left)
 
 

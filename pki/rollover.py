@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from cryptography import x509
 
 from pki.allowlists import render_allow_lists
 from pki.authority import CertificateAuthority, PKIError, load_issuer, now
@@ -42,7 +41,7 @@ from pki.revocation import first_crl, write_crl
 from pki.rotation import ROTATION_GRACE
 from shared.layout import Layout
 from shared.tls import TLSMaterial, client_context
-from shared.x509 import crl_blocks, load_certificates, thumbprint
+from shared.x509 import crl_blocks, load_certificates, load_crls, thumbprint
 
 __all__ = ["RollOver"]
 
@@ -173,9 +172,7 @@ class RollOver:
 
     def _expectation(self, stage: str) -> Callable[[dict[str, Any]], bool]:
         anchors = sorted(thumbprint(c) for c in load_certificates(self.layout.ca_cert))
-        issuers = sorted(
-            x509.load_pem_x509_crl(block).issuer.rfc4514_string() for block in crl_blocks(self.layout.crl.read_bytes())
-        )
+        issuers = sorted(crl.issuer.rfc4514_string() for crl in load_crls(self.layout.crl))
         current = load_issuer(self.layout).cert.subject.rfc4514_string()
         if stage == "issue":
             return lambda h: (h.get("certificate") or {}).get("issuer") == current

@@ -39,6 +39,7 @@ __all__ = [
     "key_type",
     "load_certificates",
     "load_crl",
+    "load_crls",
     "load_key",
     "normalise_thumbprint",
     "parse_certificates",
@@ -71,7 +72,13 @@ def load_key(path: Path) -> PrivateKey:
 
 
 def load_crl(path: Path) -> x509.CertificateRevocationList:
+    """The first CRL in a PEM file: in a crl.pem, the current intermediate's (pki writes it first)."""
     return parse_crl(_read(path, "CRL"), path)
+
+
+def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file, in order: a crl.pem holds one per intermediate in play (two during a rollover)."""
+    return [parse_crl(block, path) for block in crl_blocks(_read(path, "CRL"))]
 
 
 def _read(path: Path, what: str) -> bytes:
