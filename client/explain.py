@@ -8,9 +8,8 @@ import json
 from typing import Any
 
 import httpx
-from cryptography import x509
 
-from pki.revocation import REVOCATION_REASONS
+from pki.revocation import revocation_reason
 from shared import tls
 from shared.x509 import MaterialError, PeerIdentity
 
@@ -88,13 +87,10 @@ def own_revocation(material: tls.TLSMaterial) -> str | None:
     entry = next((e for crl in crls if (e := crl.get_revoked_certificate_by_serial_number(ours.serial_number))), None)
     if entry is None:  # changed meanwhile, and no longer says so
         return None
-    try:
-        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
-    except x509.ExtensionNotFound:
-        flag = x509.ReasonFlags.unspecified
-    reason = next((name for name, known in REVOCATION_REASONS.items() if known == flag), flag.value)
+    why = "no reason given" if (reason := revocation_reason(entry)) == "unspecified" else f"reason {reason}"
     identity = (us.spiffe_id or material.cert.stem).rsplit("/", 1)[-1]
     return (
-        f"your certificate {material.cert} (serial {ours.serial_number:x}) is revoked (reason {reason}, since "
-        f"{entry.revocation_date_utc:%Y-%m-%d %H:%M}Z) — use a new one (`make rotate NAME={identity}` issues it)"
+        f"your certificate {material.cert} (serial {ours.serial_number:x}) is revoked ({why}, since "
+        f"{entry.revocation_date_utc:%Y-%m-%d %H:%M}Z) — use a new one: `make revoke` left a fresh one in "
+        f"pki/out, and `make rotate NAME={identity}` issues another"
     )

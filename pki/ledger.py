@@ -24,9 +24,9 @@ from cryptography import x509
 from pki.authority import PKIError, now
 from pki.output import write_file
 from shared.layout import Layout
-from shared.x509 import PeerIdentity, load_certificates, thumbprint
+from shared.x509 import PeerIdentity, authority_key_id, load_certificates, thumbprint
 
-__all__ = ["Issued", "entries", "find", "issuer_key_id", "record", "unexpired"]
+__all__ = ["Issued", "entries", "find", "record", "unexpired"]
 
 # An expired certificate is refused by every peer and need not be revoked; the ledger keeps it this much
 # longer for `pki list` and the record, then drops it, so that hourly certificates do not grow it for ever.
@@ -56,17 +56,8 @@ class Issued:
             sha256=thumbprint(cert),
             spiffe_id=PeerIdentity.from_certificate(cert).spiffe_id,
             not_after=cert.not_valid_after_utc.isoformat(),
-            issuer_key_id=issuer_key_id(cert),
+            issuer_key_id=(authority_key_id(cert) or b"").hex(),  # empty for a certificate that names none
         )
-
-
-def issuer_key_id(cert: x509.Certificate) -> str:
-    """The key that signed `cert` (its AKI), in hex; empty for a certificate that names none."""
-    try:
-        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return ""
-    return (aki.key_identifier or b"").hex()
 
 
 def record(layout: Layout, name: str, cert: x509.Certificate) -> Issued:

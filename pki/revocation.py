@@ -29,6 +29,7 @@ __all__ = [
     "REVOCATION_REASONS",
     "crl_needs_renewal",
     "first_crl",
+    "revocation_reason",
     "revoke",
     "revoke_certificate",
     "revoke_serial",
@@ -183,13 +184,20 @@ def _sign(
     return builder.sign(issuer.key, hashes.SHA256())
 
 
-def _as_record(entry: x509.RevokedCertificate) -> dict[str, str]:
-    """A CRL entry as the record writes it; no reason code is `unspecified` (RFC 5280 §5.3.1)."""
+def revocation_reason(entry: x509.RevokedCertificate) -> str:
+    """Why a CRL entry says its certificate was revoked, by its name in REVOCATION_REASONS (another code by
+    RFC 5280's); `unspecified` when it says nothing, as pki writes it (RFC 5280 §5.3.1)."""
     try:
         flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
     except x509.ExtensionNotFound:
-        flag = x509.ReasonFlags.unspecified
-    reason = next((name for name, known in REVOCATION_REASONS.items() if known == flag), "unspecified")
+        return "unspecified"
+    return next((name for name, known in REVOCATION_REASONS.items() if known == flag), flag.value)
+
+
+def _as_record(entry: x509.RevokedCertificate) -> dict[str, str]:
+    """A CRL entry as the record writes it: with a reason pki can sign again (else `unspecified`)."""
+    reason = revocation_reason(entry)
+    reason = reason if reason in REVOCATION_REASONS else "unspecified"
     return {"serial": f"{entry.serial_number:x}", "date": entry.revocation_date_utc.isoformat(), "reason": reason}
 
 
