@@ -91,6 +91,6 @@ def own_revocation(material: tls.TLSMaterial) -> str | None:
     identity = (us.spiffe_id or material.cert.stem).rsplit("/", 1)[-1]
     return (
         f"your certificate {material.cert} (serial {ours.serial_number:x}) is revoked ({why}, since "
-        f"{entry.revocation_date_utc:%Y-%m-%d %H:%M}Z) — use a new one: `make revoke` left a fresh one in "
-        f"pki/out, and `make rotate NAME={identity}` issues another"
+        f"{entry.revocation_date_utc:%Y-%m-%d %H:%M}Z) — use the new one `make revoke` put in pki/out, or "
+        f"`make rotate NAME={identity}`"
     )

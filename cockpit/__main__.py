@@ -19,11 +19,12 @@ from cockpit.collect import SERVICES, collect, local_targets, parse_targets
 from cockpit.status import as_json, judge, render
 from pki.authority import PKIError
 from pki.policy import POLICY_FILE
+from services.local import DEFAULT_PORTS, parse_ports
 from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
 from shared.x509 import MaterialError
 
-DEFAULT_PORTS = "8443,8444,8445,8446"
+PORTS = ",".join(map(str, DEFAULT_PORTS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,25 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = commands.add_parser("status", help="read every service as the operator and say what is not well")
     where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--ports", default=DEFAULT_PORTS, help=f"127.0.0.1 ports of {','.join(SERVICES)} (default: {DEFAULT_PORTS})"
-    )
+    where.add_argument("--ports", default=PORTS, help=f"127.0.0.1 ports of {','.join(SERVICES)} (default: {PORTS})")
     where.add_argument("--service", action="append", metavar="NAME=URL", help="a service to read (repeatable)")
-    p.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="PKI directory (default: pki/out)")
+    p.add_argument(
+        "--pki-dir", type=Path, default=DEFAULT_OUT, help="PKI directory (default: $MESH_PKI_DIR, else pki/out)"
+    )
     p.add_argument("--policy", type=Path, default=POLICY_FILE, help="policy file (default: pki/policy.toml)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per service (default 5)")
     p.add_argument("--json", action="store_true", help="machine-readable: the checks and everything read")
     args = parser.parse_args(argv)
     try:
-        if args.service:
-            targets = parse_targets(args.service)
-        else:
-            ports = args.ports.split(",")
-            if not all(p.strip().isdigit() for p in ports):
-                raise ValueError(f"--ports {args.ports}: give numbers, e.g. {DEFAULT_PORTS}")
-            targets = local_targets([int(p) for p in ports])
+        targets = parse_targets(args.service) if args.service else local_targets(parse_ports(args.ports))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(str(e) if args.service else f"--ports {e}")
     try:
         mesh = collect(targets, Layout(args.pki_dir), args.policy, timeout=args.timeout)
     except (MaterialError, PKIError) as e:  # a file it reads, or the policy, is missing or malformed

@@ -8,7 +8,6 @@ configuration only. The tests and `make demo` start the chain with the same code
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -16,11 +15,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from services.children import child_options, die_with_parent
 from shared.cli import add_version
 from shared.layout import DEFAULT_OUT
 from shared.tokens import TOKEN_SERVICE
@@ -63,44 +63,6 @@ def parse_ports(text: str, count: int = 4) -> list[int]:
         if not part.isdigit() or not 0 < int(part) < 65536:
             raise ValueError(f"{text!r}: {part!r} is not a port (a number from 1 to 65535)")
     return [int(part) for part in parts]
-
-
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl(2), looked up here in the parent: a child between fork and exec should only call it."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _prctl()
-_PR_SET_PDEATHSIG = 1  # the signal a process gets when the thread that started it ends, however it ends
-
-
-def die_with_parent() -> None:
-    """Have this process receive SIGTERM when its parent dies, even by SIGKILL: then no service outlives
-    `make run` and keeps its port. Linux only; elsewhere a no-op. Called in each child before exec (below), and
-    by `services.local` itself, so that the chain also goes when `make` does."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _tie_to(parent: int) -> Callable[[], None]:
-    def tie() -> None:
-        die_with_parent()
-        if os.getppid() != parent:  # the parent died before prctl: nobody would ever signal us
-            os._exit(1)
-
-    return tie
-
-
-def child_options() -> dict[str, Any]:
-    """Popen options for a child that must not outlive us. Its own session: a Ctrl-C in the terminal reaches only
-    `services.local`, which stops the children itself (no child prints a KeyboardInterrupt traceback). prctl ties
-    a child to the *thread* that started it, and only the main thread lives as long as the process."""
-    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
-        return {"start_new_session": True}
-    return {"start_new_session": True, "preexec_fn": _tie_to(os.getpid())}
 
 
 def chain_environments(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any, TypeVar
 
-from services.local import die_with_parent
+from services.children import die_with_parent
 
 __all__ = ["LARGE", "PATIENCE", "STARTING", "Offload"]
 
@@ -98,7 +98,7 @@ class _NoChild(Exception):
 
 
 def _in_the_background(service: int) -> None:
-    """In the child, first: yield the CPU to the service, leave Ctrl-C to it, and end with it. (services.local ties
+    """In the child, first: yield the CPU to the service, leave Ctrl-C to it, and end with it. (services.children ties
     its children the same way, in a closure: a spawned child needs a module-level function.)"""
     os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

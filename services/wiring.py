@@ -53,9 +53,8 @@ class Service:
     metrics_guard: Guard  # /metrics
     on_behalf: OnBehalfOf  # the user token of every request
     downstream: Downstream | None  # the next hop, if any
-    callees: tuple[
-        Downstream, ...
-    ]  # every connection the service makes: renewed with the TLS material, closed at the end
+    # Every connection the service makes: renewed with the TLS material, closed at the end.
+    callees: tuple[Downstream, ...]
     reloads: dict[Path, Reload[Any]]  # the registry: every file besides the TLS material whose change is taken in
     # The allow-list each authorizer was made from, by file: what GET /status reports (services.status).
     allow_lists: dict[Path, AllowList]
@@ -79,7 +78,8 @@ def build(config: ServiceConfig, live: LiveTLS, *, connect: Connect = nativetls.
         return Reload(AllowList.load, take)
 
     def to(name: str, url: str, expected: SpiffeId, keepalive: bool = True) -> Downstream:
-        assert live.client is not None
+        if live.client is None:  # not under `python -O`'s skipped asserts: a service that calls on has one
+            raise RuntimeError(f"{config.name} has no client context to call {name} with")
         timeout = config.downstream_timeout
         return Downstream(
             config.name,

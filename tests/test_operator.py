@@ -355,7 +355,7 @@ def test_revoked_client_is_told_its_certificate_is_revoked(tmp_path: Path) -> No
     assert f"your certificate {layout.cert('client')} (serial {serial:x}) is revoked (reason key-compromise" in (
         outcome.text
     ), outcome.text
-    assert "make rotate NAME=client" in outcome.text
+    assert "make rotate NAME=client" in outcome.text and "pki/out" in outcome.text
     assert "tls_refused" in service.output() and "certificate revoked" in service.output()
 
 

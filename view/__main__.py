@@ -26,7 +26,7 @@ import httpx
 from cockpit.collect import OPERATOR, Target, collect, local_targets, parse_targets
 from pki.authority import PKIError
 from pki.policy import POLICY_FILE, Policy
-from services.local import DEFAULT_PORTS
+from services.local import DEFAULT_PORTS, parse_ports
 from shared import tls
 from shared.authz import authorize_id
 from shared.cli import add_version
@@ -41,10 +41,10 @@ def targets_of(urls: list[str], ports: str) -> list[Target]:
     """The services named NAME=URL, or those of `make run` / `make up` on the ports A,B,C,token service."""
     if urls:
         return parse_targets(urls)
-    numbers = [p.strip() for p in ports.split(",")]
-    if not all(p.isdigit() for p in numbers):
-        raise ValueError(f"--ports {ports}: give numbers, e.g. 8443,8444,8445,8446")
-    return local_targets([int(p) for p in numbers])
+    try:
+        return local_targets(parse_ports(ports))
+    except ValueError as e:
+        raise ValueError(f"--ports {e}") from None
 
 
 def operator_clients(targets: list[Target], layout: Layout, policy: Policy) -> dict[str, httpx.Client]:
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     default_ports = os.environ.get("PORTS") or ",".join(map(str, DEFAULT_PORTS))
     parser.add_argument("--ports", default=default_ports, help=f"A,B,C,token service on 127.0.0.1 ({default_ports})")
     parser.add_argument("--port", type=int, default=0, help="the page's port on 127.0.0.1 (default: any free one)")
-    parser.add_argument("--pki-dir", type=Path, default=DEFAULT_OUT, help="where operator.crt is (default: pki/out)")
+    parser.add_argument(
+        "--pki-dir", type=Path, default=DEFAULT_OUT, help="where operator.crt is (default: $MESH_PKI_DIR, else pki/out)"
+    )
     parser.add_argument("--policy", type=Path, default=POLICY_FILE, help="policy file (default: pki/policy.toml)")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between reads of the services (≤ 2)")
     parser.add_argument("--red-seconds", type=float, default=5.0, help="how long an edge stays red after a refusal")
