@@ -5,8 +5,7 @@ request, so the mutual handshake happens once per connection and keep-alive requ
 
 We send on the transport, not through an `httpx.AsyncClient`: a call to the next hop follows no redirects, sends no
 auth and must keep no cookies (a cookie set during one user's call would ride along on the next user's), and the
-client's machinery for those ran on every call (with a `wait_for` per read in nativetls, since gone: a fifth of a
-service's CPU per request, docs/performance.md).
+client's machinery for those would run on every call (docs/performance.md).
 """
 
 from __future__ import annotations
