@@ -30,7 +30,14 @@ from shared import tls
 from shared.authz import authorize_id
 from shared.cli import add_version
 from shared.layout import DEFAULT_OUT, Layout
-from shared.outbound import CalleeCheck, callee_check, closed_without_answer, explain_transport_error, sync_transport
+from shared.outbound import (
+    CalleeCheck,
+    callee_check,
+    closed_without_answer,
+    explain_transport_error,
+    refused_at_tls,
+    sync_transport,
+)
 from shared.tokens import TOKEN_SERVICE, USER_GRANT
 from shared.x509 import InvalidSpiffeId, MaterialError, SpiffeId, load_certificates, peer_id
 
@@ -71,7 +78,7 @@ def call(
         reason = explain_transport_error(e, server_name, timeout, url)
         if closed_without_answer(e) and (revoked := own_revocation(material)):
             reason = f"{server_name} refused our certificate at the TLS layer: {revoked}"
-        return Outcome(False, f"refused before HTTP: {reason}")
+        return Outcome(False, f"{'refused' if refused_at_tls(e) else 'failed'} before HTTP: {reason}")
     body = problem_body(response)
     if response.status_code == 200:
         if isinstance(body, dict) and "hops" in body:

@@ -305,6 +305,7 @@ def test_client_names_a_dns_failure_and_a_plain_http_server(
     assert client_main(["https://service-a.mesh.invalid:8443/chain", *pki]) == 1
     said = capsys.readouterr().out
     assert "the name service-a.mesh.invalid does not resolve (DNS)" in said and "client certificate" not in said
+    assert said.startswith("failed before HTTP: ")  # not "refused": nobody refused anything
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -313,6 +314,7 @@ def test_client_names_a_dns_failure_and_a_plain_http_server(
         assert client_main([f"https://127.0.0.1:{port}/chain", *pki]) == 1
         said = capsys.readouterr().out
         assert "does not speak TLS (plain HTTP?)" in said and "client certificate" not in said, said
+        assert said.startswith("failed before HTTP: ")
         # …and an http:// URL is refused before anything is sent in the clear.
         assert client_main([f"http://127.0.0.1:{port}/chain", *pki]) == 2
         assert "not an https:// URL" in capsys.readouterr().err

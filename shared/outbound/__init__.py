@@ -10,6 +10,7 @@ from shared.outbound.downstream import (
     Downstream,
     closed_without_answer,
     explain_transport_error,
+    refused_at_tls,
 )
 from shared.outbound.nativetls import NativeTLSBackend, transport
 from shared.outbound.pool import HTTPX_MINOR, on_backend
@@ -28,6 +29,7 @@ __all__ = [
     "explain_transport_error",
     "on_backend",
     "refuse_unless",
+    "refused_at_tls",
     "sync_transport",
     "transport",
 ]

@@ -229,10 +229,7 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
     server = f"the server at {url}" if url else f"the server answering as {name}"
     if isinstance(error, httpx.TimeoutException):
         return no_answer_within(name, timeout)
-    if refused := next((c for c in _causes(error) if isinstance(c, CalleeRefused)), None):
-        return f"{server} failed our check that it is {name}: {refused}"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
+    if (detail := _failed_our_check(error)) is not None:
         return f"{server} failed our check that it is {name}: {detail}"
     if any(isinstance(cause, socket.gaierror) for cause in _causes(error)):
         host = urlsplit(url).hostname if url else name
@@ -254,6 +251,21 @@ def explain_transport_error(error: httpx.HTTPError, name: str, timeout: float, u
 
 # What OpenSSL says when the answer to our ClientHello is not TLS at all: a plain HTTP server's "HTTP/1.1 400".
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "PACKET_LENGTH_TOO_LONG")
+
+
+def refused_at_tls(error: httpx.HTTPError) -> bool:
+    """One end refused the other's certificate — the server closed without answering, or failed our check —
+    rather than a call that never got that far (a name that does not resolve, nobody listening, a timeout)."""
+    return closed_without_answer(error) or _failed_our_check(error) is not None
+
+
+def _failed_our_check(error: httpx.HTTPError) -> str | None:
+    """Why the server is not who we meant to call (its chain, its name, our callee check), or None."""
+    if refused := next((c for c in _causes(error) if isinstance(c, CalleeRefused)), None):
+        return str(refused)
+    if "CERTIFICATE_VERIFY_FAILED" in (text := str(error)):
+        return text.split("certificate verify failed:", 1)[-1].split("(_ssl.c")[0].strip(" .")
+    return None
 
 
 def closed_without_answer(error: httpx.HTTPError) -> bool:
