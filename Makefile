@@ -23,6 +23,7 @@ COMPOSE ?= docker compose --project-name $(COMPOSE_PROJECT_NAME)
 export PYTHON_IMAGE
 EXTRA_CA_CERTS ?=
 NAME   ?=
+VIEW_PORT ?=
 SERIAL ?=
 CERT   ?=
 REASON ?=
@@ -70,8 +71,8 @@ STATUS_PORTS = $(if $(filter command line environment,$(origin PORTS)),$(PORTS),
 status: $(RUNTIME) ## is the mesh healthy? ✔/✖ per service, certificate, CRL, allow-list; exit 0 only if all is (PORTS=…)
 	$(PY) -m cockpit status --ports $(STATUS_PORTS)
 
-view: $(RUNTIME) ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…): who calls whom, refusals, expiry
-	$(PY) -m view --ports $(STATUS_PORTS)
+view: $(RUNTIME) ## a live page of the mesh on 127.0.0.1 (after make run / make up; PORTS=…, VIEW_PORT=…): who calls whom, refusals, expiry
+	$(PY) -m view --ports $(STATUS_PORTS) $(if $(VIEW_PORT),--port $(VIEW_PORT))
 
 demo: $(RUNTIME) ## the whole story: start the mesh, call it, show who is refused, stop (PORTS=…)
 	$(PY) -m client.demo --ports $(PORTS)

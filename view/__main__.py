@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import sys
 import threading
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_version(parser)
     parser.add_argument("urls", nargs="*", metavar="NAME=URL", help="the services to watch, instead of --ports")
-    default_ports = os.environ.get("PORTS") or ",".join(map(str, DEFAULT_PORTS))
+    default_ports = ",".join(map(str, DEFAULT_PORTS))
     parser.add_argument("--ports", default=default_ports, help=f"A,B,C,token service on 127.0.0.1 ({default_ports})")
     parser.add_argument("--port", type=int, default=0, help="the page's port on 127.0.0.1 (default: any free one)")
     parser.add_argument(
