@@ -41,7 +41,7 @@ from pki.revocation import first_crl, write_crl
 from pki.rotation import ROTATION_GRACE
 from shared.layout import Layout
 from shared.tls import TLSMaterial, client_context
-from shared.x509 import crl_blocks, load_certificates, load_crls, thumbprint
+from shared.x509 import authority_key_id, crl_blocks, key_id, load_certificates, load_crls, thumbprint
 
 __all__ = ["RollOver"]
 
@@ -90,7 +90,9 @@ class RollOver:
                 getattr(self, stage)()
                 self.after_each_stage()
                 self._gate(stage)
-                if stage != "retire":
+                if stage == "retire":
+                    shutil.rmtree(self.layout.rollover)  # the rollover's state, once every service reports the end
+                else:
                     done = done or ["root" if self.root else "intermediate"]
                     write_file(self._stage_file, " ".join([*done, stage]).encode())
             self.log(f"stage {stage}: done in {time.monotonic() - started:.1f} s, every service reports it")
@@ -103,8 +105,9 @@ class RollOver:
         new_root = CertificateAuthority.root("mtls-mesh Root CA" + suffix) if self.root else old_root
         new_issuer = new_root.intermediate("mtls-mesh Intermediate CA" + suffix)
         out = self.layout.rollover
-        write_file(out / "intermediate.key", new_issuer.key_pem(), private=True)
-        write_file(out / "intermediate.crt", new_issuer.cert_pem())
+        for slot in ("incoming", "intermediate"):  # the one this rollover brings; the other one in play
+            write_file(out / f"{slot}.key", new_issuer.key_pem(), private=True)
+            write_file(out / f"{slot}.crt", new_issuer.cert_pem())
         if self.root:
             write_file(out / "ca.key", new_root.key_pem(), private=True)
             write_file(out / "ca.crt", new_root.cert_pem())
@@ -113,17 +116,24 @@ class RollOver:
         write_crl(self.layout, self.policy.crl_lifetime)  # the current CRL, and the new intermediate's re-signed
 
     def issue(self) -> None:
+        """The incoming intermediate in force, the old one parked in rollover/ until retired, every identity
+        renewed under the new one. Run again after a stop — its gate timed out, or it was killed at any point —
+        it carries on: it decides from the files what is left to do, never swaps twice (which put the old
+        intermediate back in force) and parks the old one before anything overwrites it."""
         out, layout = self.layout.rollover, self.layout
-        old_crl = crl_blocks(layout.crl.read_bytes())[0]  # write_crl puts the current issuer's first
-        old_cert, old_key = layout.intermediate_cert.read_bytes(), layout.intermediate_key.read_bytes()
-        write_file(layout.intermediate_key, (out / "intermediate.key").read_bytes(), private=True)
-        write_file(layout.intermediate_cert, (out / "intermediate.crt").read_bytes())
-        write_file(out / "intermediate.key", old_key, private=True)  # now the *old* one, until retired
-        write_file(out / "intermediate.crt", old_cert)
-        write_file(out / "crl.pem", old_crl)
+        incoming = (out / "incoming.crt").read_bytes()
+        if layout.intermediate_cert.read_bytes() != incoming:
+            if (out / "intermediate.crt").read_bytes() != layout.intermediate_cert.read_bytes():
+                write_file(out / "crl.pem", crl_blocks(layout.crl.read_bytes())[0])  # write_crl puts ours first
+                write_file(out / "intermediate.key", layout.intermediate_key.read_bytes(), private=True)
+                write_file(out / "intermediate.crt", layout.intermediate_cert.read_bytes())
+            write_file(layout.intermediate_key, (out / "incoming.key").read_bytes(), private=True)
+            write_file(layout.intermediate_cert, incoming)
         write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL, and the old one's re-signed
+        new = key_id(load_certificates(layout.intermediate_cert)[0])
+        names = [*self.policy.services, *self.policy.clients]
         renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
-        renewer.renew([*self.policy.services, *self.policy.clients])
+        renewer.renew([n for n in names if authority_key_id(load_certificates(layout.cert(n))[0]) != new])
         self.after_each_stage()  # the switch reaches every peer before anything is unlisted
         time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
         for name in renewer.replaced:
@@ -135,9 +145,9 @@ class RollOver:
         if self.root:
             write_file(layout.ca_key, (out / "ca.key").read_bytes(), private=True)
             write_file(layout.ca_cert, (out / "ca.crt").read_bytes())
-        (out / "crl.pem").unlink()
+        for old in ("crl.pem", "intermediate.key", "intermediate.crt"):  # the old intermediate, its key included
+            (out / old).unlink(missing_ok=True)
         write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL alone
-        shutil.rmtree(out)  # the old intermediate's key, and the rest of the rollover's state
 
     # ── the gates ─────────────────────────────────────────────────────────────────────────────────────────
 

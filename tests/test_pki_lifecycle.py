@@ -24,7 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pki import Policy, init, rotate_begin, rotate_finish
+from pki import PKIError, Policy, init, rotate_begin, rotate_finish
+from pki import rollover as rollover_module
 from pki.__main__ import main
 from pki.ledger import entries
 from pki.lock import HAND_OFF, pki_lock
@@ -313,9 +314,64 @@ def test_two_ca_rollovers_at_once_take_turns_and_leave_the_new_intermediate_in_f
     RollOver(layout, policy, services={}, after_each_stage=while_publishing, log=lambda _: None).run()
     second.join(timeout=120)
     assert not second.is_alive() and not failures, failures
+    assert_rolled_over(layout, policy, old_key)
+
+
+@pytest.mark.parametrize(
+    "stopped", ["at the issue gate", "killed mid-switch", "killed after the switch", "at the retire gate"]
+)
+def test_a_ca_rollover_stopped_midway_carries_on_when_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: str
+) -> None:
+    """`rotate-ca` stopped — a gate that timed out, or the process killed — says "run it again to continue".
+    Found by attack: run again after its issue stage, it swapped the intermediates a second time, putting the
+    old one back in force and retiring the new (exit 0, `pki check` content); after its retire gate, it began a
+    whole new rollover. Now it carries on with the same new intermediate."""
+    layout, policy = Layout(tmp_path / "pki"), Policy.load(policy_file(tmp_path))
+    init(layout, policy)
+    old_key = layout.intermediate_key.read_bytes()
+    for module in ("pki.rollover", "pki.renewal"):  # no service to wait for
+        monkeypatch.setattr(f"{module}.ROTATION_GRACE", dt.timedelta(0))
+    stage, where = {
+        "at the issue gate": ("issue", "_gate"),
+        "killed mid-switch": ("issue", "write_file"),  # the new key in force, its certificate not yet
+        "killed after the switch": ("issue", "renew"),
+        "at the retire gate": ("retire", "_gate"),
+    }[stopped]
+    owner = {"_gate": RollOver, "renew": Renewer, "write_file": rollover_module}[where]
+    real, stops = getattr(owner, where), []
+
+    def stop_once(*args: object, **kwargs: object) -> object:  # args: (self, …) for a method
+        if not stops and (
+            (where == "_gate" and args[1] == stage)
+            or where == "renew"
+            or (where == "write_file" and args[0] == layout.intermediate_cert)
+        ):
+            stops.append(stage)
+            raise PKIError(f"stopped {stopped}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, where, stop_once)
+    with pytest.raises(PKIError, match="stopped"):
+        RollOver(layout, policy, services={}, log=lambda _: None).run()
+    in_force = layout.intermediate_key.read_bytes()
+    RollOver(layout, policy, services={}, log=lambda _: None).run()
+    assert stops == [stage]
+    if stage == "retire":  # the rollover was done but for its gate: the run again starts no other
+        assert layout.intermediate_key.read_bytes() == in_force, "a second rollover began"
+    assert_rolled_over(layout, policy, old_key)
+
+
+def assert_rolled_over(layout: Layout, policy: Policy, old_key: bytes) -> None:
+    """A CA rollover is over: a new intermediate in force, alone in crl.pem, every identity its, nothing left
+    under way."""
     assert layout.intermediate_key.read_bytes() != old_key, "the old intermediate is in force again"
     assert not layout.rollover.exists(), "a rollover is left under way"
     intermediate = load_certificates(layout.intermediate_cert)[0]
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert load_key(layout.intermediate_key).public_key().public_bytes(*spki) == intermediate.public_key().public_bytes(
+        *spki
+    ), "the intermediate's key is not its certificate's"
     issuer = intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     crls = [x509.load_pem_x509_crl(block) for block in crl_blocks(layout.crl.read_bytes())]
     assert [authority_key_id(crl) for crl in crls] == [issuer], "crl.pem is not the new intermediate's alone"
