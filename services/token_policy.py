@@ -4,11 +4,11 @@ Two grants, each a short list of rules, each refusal naming the rule (RFC 6749 �
 
 - **a user token** (`grant_user_token`): only an *edge* — an identity that authenticates its users itself —
   may ask for a token in a user's name, only for a service it may call, with at most the user's scopes;
-- **an exchange** (`grant_exchange`, RFC 8693): a holder trades a token *it was given* (`aud` is the holder)
-  for one addressed to a service *it may call*, for the same user, with no scope the given token lacks — and
-  none the policy no longer gives the user: the policy in force decides, not the one the given token was
-  issued under (a user removed from it gets no further token, however long the given one still lives; the
-  services ask again at least every 30 s, `shared.tokens.client.REUSE_FOR`).
+- **an exchange** (`grant_exchange`, RFC 8693): a holder trades a token *it was given* (`aud` is the holder) for
+  one addressed to a service *it may call*, for the same user, with no scope the given token lacks — and none the
+  policy no longer gives the user, the holder's own included: the policy in force decides, not the one the given
+  token was issued under (a user removed from it gets no further token, however long the given one still lives;
+  the services ask again at least every 30 s, `shared.tokens.client.REUSE_FOR`).
 
     policy = TokenPolicy.load(Path("pki/out/tokens.json"))
     policy.grant_exchange("service-a", subject_token, audience="service-b", requested=None)   # → the scopes
@@ -94,6 +94,11 @@ class TokenPolicy:
                 f"the subject token is for {subject.audience}, not for {holder}: it was not given to you",
             )
         self._known(subject.subject)
+        if holder not in self.users[subject.subject]:  # as the holder checks the token's scope, but as of now
+            raise GrantRefused(
+                "invalid_grant",
+                f"{holder} is no longer in {subject.subject}'s scopes: the policy has narrowed them since",
+            )
         self._may_call(holder, audience)
         # The audience need not be among the scopes: whether it admits the user is its own check, as for any token.
         scopes = subject.scopes & self.users[subject.subject]

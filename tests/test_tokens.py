@@ -348,6 +348,14 @@ def test_an_exchange_follows_the_policy_in_force_not_the_one_the_subject_token_w
     with pytest.raises(GrantRefused) as refused:
         now.grant_exchange("service-b", given("service-b"), "service-c", frozenset({"service-c"}))
     assert refused.value.error == "invalid_scope" and "service-c is not in alice's scopes" in refused.value.description
+    # Narrowed at the first hop (found by attack): A's exchange was granted, and her old token for A went on
+    # through the chain for its whole life (A checks the scope the token carries, not the policy).
+    only_b = dataclasses.replace(policy, users={"alice": frozenset({"service-b", "service-c"})})
+    with pytest.raises(GrantRefused) as refused:
+        only_b.grant_exchange("service-a", given("service-a"), "service-b", None)
+    assert refused.value.error == "invalid_grant" and "service-a is no longer in alice's scopes" in (
+        refused.value.description
+    )
 
 
 # ── the key set, as a service fetches it ────────────────────────────────────────────────────────────────────
