@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="create the CA, every identity in the policy and the allow-lists (keeps what exists)",
         description="Create what is missing under --out: root and intermediate CA, one certificate and key per "
         "identity named in the policy, and one allow-list per service. Existing material is kept, so it is "
-        "safe to run again; a leaf past half its life is re-issued, as the renewer would. Half a CA (a key "
-        "without its certificate, or the reverse) is refused, never replaced.",
+        "safe to run again; an expired leaf is re-issued (one due for renewal is the renewer's: `renew`). Half "
+        "a CA (a key without its certificate, or the reverse) is refused, never replaced.",
     )
     p.set_defaults(func=cmd_init)
     p.add_argument(

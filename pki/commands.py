@@ -15,7 +15,7 @@ from pki.check import check
 from pki.deploy import deploy
 from pki.identities import discarded_by_force, init, issue_identity
 from pki.policy import Policy
-from pki.renewal import Renewer
+from pki.renewal import Renewer, due
 from pki.report import describe, inventory, shown
 from pki.revocation import revoke, revoke_certificate, revoke_serial, revoked, write_crl
 from pki.rollover import RollOver, run_command
@@ -42,6 +42,11 @@ def cmd_init(args: argparse.Namespace, layout: Layout) -> None:
         write_crl(layout, policy.crl_lifetime)  # a CRL from a stray key, or expired: from the revocation record
         created.append("crl")
     print(f"created: {', '.join(created)}" if created else f"{shown(args.out)}: nothing created")
+    if renewable := due(layout, policy):
+        print(
+            f"due for renewal: {', '.join(renewable)} — the renewer renews them with an overlap (`make run` and "
+            "`make up` start one); `python -m pki renew` does it now"
+        )
     print(f"allow-lists rendered from {shown(args.policy)} into {shown(layout.out / 'allow')}/")
     if findings := check(layout, args.policy):
         print("\n".join(f"✖ {finding.text}" for finding in findings), file=sys.stderr)

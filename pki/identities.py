@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pki import ledger
 from pki.allowlists import render_allow_lists
-from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer, now, renewal_time
+from pki.authority import CertificateAuthority, Identity, PKIError, load_issuer, now
 from pki.output import write_file
 from pki.policy import Policy, check_identity_name
 from pki.revocation import crl_needs_renewal, write_crl
@@ -41,17 +41,20 @@ def service_sans(name: str, policy: Policy) -> dict[str, list[str]]:
     return {"dns": [name], "ips": []}
 
 
-def _needs_renewal(path: Path, policy: Policy, name: str) -> bool:
-    """Missing, due for renewal (the renewer's rule: half its life), or a service's certificate with loopback
-    SANs where the deployment wants none (a pki/out made by `make run`, then used by Docker or Kubernetes). Not
-    the other way round: no caller needs them (every caller checks the service's name), and renewals keep a
-    certificate's SANs as they are."""
+def _unusable(path: Path, policy: Policy, name: str) -> bool:
+    """Missing, expired, or a service's certificate with loopback SANs where the deployment wants none (a pki/out
+    made by `make run`, then used by Docker or Kubernetes). Not the other way round: no caller needs them (every
+    caller checks the service's name), and renewals keep a certificate's SANs as they are.
+
+    A certificate merely due for renewal is usable: the renewer renews it, with an overlap that keeps every
+    caller in (by thumbprint, the successor is listed before it is used). Re-issued here, in place, callers
+    that pin it were refused until the services re-read their files (found by attack: 210 of 399 requests)."""
     if not path.exists():
         return True
     leaf = load_certificates(path)[0]
     loopback = {("DNS", LOOPBACK_DNS), ("IP", LOOPBACK_IP)} & set(subject_alt_names(leaf))
     unwanted = name in policy.services and not policy.loopback_sans and bool(loopback)
-    return unwanted or now() >= renewal_time(leaf)
+    return unwanted or now() >= leaf.not_valid_after_utc
 
 
 def init(
@@ -64,7 +67,8 @@ def init(
     """Create whatever is missing (everything with `force`), then render the allow-lists.
 
     Existing material is kept, so running it twice changes nothing: a thumbprint that was already on an
-    allow-list stays valid. A leaf due for renewal (half its life) is re-issued. Returns what was created, for the log.
+    allow-list stays valid. A leaf that has expired is re-issued; one due for renewal is the renewer's
+    (`pki.renewal.due` names them). Returns what was created, for the log.
 
     A new CA is made only where there is none at all. Half a CA — a key without its certificate, or the
     reverse — or a revocation record without a CA is refused: replacing it would re-issue every identity
@@ -89,7 +93,7 @@ def init(
         created += ["ca", "intermediate"]
         force = True  # identities signed by an old CA would no longer verify
     for name in policy.services + policy.clients:
-        if force or _needs_renewal(layout.cert(name), policy, name):
+        if force or _unusable(layout.cert(name), policy, name):
             issue_identity(layout, policy, name, client_only=name in policy.clients, key_type=key_type, replace=True)
             created.append(name)
     if crl_needs_renewal(layout, policy.crl_lifetime):

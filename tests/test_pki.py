@@ -155,9 +155,10 @@ def test_init_is_idempotent_and_force_regenerates(tmp_path) -> None:
     assert layout.cert("service-a").read_bytes() != before
 
 
-def test_init_keeps_short_lived_leaves_until_the_renewer_would_renew_them(tmp_path, monkeypatch) -> None:
-    """`make pki` keeps what exists, whatever the leaf lifetime: it re-issues a leaf only once the renewer
-    would (half its life). A fixed margin longer than the lifetime re-issued every identity on every run."""
+def test_init_keeps_every_leaf_until_it_expires_whatever_its_lifetime(tmp_path, monkeypatch) -> None:
+    """`make pki` keeps what exists: a leaf due for renewal is the renewer's, which renews it with an overlap.
+    A fixed margin of 7 days re-issued every short-lived identity on every run, in place — and a re-issue in
+    place refuses, for a moment, every caller that pins the old thumbprint (found by attack)."""
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(
         (ROOT / "pki" / "policy.toml").read_text().replace('leaf_lifetime = "90d"', 'leaf_lifetime = "1h"')
@@ -165,8 +166,10 @@ def test_init_keeps_short_lived_leaves_until_the_renewer_would_renew_them(tmp_pa
     policy, layout = Policy.load(policy_file), Layout(tmp_path / "out")
     init(layout, policy)
     assert init(layout, policy) == []
-    later = now() + dt.timedelta(minutes=40)  # 1 h leaves, back-dated 5 min: due at 32.5 min
-    monkeypatch.setattr("pki.identities.now", lambda: later)
+    start = now()
+    monkeypatch.setattr("pki.identities.now", lambda: start + dt.timedelta(minutes=40))  # due at 32.5 min
+    assert init(layout, policy) == []
+    monkeypatch.setattr("pki.identities.now", lambda: start + dt.timedelta(minutes=61))  # expired
     assert init(layout, policy) == [*policy.services, *policy.clients]
 
 
