@@ -257,6 +257,12 @@ def load_issuer(layout: Layout) -> CertificateAuthority:
     """
     issuer = CertificateAuthority.load(layout.intermediate_cert, layout.intermediate_key)
     if issuer.key.public_key() != issuer.cert.public_key():
+        if (layout.rollover / "incoming.key").exists():
+            raise PKIError(
+                f"{layout.intermediate_key} does not belong to {layout.intermediate_cert}: a CA rollover stopped "
+                "while it switched intermediates — run `make rotate-ca` again (ROOT=1 if it was a root rollover) "
+                "to finish it; nothing was signed"
+            )
         raise PKIError(
             f"{layout.intermediate_key} does not belong to {layout.intermediate_cert}: nothing was signed — "
             "put back the key that matches the certificate (a backup of pki/out), or start a new CA with "

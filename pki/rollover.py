@@ -91,7 +91,7 @@ class RollOver:
                 self.after_each_stage()
                 self._gate(stage)
                 if stage == "retire":
-                    shutil.rmtree(self.layout.rollover)  # the rollover's state, once every service reports the end
+                    self._finish()
                 else:
                     done = done or ["root" if self.root else "intermediate"]
                     write_file(self._stage_file, " ".join([*done, stage]).encode())
@@ -136,8 +136,10 @@ class RollOver:
         renewer.renew([n for n in names if authority_key_id(load_certificates(layout.cert(n))[0]) != new])
         self.after_each_stage()  # the switch reaches every peer before anything is unlisted
         time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
-        for name in renewer.replaced:
-            layout.previous_cert(name).unlink(missing_ok=True)
+        for name in names:  # the old intermediate's leaves, this run's and those of a run stopped midway
+            previous = layout.previous_cert(name)
+            if previous.exists() and authority_key_id(load_certificates(previous)[0]) != new:
+                previous.unlink()
         render_allow_lists(layout, self.policy)
 
     def retire(self) -> None:
@@ -148,6 +150,15 @@ class RollOver:
         for old in ("crl.pem", "intermediate.key", "intermediate.crt"):  # the old intermediate, its key included
             (out / old).unlink(missing_ok=True)
         write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL alone
+
+    def _finish(self) -> None:
+        """rollover/ goes in one step (a rename): removed file by file, a stop midway left a rollover that no
+        run could finish (its stage file kept, the new root's key gone) or, its stage file gone first, began a
+        new one. What is renamed is only copies now, deleted at once, or by the next rollover if we are stopped."""
+        finished = self.layout.out / ".rollover-finished"
+        shutil.rmtree(finished, ignore_errors=True)
+        self.layout.rollover.rename(finished)
+        shutil.rmtree(finished)
 
     # ── the gates ─────────────────────────────────────────────────────────────────────────────────────────
 

@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pki import PKIError, Policy, init, rotate_begin, rotate_finish
+from pki import renewal as renewal_module
 from pki import rollover as rollover_module
 from pki.__main__ import main
+from pki.authority import load_issuer
 from pki.ledger import entries
 from pki.lock import HAND_OFF, pki_lock
 from pki.renewal import ABANDONED, Renewer, due
@@ -317,47 +319,54 @@ def test_two_ca_rollovers_at_once_take_turns_and_leave_the_new_intermediate_in_f
     assert_rolled_over(layout, policy, old_key)
 
 
-@pytest.mark.parametrize(
-    "stopped", ["at the issue gate", "killed mid-switch", "killed after the switch", "at the retire gate"]
-)
+STOPS = {  # how a rollover is stopped: (the stage, what raises there, and on which call)
+    "at the issue gate": ("issue", RollOver, "_gate", lambda args, calls: args[1] == "issue"),
+    "killed mid-switch": ("issue", rollover_module, "write_file", lambda args, calls: args[0].name == "intermediate.crt"
+                          and args[0].parent.name != "rollover"),  # the new key in force, its certificate not yet
+    "killed after the switch": ("issue", Renewer, "renew", lambda args, calls: True),
+    "killed mid-renewal": ("issue", renewal_module, "rotate_finish", lambda args, calls: calls == 2),
+    "at the retire gate": ("retire", RollOver, "_gate", lambda args, calls: args[1] == "retire"),
+    "killed cleaning up": ("retire", shutil, "rmtree", lambda args, calls: Path(args[0]).name == ".rollover-finished"
+                           and Path(args[0]).exists()),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("stopped", list(STOPS))
 def test_a_ca_rollover_stopped_midway_carries_on_when_run_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stopped: str
 ) -> None:
     """`rotate-ca` stopped — a gate that timed out, or the process killed — says "run it again to continue".
     Found by attack: run again after its issue stage, it swapped the intermediates a second time, putting the
     old one back in force and retiring the new (exit 0, `pki check` content); after its retire gate, it began a
-    whole new rollover. Now it carries on with the same new intermediate."""
+    whole new rollover; killed while it renewed, it left the old leaves listed; killed while it removed
+    rollover/, it left one no run could finish. Now it carries on with the same new intermediate."""
     layout, policy = Layout(tmp_path / "pki"), Policy.load(policy_file(tmp_path))
     init(layout, policy)
     old_key = layout.intermediate_key.read_bytes()
     for module in ("pki.rollover", "pki.renewal"):  # no service to wait for
         monkeypatch.setattr(f"{module}.ROTATION_GRACE", dt.timedelta(0))
-    stage, where = {
-        "at the issue gate": ("issue", "_gate"),
-        "killed mid-switch": ("issue", "write_file"),  # the new key in force, its certificate not yet
-        "killed after the switch": ("issue", "renew"),
-        "at the retire gate": ("retire", "_gate"),
-    }[stopped]
-    owner = {"_gate": RollOver, "renew": Renewer, "write_file": rollover_module}[where]
-    real, stops = getattr(owner, where), []
+    stage, owner, name, here = STOPS[stopped]
+    real, calls, stops = getattr(owner, name), [], []
 
     def stop_once(*args: object, **kwargs: object) -> object:  # args: (self, …) for a method
-        if not stops and (
-            (where == "_gate" and args[1] == stage)
-            or where == "renew"
-            or (where == "write_file" and args[0] == layout.intermediate_cert)
-        ):
+        calls.append(args)
+        if not stops and here(args, len(calls)):
             stops.append(stage)
             raise PKIError(f"stopped {stopped}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(owner, where, stop_once)
+    monkeypatch.setattr(owner, name, stop_once)
     with pytest.raises(PKIError, match="stopped"):
         RollOver(layout, policy, services={}, log=lambda _: None).run()
     in_force = layout.intermediate_key.read_bytes()
+    if stopped == "killed mid-switch":  # whatever needs the CA meanwhile says how to finish, not to start anew
+        with pytest.raises(PKIError, match="run `make rotate-ca` again"):
+            load_issuer(layout)
     RollOver(layout, policy, services={}, log=lambda _: None).run()
     assert stops == [stage]
-    if stage == "retire":  # the rollover was done but for its gate: the run again starts no other
+    if stopped == "killed cleaning up":  # it had finished: the run again is a rollover of its own, and clears up
+        assert not (layout.out / ".rollover-finished").exists()
+    elif stage == "retire":  # done but for its gate: the run again starts no other
         assert layout.intermediate_key.read_bytes() == in_force, "a second rollover began"
     assert_rolled_over(layout, policy, old_key)
 
@@ -367,6 +376,7 @@ def assert_rolled_over(layout: Layout, policy: Policy, old_key: bytes) -> None:
     under way."""
     assert layout.intermediate_key.read_bytes() != old_key, "the old intermediate is in force again"
     assert not layout.rollover.exists(), "a rollover is left under way"
+    assert not list((layout.out / "previous").glob("*.crt")), "the old intermediate's leaves are still listed"
     intermediate = load_certificates(layout.intermediate_cert)[0]
     spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     assert load_key(layout.intermediate_key).public_key().public_bytes(*spki) == intermediate.public_key().public_bytes(
