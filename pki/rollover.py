@@ -38,7 +38,7 @@ from pki.output import write_file
 from pki.policy import Policy
 from pki.renewal import Renewer
 from pki.revocation import first_crl, write_crl
-from pki.rotation import ROTATION_GRACE
+from pki.rotation import ROTATION_GRACE, clear_stale_successor
 from shared.layout import Layout
 from shared.tls import TLSMaterial, client_context
 from shared.x509 import authority_key_id, crl_blocks, key_id, load_certificates, load_crls, thumbprint
@@ -137,6 +137,7 @@ class RollOver:
         self.after_each_stage()  # the switch reaches every peer before anything is unlisted
         time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
         for name in names:  # the old intermediate's leaves, this run's and those of a run stopped midway
+            clear_stale_successor(layout, name)
             previous = layout.previous_cert(name)
             if previous.exists() and authority_key_id(load_certificates(previous)[0]) != new:
                 previous.unlink()

@@ -24,7 +24,7 @@ from pki.revocation import revoke_certificate
 from shared.layout import Layout
 from shared.x509 import extended_key_usages, key_type, load_certificates, subject_alt_names
 
-__all__ = ["ROTATION_GRACE", "replace_now", "retire", "rotate_begin", "rotate_finish"]
+__all__ = ["ROTATION_GRACE", "clear_stale_successor", "replace_now", "retire", "rotate_begin", "rotate_finish"]
 
 # How long `rotate` waits between listing the new thumbprint and presenting the new certificate, so every
 # callee has re-read its allow-list first (services poll every second by default).
@@ -61,6 +61,16 @@ def rotate_finish(layout: Layout, policy: Policy, name: str) -> Identity:
     layout.next_key(name).unlink()
     render_allow_lists(layout, policy)
     return successor
+
+
+def clear_stale_successor(layout: Layout, name: str) -> None:
+    """What a `rotate_finish` stopped after its switch leaves in next/ — the successor, already in place, or its
+    key alone — goes. A successor not yet in place is a rotation under way, and stays."""
+    cert, key = layout.next_cert(name), layout.next_key(name)
+    if cert.exists() and cert.read_bytes() == layout.cert(name).read_bytes():
+        cert.unlink()
+    if key.exists() and not cert.exists():
+        key.unlink()
 
 
 def retire(layout: Layout, policy: Policy, name: str) -> int | None:

@@ -325,6 +325,7 @@ STOPS = {  # how a rollover is stopped: (the stage, what raises there, and on wh
                           and args[0].parent.name != "rollover"),  # the new key in force, its certificate not yet
     "killed after the switch": ("issue", Renewer, "renew", lambda args, calls: True),
     "killed mid-renewal": ("issue", renewal_module, "rotate_finish", lambda args, calls: calls == 2),
+    "killed ending a renewal": ("issue", Path, "unlink", lambda args, calls: args[0].parent.name == "next"),
     "at the retire gate": ("retire", RollOver, "_gate", lambda args, calls: args[1] == "retire"),
     "killed cleaning up": ("retire", shutil, "rmtree", lambda args, calls: Path(args[0]).name == ".rollover-finished"
                            and Path(args[0]).exists()),
