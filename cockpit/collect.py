@@ -26,9 +26,9 @@ import httpx
 
 from pki import ledger
 from pki.allowlists import expected_allow_lists
-from pki.authority import renewal_due
 from pki.check import check
 from pki.policy import POLICY_FILE, Policy
+from pki.renewal import renewal_due
 from services.local import CHAIN
 from shared import tls
 from shared.authz import authorize_id
@@ -81,7 +81,7 @@ class Certificate:
     issuer: str
     not_before: dt.datetime
     not_after: dt.datetime
-    renewal_due: dt.datetime  # when the renewer replaces it (half its life, pki.authority)
+    renewal_due: dt.datetime  # when the renewer replaces it (half its life, pki.renewal)
 
 
 @dataclass(frozen=True)

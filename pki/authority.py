@@ -49,7 +49,6 @@ INTERMEDIATE_VALIDITY = dt.timedelta(days=1825)
 LEAF_VALIDITY = dt.timedelta(days=90)
 # Certificates are back-dated a little so that a peer whose clock runs slightly behind accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
-RENEW_AT = 0.5  # of a certificate's life: when it is renewed (the renewer, `make pki`, `cockpit status`)
 
 
 class PKIError(Exception):
@@ -77,17 +76,6 @@ def _name(common_name: str) -> x509.Name:
 def now() -> dt.datetime:
     """The current time, to the second: certificates carry no fractions."""
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def renewal_due(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
-    """When a certificate valid from `not_before` to `not_after` is renewed: by the renewer, by `make pki`, and
-    `cockpit status`'s "renewal due" and "renewal overdue"."""
-    issued = not_before + CLOCK_SKEW  # certificates are back-dated by the clock skew
-    return issued + (not_after - issued) * RENEW_AT
-
-
-def renewal_time(cert: x509.Certificate) -> dt.datetime:
-    return renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
 def _sign(builder: x509.CertificateBuilder, key: PrivateKey) -> x509.Certificate:

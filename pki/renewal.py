@@ -24,8 +24,10 @@ import signal
 import time
 from collections.abc import Callable
 
+from cryptography import x509
+
 from pki.allowlists import render_allow_lists
-from pki.authority import now, renewal_time
+from pki.authority import CLOCK_SKEW, now
 from pki.lock import pki_lock
 from pki.policy import Policy
 from pki.revocation import crl_needs_renewal, write_crl
@@ -33,21 +35,33 @@ from pki.rotation import ROTATION_GRACE, rotate_begin, rotate_finish
 from shared.layout import Layout
 from shared.x509 import load_certificates, load_crls
 
-__all__ = ["Renewer", "due"]
+__all__ = ["RENEW_AT", "Renewer", "due"]
 
+RENEW_AT = 0.5  # of a certificate's life
 # A rotation begun this long ago and not finished was abandoned: `make rotate` finishes within seconds.
 ABANDONED = dt.timedelta(minutes=2)
 log = logging.getLogger("mesh.renewer")
 
 
 def due(layout: Layout, policy: Policy, at: dt.datetime | None = None) -> list[str]:
-    """The identities due for renewal (pki.authority.renewal_due: half its life, measured on the certificate)."""
+    """The identities whose certificate has lived RENEW_AT of its life (measured on the certificate itself)."""
     at = at or now()
     names = []
     for name in [*policy.services, *policy.clients]:
         if layout.cert(name).exists() and at >= renewal_time(load_certificates(layout.cert(name))[0]):
             names.append(name)
     return names
+
+
+def renewal_time(cert: x509.Certificate) -> dt.datetime:
+    return renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def renewal_due(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When the renewer replaces a certificate valid from `not_before` to `not_after` (also `cockpit status`'s
+    rule for "renewal due" and "renewal overdue")."""
+    issued = not_before + CLOCK_SKEW  # certificates are back-dated by the clock skew
+    return issued + (not_after - issued) * RENEW_AT
 
 
 class Renewer:

@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -121,25 +122,29 @@ class RollOver:
         it carries on: it decides from the files what is left to do, never swaps twice (which put the old
         intermediate back in force) and parks the old one before anything overwrites it."""
         out, layout = self.layout.rollover, self.layout
-        incoming = (out / "incoming.crt").read_bytes()
-        if layout.intermediate_cert.read_bytes() != incoming:
-            if (out / "intermediate.crt").read_bytes() != layout.intermediate_cert.read_bytes():
+        incoming, in_force = (out / "incoming.crt").read_bytes(), layout.intermediate_cert.read_bytes()
+        if in_force != incoming:
+            if (out / "intermediate.crt").read_bytes() != in_force:
                 write_file(out / "crl.pem", crl_blocks(layout.crl.read_bytes())[0])  # write_crl puts ours first
                 write_file(out / "intermediate.key", layout.intermediate_key.read_bytes(), private=True)
-                write_file(out / "intermediate.crt", layout.intermediate_cert.read_bytes())
+                write_file(out / "intermediate.crt", in_force)
             write_file(layout.intermediate_key, (out / "incoming.key").read_bytes(), private=True)
             write_file(layout.intermediate_cert, incoming)
         write_crl(layout, self.policy.crl_lifetime)  # the new intermediate's CRL, and the old one's re-signed
         new = key_id(load_certificates(layout.intermediate_cert)[0])
+
+        def by_the_old(leaf: Path) -> bool:
+            return authority_key_id(load_certificates(leaf)[0]) != new
+
         names = [*self.policy.services, *self.policy.clients]
         renewer = Renewer(layout, self.policy, on_change=self.after_each_stage)
-        renewer.renew([n for n in names if authority_key_id(load_certificates(layout.cert(n))[0]) != new])
+        renewer.renew([name for name in names if by_the_old(layout.cert(name))])
         self.after_each_stage()  # the switch reaches every peer before anything is unlisted
         time.sleep(ROTATION_GRACE.total_seconds())  # every caller has switched before the old are unlisted
         for name in names:  # the old intermediate's leaves, this run's and those of a run stopped midway
             clear_stale_successor(layout, name)
             previous = layout.previous_cert(name)
-            if previous.exists() and authority_key_id(load_certificates(previous)[0]) != new:
+            if previous.exists() and by_the_old(previous):
                 previous.unlink()
         render_allow_lists(layout, self.policy)
 
